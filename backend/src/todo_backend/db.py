@@ -1,0 +1,269 @@
+"""Engines and sessions for Neon PostgreSQL and SQLite, plus health checks.
+
+One engine factory (:func:`create_db_engine`), one session helper
+(:func:`get_session`), one schema initialiser (:func:`init_db`). PostgreSQL engines
+are built for Neon: TLS for remote hosts, a bounded pool recycled before Neon's idle
+timeout, TCP keepalives, nothing that PgBouncer's transaction pooling breaks, and a
+zero-round-trip liveness check that replaces dead pooled connections before use.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import select
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
+from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+from sqlmodel import Session, SQLModel
+
+from todo_backend.config import Settings, mask_url
+from todo_backend.errors import DatabaseUnavailableError
+from todo_backend.models import Task
+
+__all__ = [
+    "DatabaseHealth",
+    "check_database",
+    "create_db_engine",
+    "get_session",
+    "init_db",
+    "is_local_host",
+    "wait_for_database",
+]
+
+logger = logging.getLogger(__name__)
+
+_LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+# Neon suspends an idle compute after 300 s and closes its connections; recycle first.
+POOL_RECYCLE_SECONDS: Final = 280
+_KEEPALIVES: Final = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
+def is_local_host(url: URL) -> bool:
+    """Tell whether *url* points at this machine (loopback or a Unix socket)."""
+    host = url.host or str(url.query.get("host", ""))
+    return not host or host.startswith("/") or host.lower() in _LOCAL_HOSTS
+
+
+def create_db_engine(settings_or_url: Settings | str) -> Engine:
+    """Create the engine for *settings_or_url*, tuned for its database.
+
+    PostgreSQL (psycopg2): a QueuePool of ``pool_size`` plus ``max_overflow``
+    connections, ``connect_timeout``, keepalives, recycling below Neon's 300 s idle
+    suspend, and ``sslmode=require`` for any non-local host whose URL does not choose
+    an sslmode. Dead pooled connections (Neon suspend, restart, terminated backends)
+    are detected at checkout without a round trip and replaced transparently.
+
+    SQLite: ``sqlite://`` is one in-memory database shared by every session and
+    thread (a static pool); file databases enforce foreign keys.
+    """
+    settings = (
+        settings_or_url
+        if isinstance(settings_or_url, Settings)
+        else Settings(database_url=settings_or_url)
+    )
+    url = settings.url
+    if url.get_backend_name() == "sqlite":
+        return _create_sqlite_engine(url, settings)
+    return _create_postgres_engine(url, settings)
+
+
+def _create_postgres_engine(url: URL, settings: Settings) -> Engine:
+    connect_args: dict[str, Any] = {
+        "connect_timeout": settings.connect_timeout,
+        "application_name": "todo-backend",
+        **_KEEPALIVES,
+    }
+    if "sslmode" not in url.query and not is_local_host(url):
+        # Neon refuses plain-text connections; libpq's default "prefer" would
+        # silently fall back to plain text against any other server.
+        connect_args["sslmode"] = "require"
+    engine = create_engine(
+        url,
+        pool_size=settings.pool_size,
+        max_overflow=settings.max_overflow,
+        pool_timeout=settings.pool_timeout,
+        pool_recycle=POOL_RECYCLE_SECONDS,
+        # No pre-ping: it costs a round trip per checkout. _reject_dead_connection
+        # catches server-closed sockets for free instead.
+        pool_pre_ping=False,
+        # An autocommit connection has nothing to roll back when returned to the pool.
+        skip_autocommit_rollback=True,
+        # Bound parameters are user data; keep them out of error messages and logs.
+        hide_parameters=True,
+        echo=settings.echo,
+        connect_args=connect_args,
+    )
+    event.listen(engine, "checkout", _reject_dead_connection)
+    return engine
+
+
+def _create_sqlite_engine(url: URL, settings: Settings) -> Engine:
+    in_memory = url.database in (None, "", ":memory:")
+    if in_memory:
+        engine = create_engine(
+            url,
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+            echo=settings.echo,
+            hide_parameters=True,
+        )
+    else:
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": settings.pool_timeout},
+            echo=settings.echo,
+            hide_parameters=True,
+        )
+    event.listen(engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _reject_dead_connection(
+    dbapi_connection: Any, _record: ConnectionPoolEntry, _proxy: Any
+) -> None:
+    """Refuse a pooled psycopg2 connection whose server side has gone away.
+
+    An idle PostgreSQL connection never receives unsolicited data, except the FATAL
+    message and EOF the server sends when it terminates the backend (Neon suspending
+    its compute, a restart, pg_terminate_backend). A zero-timeout poll of the socket
+    sees that without a round trip; raising DisconnectionError makes the pool open a
+    fresh connection in its place before the caller's statement is sent.
+    """
+    if dbapi_connection.closed:
+        raise DisconnectionError("connection closed")
+    poller = select.poll()
+    poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    if poller.poll(0):
+        raise DisconnectionError("server closed the connection while it was idle in the pool")
+
+
+def init_db(engine: Engine) -> None:
+    """Create the ``tasks`` table and its indexes when missing; never drops or alters data.
+
+    Meant for tests, the demo and fresh embedded databases. A deployed database is
+    moved forward with migrations (``todo-db migrate``) instead.
+    """
+    SQLModel.metadata.create_all(engine, tables=[Task.__table__])  # type: ignore[list-item]
+
+
+def get_session(engine: Engine) -> Iterator[Session]:
+    """Yield a session on *engine* and close it afterwards: a FastAPI dependency.
+
+    Objects stay readable after commit (``expire_on_commit=False``): re-reading them
+    would cost a round trip per object for data the caller already has.
+    """
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseHealth:
+    """The outcome of :func:`check_database`: reachable or not, and what was seen."""
+
+    ok: bool
+    latency_ms: float
+    server_version: str
+    ssl: bool | None
+    detail: str
+
+
+def check_database(engine: Engine) -> DatabaseHealth:
+    """Connect, run one query, and report; never raises for an unreachable database.
+
+    ``ssl`` is None when the server cannot say (SQLite, or a role not allowed to read
+    ``pg_stat_ssl``). The answer comes within the engine's connect timeout. ``detail``
+    names the host (password masked) and, on failure, what to check.
+    """
+    started = time.perf_counter()
+    where = mask_url(engine.url)
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                version = "SQLite " + str(conn.exec_driver_sql("select sqlite_version()").scalar())
+                ssl: bool | None = None
+            else:
+                row = conn.execute(_PG_HEALTH).one()
+                version = str(row.version)
+                ssl = row.ssl
+    except (SQLAlchemyError, OSError) as err:
+        latency = (time.perf_counter() - started) * 1000
+        return DatabaseHealth(
+            ok=False,
+            latency_ms=latency,
+            server_version="",
+            ssl=None,
+            detail=f"cannot reach {where}: {_describe(err)}. {_what_to_check(engine)}",
+        )
+    latency = (time.perf_counter() - started) * 1000
+    return DatabaseHealth(
+        ok=True, latency_ms=latency, server_version=version, ssl=ssl, detail=f"connected to {where}"
+    )
+
+
+# One round trip: version, and TLS state of this very backend when visible.
+_PG_HEALTH: Final = text(
+    "select current_setting('server_version') as version, "
+    "(select s.ssl from pg_stat_ssl s where s.pid = pg_backend_pid()) as ssl"
+)
+
+
+def wait_for_database(engine: Engine, *, attempts: int = 5, base_delay: float = 0.5) -> None:
+    """Block until *engine* can run a query, retrying with exponential backoff.
+
+    Waits ``base_delay * 2**n`` seconds (with full jitter) between attempts, which
+    rides out a Neon compute waking from suspend. After *attempts* failures raises
+    :class:`DatabaseUnavailableError` naming the host and port, never the password.
+    """
+    if attempts < 1:
+        raise ValueError("attempts must be at least 1")
+    last = ""
+    for attempt in range(attempts):
+        health = check_database(engine)
+        if health.ok:
+            return
+        last = health.detail
+        logger.warning("database not ready (attempt %d of %d): %s", attempt + 1, attempts, last)
+        if attempt + 1 < attempts:
+            time.sleep(random.uniform(0, base_delay * 2**attempt))  # noqa: S311 - jitter
+    raise DatabaseUnavailableError(f"database unavailable after {attempts} attempts: {last}")
+
+
+def _describe(err: BaseException) -> str:
+    # The driver's first line says what failed ("connection refused", "timeout
+    # expired", "SSL ... required"); libpq never puts the password in it.
+    original = getattr(err, "orig", None) or err
+    first = str(original).strip().splitlines()
+    return first[0] if first else type(original).__name__
+
+
+def _what_to_check(engine: Engine) -> str:
+    url = engine.url
+    if url.get_backend_name() == "sqlite":
+        return "Check that the file's directory exists and is writable."
+    host = url.host or url.query.get("host", "local socket")
+    port = url.port or 5432
+    return (
+        f"Check the host and port ({host}:{port}), the sslmode (Neon requires "
+        "sslmode=require), that a suspended Neon compute has had a few seconds to wake, "
+        "and that the network allows the connection."
+    )

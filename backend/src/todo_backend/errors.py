@@ -1,0 +1,35 @@
+"""Exceptions raised by todo_backend.
+
+Every error the package raises on purpose derives from one base, so a caller can
+catch the whole family at once::
+
+    TodoBackendError
+    ├── ConfigurationError        settings are missing or malformed; fix the environment
+    └── DatabaseUnavailableError  the database cannot be reached; check the URL, TLS, network
+
+Invalid task data is reported with :class:`pydantic.ValidationError`, raised before
+any SQL is sent. Messages never contain a password.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigurationError", "DatabaseUnavailableError", "TodoBackendError"]
+
+
+class TodoBackendError(Exception):
+    """Base of every error todo_backend raises deliberately."""
+
+
+class ConfigurationError(TodoBackendError):
+    """The settings cannot be used: a variable is missing, blank or malformed.
+
+    The message names the variable and says how to fix it; it never repeats a password.
+    """
+
+
+class DatabaseUnavailableError(TodoBackendError):
+    """The database did not answer after the allowed attempts.
+
+    The message names the host and port (never the password) and lists what to check:
+    the URL, ``sslmode``, a suspended Neon compute still waking up, the network.
+    """

@@ -1,0 +1,268 @@
+"""Repository behaviour every supported database must show.
+
+``tests/unit/test_repository.py`` runs this suite on SQLite and
+``tests/integration/test_repository_pg.py`` on PostgreSQL; each provides ``engine``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, timedelta
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import Engine, event
+from sqlmodel import Session
+
+from todo_backend.db import get_session
+from todo_backend.models import Task, TaskCreate, TaskRead, TaskUpdate
+from todo_backend.repository import MAX_PAGE_SIZE, TaskRepository
+
+ALICE = "alice"
+BOB = "bob"
+
+
+def _new(repo: TaskRepository, user: str = ALICE, title: str = "write tests", **kw: object) -> Task:
+    return repo.create(user, TaskCreate.model_validate({"title": title, **kw}))
+
+
+class RepositoryContract:
+    """Behaviour of TaskRepository that must hold on every database."""
+
+    def test_create_returns_id_and_equal_utc_timestamps(self, repo: TaskRepository) -> None:
+        """A created task has a generated id and equal, aware UTC timestamps."""
+        task = _new(repo, description="details")
+        assert task.id is not None and task.id > 0
+        assert task.user_id == ALICE
+        assert task.title == "write tests"
+        assert task.description == "details"
+        assert task.complete is False
+        assert task.created_at == task.updated_at
+        assert task.created_at.utcoffset() == timedelta(0)
+
+    def test_get_reads_back_exactly_what_was_stored(self, repo: TaskRepository) -> None:
+        """get() returns the same values create() returned, timestamps included."""
+        task = _new(repo, description="line one\nline two\ttabbed")
+        got = repo.get(ALICE, task.id or 0)
+        assert got is not None
+        assert TaskRead.model_validate(got) == TaskRead.model_validate(task)
+        assert got.created_at.tzinfo is not None
+        assert got.created_at.utcoffset() == timedelta(0)
+
+    def test_title_is_stored_stripped(self, repo: TaskRepository) -> None:
+        """Surrounding whitespace of a title is not stored."""
+        task = _new(repo, title="  padded\u3000 ")
+        assert repo.get(ALICE, task.id or 0) == task
+        assert task.title == "padded"
+
+    def test_non_ascii_text_round_trips(self, repo: TaskRepository) -> None:
+        """Emoji, CJK and combining marks come back byte for byte."""
+        title = "\U0001f469\u200d\U0001f4bb 買い物 e\u0301te\u0301"
+        description = "\u0928\u092e\u0938\u094d\u0924\u0947 \U0001f1fa\U0001f1e6"
+        task = _new(repo, title=title, description=description)
+        got = repo.get(ALICE, task.id or 0)
+        assert got is not None
+        assert (got.title, got.description) == (title, description)
+
+    def test_200_emoji_title_is_accepted(self, repo: TaskRepository) -> None:
+        """Length limits count code points, not bytes: 200 emoji fit a title."""
+        task = _new(repo, title="\U0001f600" * 200)
+        got = repo.get(ALICE, task.id or 0)
+        assert got is not None and len(got.title) == 200
+
+    def test_get_missing_or_foreign_task_is_none(self, repo: TaskRepository) -> None:
+        """get() answers None for an unknown id and for another user's task."""
+        task = _new(repo)
+        assert repo.get(BOB, task.id or 0) is None
+        assert repo.get(ALICE, (task.id or 0) + 1000) is None
+        assert repo.get(ALICE, 2**70) is None
+        assert repo.get(ALICE, 0) is None
+
+    def test_update_changes_only_given_fields_and_bumps_updated_at(
+        self, repo: TaskRepository
+    ) -> None:
+        """Only explicitly set fields change; updated_at moves on, created_at stays."""
+        task = _new(repo, description="keep me")
+        updated = repo.update(ALICE, task.id or 0, TaskUpdate(complete=True))
+        assert updated is not None
+        assert updated.complete is True
+        assert updated.title == task.title
+        assert updated.description == "keep me"
+        assert updated.created_at == task.created_at
+        assert updated.updated_at > task.updated_at
+        assert repo.get(ALICE, task.id or 0) == updated
+
+    def test_update_with_explicit_none_clears_description(self, repo: TaskRepository) -> None:
+        """description=None given explicitly clears it; omitted leaves it alone."""
+        task = _new(repo, description="to be cleared")
+        kept = repo.update(ALICE, task.id or 0, TaskUpdate(title="renamed"))
+        assert kept is not None and kept.description == "to be cleared"
+        cleared = repo.update(ALICE, task.id or 0, TaskUpdate(description=None))
+        assert cleared is not None and cleared.description is None
+        assert cleared.title == "renamed"
+
+    def test_update_of_foreign_task_changes_nothing(self, repo: TaskRepository) -> None:
+        """Another user's update returns None and leaves the task untouched."""
+        task = _new(repo)
+        assert repo.update(BOB, task.id or 0, TaskUpdate(title="hijacked", complete=True)) is None
+        assert repo.update(ALICE, 2**70, TaskUpdate(title="nothing")) is None
+        assert repo.get(ALICE, task.id or 0) == task
+
+    def test_delete_removes_only_own_task(self, repo: TaskRepository) -> None:
+        """delete() is True once for the owner, False for others and for a second call."""
+        task = _new(repo)
+        assert repo.delete(BOB, task.id or 0) is False
+        assert repo.get(ALICE, task.id or 0) is not None
+        assert repo.delete(ALICE, task.id or 0) is True
+        assert repo.delete(ALICE, task.id or 0) is False
+        assert repo.delete(ALICE, -1) is False
+        assert repo.get(ALICE, task.id or 0) is None
+
+    def test_list_is_newest_first_and_scoped_to_the_user(self, repo: TaskRepository) -> None:
+        """list() returns only the caller's tasks, highest id first."""
+        mine = [_new(repo, title=f"a{i}") for i in range(3)]
+        _new(repo, BOB, title="not yours")
+        listed = repo.list(ALICE)
+        assert [t.id for t in listed] == sorted((t.id for t in mine), reverse=True)
+        assert all(t.user_id == ALICE for t in listed)
+
+    def test_list_filters_on_complete(self, repo: TaskRepository) -> None:
+        """complete=True/False return only done/pending tasks; counts agree."""
+        done = _new(repo, title="done", complete=True)
+        pending = _new(repo, title="pending")
+        _new(repo, BOB, title="bob's done", complete=True)
+        assert [t.id for t in repo.list(ALICE, complete=True)] == [done.id]
+        assert [t.id for t in repo.list(ALICE, complete=False)] == [pending.id]
+        assert repo.count(ALICE) == 2
+        assert repo.count(ALICE, complete=True) == 1
+        assert repo.count(ALICE, complete=False) == 1
+        assert repo.count("nobody") == 0
+
+    def test_keyset_pagination_visits_every_task_once(self, repo: TaskRepository) -> None:
+        """Following before_id page by page yields each task exactly once, in order."""
+        created = repo.create_many(ALICE, [TaskCreate(title=f"t{i}") for i in range(23)])
+        _new(repo, BOB, title="interleaved")
+        seen: list[int] = []
+        before: int | None = None
+        while page := repo.list(ALICE, limit=5, before_id=before):
+            seen.extend(t.id or 0 for t in page)
+            before = page[-1].id
+        assert seen == sorted((t.id or 0 for t in created), reverse=True)
+
+    def test_keyset_pagination_with_filter(self, repo: TaskRepository) -> None:
+        """Pagination and the complete filter combine."""
+        items = [TaskCreate(title=f"t{i}", complete=i % 2 == 0) for i in range(9)]
+        created = repo.create_many(ALICE, items)
+        done = sorted((t.id or 0 for t in created if t.complete), reverse=True)
+        first = repo.list(ALICE, complete=True, limit=2)
+        rest = repo.list(ALICE, complete=True, before_id=first[-1].id)
+        assert [t.id for t in first + rest] == done
+
+    @pytest.mark.parametrize("limit", [0, -1, MAX_PAGE_SIZE + 1])
+    def test_list_rejects_limit_out_of_range(self, repo: TaskRepository, limit: int) -> None:
+        """A page size outside 1..100 is a ValueError, not a silent clamp."""
+        with pytest.raises(ValueError, match="limit"):
+            repo.list(ALICE, limit=limit)
+
+    def test_list_accepts_the_page_size_bounds(self, repo: TaskRepository) -> None:
+        """Both ends of 1..100 are valid page sizes."""
+        repo.create_many(ALICE, [TaskCreate(title=f"t{i}") for i in range(MAX_PAGE_SIZE + 1)])
+        assert len(repo.list(ALICE, limit=1)) == 1
+        assert len(repo.list(ALICE, limit=MAX_PAGE_SIZE)) == MAX_PAGE_SIZE
+
+    def test_create_many_returns_tasks_in_order_with_ids(self, repo: TaskRepository) -> None:
+        """create_many keeps the input order and fills ids and timestamps."""
+        created = repo.create_many(ALICE, [TaskCreate(title=f"n{i}") for i in range(250)])
+        assert [t.title for t in created] == [f"n{i}" for i in range(250)]
+        ids = [t.id or 0 for t in created]
+        assert ids == sorted(ids) and len(set(ids)) == 250
+        assert all(t.created_at.utcoffset() == timedelta(0) for t in created)
+        assert repo.count(ALICE) == 250
+        assert repo.create_many(ALICE, []) == []
+
+    def test_create_many_is_all_or_nothing(self, repo: TaskRepository, engine: Engine) -> None:
+        """If the batch fails part-way, no row of it is stored."""
+        _new(repo, title="before")
+        calls = {"n": 0}
+
+        def fail_second_batch(conn: object, *args: object) -> None:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("injected failure in the second statement")
+
+        items = [TaskCreate(title=f"b{i}") for i in range(3000)]
+        event.listen(engine, "before_cursor_execute", fail_second_batch)
+        try:
+            with pytest.raises(RuntimeError, match="injected"):
+                repo.create_many(ALICE, items)
+        finally:
+            event.remove(engine, "before_cursor_execute", fail_second_batch)
+        assert calls["n"] >= 2
+        assert repo.count(ALICE) == 1
+
+    def test_atomic_block_rolls_back_every_call(self, repo: TaskRepository) -> None:
+        """An exception inside atomic() undoes all the block's writes."""
+        kept = _new(repo, title="kept")
+        with pytest.raises(LookupError), repo.atomic():
+            _new(repo, title="rolled back")
+            repo.update(ALICE, kept.id or 0, TaskUpdate(title="changed"))
+            repo.delete(ALICE, kept.id or 0)
+            raise LookupError
+        assert [t.title for t in repo.list(ALICE)] == ["kept"]
+
+    def test_atomic_block_commits_together(self, repo: TaskRepository) -> None:
+        """Calls inside a successful atomic() block are all stored, nested blocks join."""
+        with repo.atomic():
+            first = _new(repo, title="one")
+            with repo.atomic():
+                _new(repo, title="two")
+            repo.update(ALICE, first.id or 0, TaskUpdate(complete=True))
+        assert repo.count(ALICE) == 2
+        assert repo.count(ALICE, complete=True) == 1
+
+    def test_invalid_user_id_is_rejected_before_sql(
+        self, repo: TaskRepository, engine: Engine
+    ) -> None:
+        """Every method validates user_id like the model and sends nothing when invalid."""
+        sent: list[str] = []
+        event.listen(engine, "before_cursor_execute", lambda *a: sent.append(str(a[2])))
+        calls = [
+            lambda u: repo.create(u, TaskCreate(title="x")),
+            lambda u: repo.create_many(u, [TaskCreate(title="x")]),
+            lambda u: repo.get(u, 1),
+            lambda u: repo.list(u),
+            lambda u: repo.update(u, 1, TaskUpdate(title="x")),
+            lambda u: repo.delete(u, 1),
+            lambda u: repo.count(u),
+        ]
+        for call in calls:
+            for bad in ("", "   ", " a", "a\n", None, 7):
+                with pytest.raises(ValidationError):
+                    call(bad)
+        assert sent == []
+
+    def test_sql_injection_strings_are_stored_literally(self, repo: TaskRepository) -> None:
+        """Hostile strings are data: stored as given and matching nothing else."""
+        evil = "x' OR '1'='1"
+        victim = _new(repo, BOB, title="bob's secret")
+        task = _new(repo, evil, title="'; DROP TABLE tasks; --", description="\" OR 1=1 --")
+        assert repo.get(evil, task.id or 0) == task
+        assert [t.id for t in repo.list(evil)] == [task.id]
+        assert repo.get(evil, victim.id or 0) is None
+        assert repo.count(BOB) == 1
+
+    def test_returned_tasks_are_detached_snapshots(
+        self, repo: TaskRepository, session: Session
+    ) -> None:
+        """Returned tasks are not pending in the session and survive its closing."""
+        task = _new(repo)
+        assert task not in session
+        session.close()
+        assert task.title == "write tests"
+
+    def test_sessions_see_each_others_commits(self, engine: Engine) -> None:
+        """A task written through one session is visible from a fresh one."""
+        first = TaskRepository(next(get_session(engine)))
+        task = _new(first)
+        second = TaskRepository(next(get_session(engine)))
+        assert second.get(ALICE, task.id or 0) == task
+        assert task.created_at.tzinfo is UTC or task.created_at.utcoffset() == timedelta(0)

@@ -1,0 +1,135 @@
+"""The quality gate: ``nox`` runs lint, typecheck, tests and integration.
+
+Tool versions come from the PEP 735 dependency groups in pyproject.toml, installed
+from the committed uv.lock (``uv sync --locked``). The project is always installed
+editable, so a reused venv (``nox -R``) tests the code as it is on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2025.10.14"
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.download_python = "never"
+nox.options.error_on_external_run = True
+nox.options.sessions = ["lint", "typecheck", "tests", "integration"]
+
+PYTHONS = ["3.11", "3.12", "3.13"]
+ROOT = Path(__file__).parent
+CODE = ["backend", "noxfile.py"]
+WORKFLOWS = sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.yml"))
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _expose_pyenv_pythons() -> None:
+    """Make every supported pyenv Python answer as ``python3.X`` for nox and uv.
+
+    pyenv's shims only answer for the selected versions; list them all, the default
+    first, unless the caller chose already.
+    """
+    pyenv = shutil.which("pyenv")
+    if pyenv is None or "PYENV_VERSION" in os.environ:
+        return
+    installed = subprocess.run(
+        [pyenv, "versions", "--bare"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    chosen = []
+    for minor in PYTHONS:
+        matches = [v for v in installed if v.startswith(minor + ".") and v[len(minor) + 1 :].isdigit()]
+        if matches:
+            chosen.append(max(matches, key=lambda v: int(v.rsplit(".", 1)[1])))
+    if chosen:
+        os.environ["PYENV_VERSION"] = ":".join(chosen)
+
+
+_expose_pyenv_pythons()
+# This machine sets PYTHONDONTWRITEBYTECODE, which makes every run recompile
+# SQLAlchemy and pydantic; the sessions' venvs are disposable, so let them cache.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
+def install(session: nox.Session, *groups: str) -> None:
+    """Install the project (editable) and *groups* into the session's venv from uv.lock."""
+    session.run_install(
+        "uv",
+        "sync",
+        "--locked",
+        "--no-default-groups",
+        *(f"--group={group}" for group in groups),
+        f"--python={session.virtualenv.location}",
+        env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
+        external=True,
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff lint and format check; GitHub workflow schema and security audit."""
+    install(session, "lint")
+    session.run("ruff", "check", *CODE)
+    session.run("ruff", "format", "--check", *CODE)
+    if WORKFLOWS:
+        session.run(
+            "check-jsonschema", "--builtin-schema", "vendor.github-workflows", *WORKFLOWS
+        )
+        session.run("zizmor", "--offline", "--min-severity=low", *WORKFLOWS)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package, the tests and this noxfile."""
+    install(session, "typecheck")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """Unit tests on in-memory SQLite with a 90% branch-coverage floor."""
+    install(session, "test")
+    data = ROOT / ".nox" / f"coverage-{session.python}"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    session.env["COVERAGE_FILE"] = str(data / ".coverage")
+    session.run("coverage", "run", "-m", "pytest", "backend/tests/unit", *session.posargs)
+    session.run("coverage", "combine", "--quiet")
+    session.run("coverage", "report")
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    """PostgreSQL tests against TEST_DATABASE_URL (default: the local server).
+
+    With CI=true, a missing or unreachable database fails the session.
+    """
+    install(session, "test")
+    session.env.setdefault("TEST_DATABASE_URL", os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES))
+    session.run("pytest", "backend/tests/integration", *session.posargs)
+
+
+@nox.session(default=False)
+def fmt(session: nox.Session) -> None:
+    """Apply ruff's fixes and formatting."""
+    install(session, "lint")
+    session.run("ruff", "check", "--fix", *CODE)
+    session.run("ruff", "format", *CODE)
+
+
+@nox.session(default=False)
+def demo(session: nox.Session) -> None:
+    """Run ``todo-db demo`` on the embedded SQLite default (the main job)."""
+    install(session)
+    session.run("todo-db", "demo", *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmark the repository against raw psycopg2 over a simulated Neon link."""
+    install(session, "bench")
+    session.env.setdefault("TEST_DATABASE_URL", os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES))
+    session.run("python", "backend/bench/run.py", *session.posargs)

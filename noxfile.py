@@ -41,7 +41,9 @@ def _expose_pyenv_pythons() -> None:
     ).stdout.split()
     chosen = []
     for minor in PYTHONS:
-        matches = [v for v in installed if v.startswith(minor + ".") and v[len(minor) + 1 :].isdigit()]
+        matches = [
+            v for v in installed if v.startswith(minor + ".") and v[len(minor) + 1 :].isdigit()
+        ]
         if matches:
             chosen.append(max(matches, key=lambda v: int(v.rsplit(".", 1)[1])))
     if chosen:
@@ -75,9 +77,7 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", *CODE)
     session.run("ruff", "format", "--check", *CODE)
     if WORKFLOWS:
-        session.run(
-            "check-jsonschema", "--builtin-schema", "vendor.github-workflows", *WORKFLOWS
-        )
+        session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *WORKFLOWS)
         session.run("zizmor", "--offline", "--min-severity=low", *WORKFLOWS)
 
 

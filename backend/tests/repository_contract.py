@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, timedelta
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -31,7 +33,8 @@ class RepositoryContract:
     def test_create_returns_id_and_equal_utc_timestamps(self, repo: TaskRepository) -> None:
         """A created task has a generated id and equal, aware UTC timestamps."""
         task = _new(repo, description="details")
-        assert task.id is not None and task.id > 0
+        assert task.id is not None
+        assert task.id > 0
         assert task.user_id == ALICE
         assert task.title == "write tests"
         assert task.description == "details"
@@ -67,7 +70,8 @@ class RepositoryContract:
         """Length limits count code points, not bytes: 200 emoji fit a title."""
         task = _new(repo, title="\U0001f600" * 200)
         got = repo.get(ALICE, task.id or 0)
-        assert got is not None and len(got.title) == 200
+        assert got is not None
+        assert len(got.title) == 200
 
     def test_get_missing_or_foreign_task_is_none(self, repo: TaskRepository) -> None:
         """get() answers None for an unknown id and for another user's task."""
@@ -95,9 +99,11 @@ class RepositoryContract:
         """description=None given explicitly clears it; omitted leaves it alone."""
         task = _new(repo, description="to be cleared")
         kept = repo.update(ALICE, task.id or 0, TaskUpdate(title="renamed"))
-        assert kept is not None and kept.description == "to be cleared"
+        assert kept is not None
+        assert kept.description == "to be cleared"
         cleared = repo.update(ALICE, task.id or 0, TaskUpdate(description=None))
-        assert cleared is not None and cleared.description is None
+        assert cleared is not None
+        assert cleared.description is None
         assert cleared.title == "renamed"
 
     def test_update_of_foreign_task_changes_nothing(self, repo: TaskRepository) -> None:
@@ -122,7 +128,7 @@ class RepositoryContract:
         mine = [_new(repo, title=f"a{i}") for i in range(3)]
         _new(repo, BOB, title="not yours")
         listed = repo.list(ALICE)
-        assert [t.id for t in listed] == sorted((t.id for t in mine), reverse=True)
+        assert [t.id for t in listed] == sorted((t.id or 0 for t in mine), reverse=True)
         assert all(t.user_id == ALICE for t in listed)
 
     def test_list_filters_on_complete(self, repo: TaskRepository) -> None:
@@ -174,7 +180,8 @@ class RepositoryContract:
         created = repo.create_many(ALICE, [TaskCreate(title=f"n{i}") for i in range(250)])
         assert [t.title for t in created] == [f"n{i}" for i in range(250)]
         ids = [t.id or 0 for t in created]
-        assert ids == sorted(ids) and len(set(ids)) == 250
+        assert ids == sorted(ids)
+        assert len(set(ids)) == 250
         assert all(t.created_at.utcoffset() == timedelta(0) for t in created)
         assert repo.count(ALICE) == 250
         assert repo.create_many(ALICE, []) == []
@@ -202,11 +209,16 @@ class RepositoryContract:
     def test_atomic_block_rolls_back_every_call(self, repo: TaskRepository) -> None:
         """An exception inside atomic() undoes all the block's writes."""
         kept = _new(repo, title="kept")
-        with pytest.raises(LookupError), repo.atomic():
-            _new(repo, title="rolled back")
-            repo.update(ALICE, kept.id or 0, TaskUpdate(title="changed"))
-            repo.delete(ALICE, kept.id or 0)
-            raise LookupError
+
+        def failing_block() -> None:
+            with repo.atomic():
+                _new(repo, title="rolled back")
+                repo.update(ALICE, kept.id or 0, TaskUpdate(title="changed"))
+                repo.delete(ALICE, kept.id or 0)
+                raise LookupError
+
+        with pytest.raises(LookupError):
+            failing_block()
         assert [t.title for t in repo.list(ALICE)] == ["kept"]
 
     def test_atomic_block_commits_together(self, repo: TaskRepository) -> None:
@@ -225,14 +237,14 @@ class RepositoryContract:
         """Every method validates user_id like the model and sends nothing when invalid."""
         sent: list[str] = []
         event.listen(engine, "before_cursor_execute", lambda *a: sent.append(str(a[2])))
-        calls = [
+        calls: list[Callable[[Any], object]] = [
             lambda u: repo.create(u, TaskCreate(title="x")),
             lambda u: repo.create_many(u, [TaskCreate(title="x")]),
             lambda u: repo.get(u, 1),
-            lambda u: repo.list(u),
+            repo.list,
             lambda u: repo.update(u, 1, TaskUpdate(title="x")),
             lambda u: repo.delete(u, 1),
-            lambda u: repo.count(u),
+            repo.count,
         ]
         for call in calls:
             for bad in ("", "   ", " a", "a\n", None, 7):
@@ -244,7 +256,7 @@ class RepositoryContract:
         """Hostile strings are data: stored as given and matching nothing else."""
         evil = "x' OR '1'='1"
         victim = _new(repo, BOB, title="bob's secret")
-        task = _new(repo, evil, title="'; DROP TABLE tasks; --", description="\" OR 1=1 --")
+        task = _new(repo, evil, title="'; DROP TABLE tasks; --", description='" OR 1=1 --')
         assert repo.get(evil, task.id or 0) == task
         assert [t.id for t in repo.list(evil)] == [task.id]
         assert repo.get(evil, victim.id or 0) is None

@@ -51,9 +51,7 @@ def normalize_database_url(raw: str) -> URL:
     scheme = url.drivername.lower()
     if scheme in _POSTGRES_SCHEMES:
         if not url.host and "host" not in url.query:
-            raise ConfigurationError(
-                f"DATABASE_URL {mask_url(url)} names no host: {_URL_HINT}"
-            )
+            raise ConfigurationError(f"DATABASE_URL {mask_url(url)} names no host: {_URL_HINT}")
         return url.set(drivername=_POSTGRES_DRIVER)
     if scheme in _SQLITE_SCHEMES:
         return url.set(drivername="sqlite")

@@ -13,7 +13,7 @@ import logging
 import random
 import select
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -163,10 +163,10 @@ def init_db(engine: Engine) -> None:
     Meant for tests, the demo and fresh embedded databases. A deployed database is
     moved forward with migrations (``todo-db migrate``) instead.
     """
-    SQLModel.metadata.create_all(engine, tables=[Task.__table__])  # type: ignore[list-item]
+    SQLModel.metadata.create_all(engine, tables=[Task.__table__])  # type: ignore[attr-defined]
 
 
-def get_session(engine: Engine) -> Iterator[Session]:
+def get_session(engine: Engine) -> Generator[Session, None, None]:
     """Yield a session on *engine* and close it afterwards: a FastAPI dependency.
 
     Objects stay readable after commit (``expire_on_commit=False``): re-reading them

@@ -16,7 +16,6 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BeforeValidator,
-    ConfigDict,
     StrictBool,
     StringConstraints,
     TypeAdapter,
@@ -194,7 +193,7 @@ class Task(TaskFields, table=True):
         default=None,
         primary_key=True,
         # BIGINT on PostgreSQL; SQLite only auto-increments a plain INTEGER primary key.
-        sa_type=BigInteger().with_variant(Integer(), "sqlite"),  # type: ignore[call-overload]
+        sa_type=BigInteger().with_variant(Integer(), "sqlite"),
     )
 
     def __init__(self, **data: Any) -> None:
@@ -233,9 +232,11 @@ class TaskUpdate(SQLModel):
 
 
 class TaskRead(SQLModel):
-    """A stored task as the API returns it; timestamps serialise as ISO-8601 UTC."""
+    """A stored task as the API returns it; timestamps serialise as ISO-8601 UTC.
 
-    model_config = ConfigDict(from_attributes=True)
+    Built from a ``Task`` with ``TaskRead.model_validate(task)`` (SQLModel reads
+    attributes by default).
+    """
 
     id: int
     user_id: UserId = _user_id_field()

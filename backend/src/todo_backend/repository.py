@@ -11,9 +11,9 @@ goes through :meth:`TaskRepository.atomic`.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -28,6 +28,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.engine import Result, RowMapping
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import configure_mappers
 from sqlalchemy.orm.attributes import instance_state
@@ -37,6 +38,8 @@ from todo_backend.errors import DatabaseUnavailableError
 from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_user_id
 
 __all__ = ["MAX_PAGE_SIZE", "TaskRepository"]
+
+T = TypeVar("T")
 
 MAX_PAGE_SIZE: Final = 100
 _MAX_ID: Final = 2**63 - 1  # BIGINT; a larger id cannot exist, so it matches nothing
@@ -82,7 +85,7 @@ def _update_statement(fields: frozenset[str]) -> Update:
     # One statement per set of changed fields (at most 8); built on first use.
     stmt = _UPDATES.get(fields)
     if stmt is None:
-        values = {name: bindparam(f"new_{name}") for name in sorted(fields)}
+        values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in sorted(fields)}
         stmt = (
             update(_table)
             .where(*_OWNED)
@@ -99,15 +102,27 @@ _mapper = sa_inspect(Task)
 _new_task = _mapper.class_manager.new_instance
 
 
-def _to_task(row: Mapping[str, Any]) -> Task:
+def _to_task(row: RowMapping) -> Task:
     # Rows come back through the table's own types, so they are valid already: build
     # the object the way the ORM loads one (no re-validation), then mark it detached,
     # like a task loaded and expunged, so it is never mistaken for a new row.
-    task = _new_task()
+    task: Task = _new_task()
     task.__dict__.update(row)
     object.__setattr__(task, "__pydantic_fields_set__", set(row))
     instance_state(task).key = _mapper.identity_key_from_primary_key((row["id"],))
     return task
+
+
+def _one_or_none(result: Result[Any]) -> RowMapping | None:
+    return result.mappings().one_or_none()
+
+
+def _all(result: Result[Any]) -> Sequence[RowMapping]:
+    return result.mappings().all()
+
+
+def _scalar(result: Result[Any]) -> Any:
+    return result.scalar_one()
 
 
 def _valid_id(task_id: int) -> bool:
@@ -154,7 +169,8 @@ class TaskRepository:
     def create(self, user_id: str, data: TaskCreate) -> Task:
         """Insert a task for *user_id*; return it with id and both timestamps set."""
         row = self._write(_INSERT, self._insert_params(user_id, data, utc_now()))
-        assert row is not None  # INSERT ... RETURNING always returns the row
+        if row is None:  # pragma: no cover - INSERT ... RETURNING always returns the row
+            raise RuntimeError("INSERT ... RETURNING returned no row")
         return _to_task(row)
 
     def create_many(self, user_id: str, items: Sequence[TaskCreate]) -> builtins.list[Task]:
@@ -177,8 +193,8 @@ class TaskRepository:
         user_id = validate_user_id(user_id)
         if not _valid_id(task_id):
             return None
-        rows = self._read(_GET, {"owner": user_id, "task_id": task_id})
-        return _to_task(rows[0]) if rows else None
+        row = self._read(_GET, {"owner": user_id, "task_id": task_id}, _one_or_none)
+        return None if row is None else _to_task(row)
 
     def list(
         self,
@@ -207,7 +223,7 @@ class TaskRepository:
             _valid_id(before_id)
             params["before_id"] = min(before_id, _MAX_ID)
         stmt = _LISTS[complete is not None, before_id is not None]
-        return [_to_task(row) for row in self._read(stmt, params)]
+        return [_to_task(row) for row in self._read(stmt, params, _all)]
 
     def update(self, user_id: str, task_id: int, data: TaskUpdate) -> Task | None:
         """Apply the fields set explicitly in *data*; return the task, or None if not owned.
@@ -237,8 +253,7 @@ class TaskRepository:
         params: dict[str, Any] = {"owner": user_id}
         if complete is not None:
             params["complete"] = complete
-        rows = self._read(_COUNTS[complete is not None], params, scalar=True)
-        return int(rows[0]["count"])
+        return int(self._read(_COUNTS[complete is not None], params, _scalar))
 
     # -- execution ---------------------------------------------------------------
 
@@ -264,29 +279,26 @@ class TaskRepository:
             self._session.commit()
 
     def _read(
-        self, stmt: Select[Any], params: dict[str, Any], *, scalar: bool = False
-    ) -> builtins.list[Mapping[str, Any]]:
-        """Run a SELECT; retry once on a connection the server dropped mid-call.
+        self, stmt: Select[Any], params: dict[str, Any], fetch: Callable[[Result[Any]], T]
+    ) -> T:
+        """Run a SELECT and *fetch* its rows; retry once on a connection dropped mid-call.
 
         Reads are safe to repeat. Writes are not retried after being sent (the server
         may have applied them); dead idle connections are replaced before sending.
         """
         for attempt in (1, 2):
             try:
-                result = self._connection().execute(stmt, params)
-                rows = (
-                    [{"count": result.scalar_one()}] if scalar else result.mappings().all()
-                )
+                value = fetch(self._connection().execute(stmt, params))
                 self._finish()
             except DBAPIError as err:
                 if not (err.connection_invalidated and attempt == 1 and not self._atomic):
                     _raise_translated(err, self._session)
                 self._session.rollback()
             else:
-                return rows
+                return value
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _write(self, stmt: Any, params: dict[str, Any]) -> Mapping[str, Any] | None:
+    def _write(self, stmt: Any, params: dict[str, Any]) -> RowMapping | None:
         try:
             row = self._connection().execute(stmt, params).mappings().one_or_none()
             self._finish()

@@ -76,11 +76,11 @@ def module_engine(scratch_url: URL) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def engine(module_engine: Engine) -> Iterator[Engine]:
+def engine(module_engine: Engine) -> Engine:
     """The module's engine with an empty tasks table for each test."""
     with module_engine.begin() as conn:
         conn.execute(text("TRUNCATE tasks RESTART IDENTITY"))
-    yield module_engine
+    return module_engine
 
 
 @pytest.fixture(scope="module")

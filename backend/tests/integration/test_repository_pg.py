@@ -19,7 +19,7 @@ def test_timestamps_are_utc_whatever_the_session_timezone(engine: Engine) -> Non
     """A server or role TimeZone other than UTC still yields UTC-offset timestamps."""
     with engine.connect() as conn:
         database = conn.execute(text("select current_database()")).scalar_one()
-        conn.execute(text(f'ALTER DATABASE "{database}" SET timezone TO \'Asia/Kolkata\''))
+        conn.execute(text(f"ALTER DATABASE \"{database}\" SET timezone TO 'Asia/Kolkata'"))
         conn.commit()
     engine.dispose()  # new connections pick up the database's TimeZone
     try:

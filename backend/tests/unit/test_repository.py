@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.repository_contract import RepositoryContract
-from todo_backend.repository import TaskRepository
 from todo_backend.models import TaskUpdate
+from todo_backend.repository import TaskRepository
 
 
 class TestRepositoryOnSQLite(RepositoryContract):

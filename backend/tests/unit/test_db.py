@@ -1,0 +1,217 @@
+"""Engine factory, session helper, schema creation and health checks (SQLite side)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, inspect, text
+from sqlalchemy.pool import QueuePool, StaticPool
+
+from todo_backend.config import Settings
+from todo_backend.db import (
+    POOL_RECYCLE_SECONDS,
+    check_database,
+    create_db_engine,
+    get_session,
+    init_db,
+    is_local_host,
+    wait_for_database,
+)
+from todo_backend.errors import DatabaseUnavailableError
+from todo_backend.models import TaskCreate
+from todo_backend.repository import TaskRepository
+
+SECRET = "Sup3rSecretSentinel"
+
+
+class _CapturedError(Exception):
+    """Stops a connection attempt once its parameters are known."""
+
+
+def connect_args(url: str) -> dict[str, object]:
+    """The keyword arguments the engine for *url* hands to psycopg2.connect; no I/O."""
+    engine = create_db_engine(url)
+    captured: dict[str, object] = {}
+
+    def capture(dialect: object, record: object, cargs: object, cparams: dict[str, object]) -> None:
+        captured.update(cparams)
+        raise _CapturedError
+
+    event.listen(engine, "do_connect", capture)
+    try:
+        with pytest.raises(_CapturedError):
+            engine.connect()
+        return captured
+    finally:
+        engine.dispose()
+
+
+def test_postgres_engine_pool_bounds_and_recycling() -> None:
+    """A PostgreSQL engine pools 5..20 connections and recycles them below Neon's 300 s."""
+    engine = create_db_engine(Settings(database_url="postgresql://u:p@db.example.com/app"))
+    try:
+        assert engine.dialect.driver == "psycopg2"
+        pool = engine.pool
+        assert isinstance(pool, QueuePool)
+        assert pool.size() == 5
+        assert pool._max_overflow == 15
+        assert pool._recycle == POOL_RECYCLE_SECONDS < 300
+        assert pool._pre_ping is False
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "sslmode"),
+    [
+        ("postgresql://u:p@ep-x-pooler.eu-central-1.aws.neon.tech/db", "require"),
+        ("postgresql://u:p@10.0.0.5/db", "require"),
+        ("postgresql://u:p@db.example.com/db?sslmode=verify-full", "verify-full"),
+        ("postgresql://u:p@localhost/db", None),
+        ("postgresql://u:p@127.0.0.1/db", None),
+        ("postgresql://u:p@[::1]/db", None),
+        ("postgresql://u@/db?host=/var/run/postgresql", None),
+    ],
+)
+def test_remote_hosts_get_sslmode_require(url: str, sslmode: str | None) -> None:
+    """Non-local hosts without an sslmode get sslmode=require; local ones keep the URL's."""
+    assert connect_args(url).get("sslmode") == sslmode
+
+
+def test_connect_timeout_and_keepalives_reach_the_driver() -> None:
+    """connect_timeout, keepalives and the application name are passed to libpq."""
+    args = connect_args("postgresql://u:p@localhost/db")
+    assert args["connect_timeout"] == 10
+    assert args["keepalives"] == 1
+    assert args["application_name"] == "todo-backend"
+
+
+def test_is_local_host() -> None:
+    """Loopback names and Unix sockets count as local; anything else does not."""
+    from sqlalchemy.engine import make_url
+
+    assert is_local_host(make_url("postgresql://localhost/db"))
+    assert is_local_host(make_url("postgresql:///db"))
+    assert not is_local_host(make_url("postgresql://127.0.0.2/db"))
+    assert not is_local_host(make_url("postgresql://db.neon.tech/db"))
+
+
+def test_memory_database_is_shared_across_sessions_and_threads() -> None:
+    """sqlite:// is one database for every session and thread of the engine."""
+    engine = create_db_engine("sqlite://")
+    try:
+        assert isinstance(engine.pool, StaticPool)
+        init_db(engine)
+        task = TaskRepository(next(get_session(engine))).create("u", TaskCreate(title="shared"))
+        seen: list[object] = []
+
+        def read() -> None:
+            seen.append(TaskRepository(next(get_session(engine))).get("u", task.id or 0))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join()
+        assert seen == [task]
+    finally:
+        engine.dispose()
+
+
+def test_file_database_enforces_foreign_keys(tmp_path: Path) -> None:
+    """File databases turn foreign-key enforcement on for every connection."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'fk.db'}")
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+def test_init_db_is_idempotent_and_keeps_data(tmp_path: Path) -> None:
+    """init_db creates the table and indexes once; running it again loses nothing."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'todo.db'}")
+    try:
+        init_db(engine)
+        repo = TaskRepository(next(get_session(engine)))
+        repo.create("u", TaskCreate(title="survives"))
+        init_db(engine)
+        assert repo.count("u") == 1
+        indexes = {ix["name"] for ix in inspect(engine).get_indexes("tasks")}
+        assert {"ix_tasks_user_id_id", "ix_tasks_user_id_complete_id"} <= indexes
+    finally:
+        engine.dispose()
+
+
+def test_get_session_yields_a_session_that_keeps_objects_loaded() -> None:
+    """get_session is a generator dependency whose session does not expire on commit."""
+    engine = create_db_engine("sqlite://")
+    try:
+        sessions = get_session(engine)
+        session = next(sessions)
+        assert session.expire_on_commit is False
+        sessions.close()
+    finally:
+        engine.dispose()
+
+
+def test_check_database_reports_sqlite() -> None:
+    """check_database on SQLite is ok, names the SQLite version and has no TLS state."""
+    engine = create_db_engine("sqlite://")
+    try:
+        health = check_database(engine)
+        assert health.ok
+        assert health.server_version.startswith("SQLite 3.")
+        assert health.ssl is None
+        assert health.latency_ms >= 0
+    finally:
+        engine.dispose()
+
+
+def test_check_database_does_not_raise_when_unreachable(tmp_path: Path) -> None:
+    """An unusable database gives ok=False with a hint, never an exception."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+    try:
+        health = check_database(engine)
+        assert not health.ok
+        assert "directory" in health.detail
+    finally:
+        engine.dispose()
+
+
+def test_wait_for_database_gives_up_with_a_helpful_error(tmp_path: Path) -> None:
+    """After the allowed attempts, DatabaseUnavailableError explains what to check."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+    try:
+        with pytest.raises(DatabaseUnavailableError, match="after 2 attempts"):
+            wait_for_database(engine, attempts=2, base_delay=0.001)
+        with pytest.raises(ValueError, match="attempts"):
+            wait_for_database(engine, attempts=0)
+    finally:
+        engine.dispose()
+
+
+def test_wait_for_database_returns_when_reachable() -> None:
+    """wait_for_database returns at once for a reachable database."""
+    engine = create_db_engine("sqlite://")
+    try:
+        wait_for_database(engine, attempts=1)
+    finally:
+        engine.dispose()
+
+
+def test_unreachable_postgres_health_names_host_not_password() -> None:
+    """For a refused PostgreSQL port the detail names host and port, never the password."""
+    engine = create_db_engine(f"postgresql://app:{SECRET}@127.0.0.1:1/db")
+    try:
+        health = check_database(engine)
+        assert not health.ok
+        assert "127.0.0.1:1" in health.detail
+        assert "sslmode" in health.detail
+        assert SECRET not in health.detail
+        with pytest.raises(DatabaseUnavailableError) as info:
+            wait_for_database(engine, attempts=2, base_delay=0.001)
+        assert SECRET not in str(info.value)
+        assert "127.0.0.1:1" in str(info.value)
+    finally:
+        engine.dispose()

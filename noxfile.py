@@ -30,24 +30,26 @@ LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 def _expose_pyenv_pythons() -> None:
     """Make every supported pyenv Python answer as ``python3.X`` for nox and uv.
 
-    pyenv's shims only answer for the selected versions; list them all, the default
-    first, unless the caller chose already.
+    pyenv's shims answer only for the selected versions, and pyenv's own shim for
+    ``nox`` selects just the one nox runs on. Keep the current selection first (it
+    stays the default) and append the newest installed patch of each missing minor.
     """
     pyenv = shutil.which("pyenv")
-    if pyenv is None or "PYENV_VERSION" in os.environ:
+    if pyenv is None:
         return
     installed = subprocess.run(
         [pyenv, "versions", "--bare"], capture_output=True, text=True, check=False
     ).stdout.split()
-    chosen = []
+    selected = [v for v in os.environ.get("PYENV_VERSION", "").split(":") if v]
     for minor in PYTHONS:
-        matches = [
-            v for v in installed if v.startswith(minor + ".") and v[len(minor) + 1 :].isdigit()
-        ]
+        prefix = minor + "."
+        if any(v.startswith(prefix) for v in selected):
+            continue
+        matches = [v for v in installed if v.startswith(prefix) and v[len(prefix) :].isdigit()]
         if matches:
-            chosen.append(max(matches, key=lambda v: int(v.rsplit(".", 1)[1])))
-    if chosen:
-        os.environ["PYENV_VERSION"] = ":".join(chosen)
+            selected.append(max(matches, key=lambda v: int(v[len(prefix) :])))
+    if selected:
+        os.environ["PYENV_VERSION"] = ":".join(selected)
 
 
 _expose_pyenv_pythons()

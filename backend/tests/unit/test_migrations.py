@@ -1,0 +1,290 @@
+"""Alembic migrations on SQLite files: schema equals the models, round trips, stamping, check."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import produce_migrations, render_python_code
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.exc import OperationalError
+from sqlmodel import SQLModel
+
+from tests.migration_scripts import scripts_with
+from todo_backend import migrate
+from todo_backend.db import create_db_engine, get_session, init_db
+from todo_backend.models import TaskCreate
+from todo_backend.repository import TaskRepository
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    """A URL for an SQLite file that does not exist yet."""
+    return f"sqlite:///{tmp_path / 'todo.db'}"
+
+
+@pytest.fixture
+def engine(url: str) -> Iterator[Engine]:
+    """The package's engine on the test's SQLite file, disposed afterwards."""
+    engine = create_db_engine(url)
+    yield engine
+    engine.dispose()
+
+
+def _schema(engine: Engine) -> list[tuple[str, str]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "select name, sql from sqlite_master "
+                "where name not like 'alembic%' and sql is not null order by name"
+            )
+        )
+        return [(str(name), str(sql)) for name, sql in rows]
+
+
+def test_head_on_an_empty_database_is_exactly_the_models(url: str, engine: Engine) -> None:
+    """The guard: fails when a model changes without a revision that makes the same change.
+
+    An empty database upgraded to head must compare equal to ``SQLModel.metadata``:
+    tables, columns, types, nullability, indexes and named CHECK constraints (text
+    included, which SQLite keeps verbatim). Change ``models.py`` without adding a
+    revision and this test lists the difference.
+    """
+    migrate.upgrade(url)
+    with engine.connect() as conn:
+        assert migrate.model_differences(conn) == []
+    assert migrate.check(url).ok
+    assert migrate.current_revision(url) == migrate.head_revision() == "0001"
+
+
+def test_head_emits_the_same_ddl_as_init_db(url: str, engine: Engine) -> None:
+    """Migrations and init_db create identical tables and indexes, so stamping is honest."""
+    migrate.upgrade(engine)
+    other = create_db_engine("sqlite://")
+    init_db(other)
+    assert _schema(engine) == _schema(other)
+    assert "id INTEGER NOT NULL" in dict(_schema(engine))["tasks"]  # auto-increments
+    other.dispose()
+
+
+def test_round_trip_keeps_working_with_data(url: str, engine: Engine) -> None:
+    """Upgrade, store tasks, downgrade to base (all gone), upgrade again: tasks work."""
+    migrate.upgrade(url)
+    repo = TaskRepository(next(get_session(engine)))
+    repo.create_many("alice", [TaskCreate(title="one"), TaskCreate(title="two")])
+    assert repo.count("alice") == 2
+
+    migrate.downgrade(url, "base")
+    assert inspect(engine).get_table_names() == ["alembic_version"]
+    assert migrate.current_revision(url) is None
+
+    migrate.upgrade(url)
+    repo = TaskRepository(next(get_session(engine)))
+    assert repo.count("alice") == 0
+    assert repo.create("alice", TaskCreate(title="again")).id == 1
+    assert migrate.check(engine).ok
+
+
+def test_a_database_made_by_init_db_is_stamped_then_upgraded(url: str, engine: Engine) -> None:
+    """init_db's schema has no history until stamped; then upgrade is a no-op and check is clean."""
+    init_db(engine)
+    before = migrate.check(url)
+    assert not before.ok
+    assert "tables but no migration history" in before.problems[0]
+    with pytest.raises(migrate.MigrationError, match="stamp REVISION"):
+        migrate.upgrade(url)  # would fail half-way on "table tasks already exists"
+    assert not inspect(engine).has_table("alembic_version")
+
+    migrate.stamp(url, "0001")
+    migrate.upgrade(url)
+    after = migrate.check(url)
+    assert after.ok, after.problems
+    assert (after.current, after.head) == ("0001", "0001")
+
+
+def test_check_reports_an_empty_database_and_one_behind_head(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No history, then behind head: each is one problem naming the fix."""
+    assert migrate.check(url).problems == (
+        "the database has no migration history; head is 0001: run `todo-db migrate`",
+    )
+    migrate.upgrade(url)
+    scripts_with(tmp_path, monkeypatch, "pass")
+    result = migrate.check(url)
+    assert (result.current, result.head) == ("0001", "0002")
+    assert result.problems == (
+        "the database is at revision 0001, behind head 0002: run `todo-db migrate`",
+    )
+
+
+def test_check_reports_a_revision_this_package_does_not_ship(url: str, engine: Engine) -> None:
+    """A database migrated by a newer release is reported, not silently accepted."""
+    migrate.upgrade(url)
+    with engine.begin() as conn:
+        conn.execute(text("update alembic_version set version_num = '0099'"))
+    (problem,) = migrate.check(url).problems
+    assert "revision 0099, which this package does not ship" in problem
+
+
+def test_check_reports_schema_drift_from_the_models(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revision that strays from the models: extra column, lost index, changed CHECK.
+
+    Also shows batch mode on SQLite keeping the CHECK constraints it did not touch.
+    """
+    scripts_with(
+        tmp_path,
+        monkeypatch,
+        """
+        op.drop_index("ix_tasks_user_id_id", table_name="tasks")
+        with op.batch_alter_table("tasks") as batch:
+            batch.add_column(sa.Column("priority", sa.Integer(), nullable=True))
+            batch.drop_constraint("ck_tasks_title_valid", type_="check")
+            batch.create_check_constraint(
+                "ck_tasks_title_valid", "length(trim(title)) BETWEEN 1 AND 300"
+            )
+        """,
+    )
+    migrate.upgrade(url)
+    result = migrate.check(url)
+    assert (result.current, result.head) == ("0002", "0002")
+    assert set(result.problems) == {
+        "models differ from the migrations: index ix_tasks_user_id_id on tasks: "
+        "declared by the models, missing in the database",
+        "models differ from the migrations: column tasks.priority: "
+        "in the database, not in the models",
+        "models differ from the migrations: check constraint ck_tasks_title_valid on tasks: "
+        "database has 'length(trim(title)) BETWEEN 1 AND 300', "
+        "models have 'length(trim(title)) BETWEEN 1 AND 200'",
+    }
+
+
+def test_check_reports_a_changed_column_type(url: str, engine: Engine) -> None:
+    """compare_type is on: a column whose type differs from the model is reported."""
+    migrate.upgrade(url)
+    with engine.begin() as conn:
+        conn.execute(text("drop index ix_tasks_user_id_complete_id"))
+        conn.execute(text("alter table tasks drop column complete"))
+        conn.execute(text("alter table tasks add column complete varchar(5) not null default 'n'"))
+        conn.execute(
+            text("create index ix_tasks_user_id_complete_id on tasks (user_id, complete, id)")
+        )
+    (problem,) = migrate.check(url).problems
+    assert problem.startswith("models differ from the migrations: column tasks.complete type:")
+
+
+def test_a_failing_revision_leaves_nothing_behind(
+    url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade is one transaction, DDL included: a failure rolls every statement back."""
+    migrate.upgrade(url)
+    scripts_with(
+        tmp_path,
+        monkeypatch,
+        """
+        op.create_table("half_done", sa.Column("id", sa.Integer(), primary_key=True))
+        op.execute("select no_such_function()")
+        """,
+    )
+    with pytest.raises(OperationalError, match="no_such_function"):
+        migrate.upgrade(url)
+    assert "half_done" not in inspect(engine).get_table_names()
+    assert migrate.current_revision(url) == "0001"
+
+
+def test_autogenerate_renders_plain_sqlalchemy_types(engine: Engine) -> None:
+    """New revisions say sa.String/sa.DateTime(timezone=True), never sqlmodel's types."""
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts=migrate.context_options())
+        ops = produce_migrations(context, SQLModel.metadata).upgrade_ops
+    assert ops is not None
+    code = render_python_code(ops, render_item=migrate.render_item)
+    assert "sqlmodel" not in code
+    assert "sa.String(length=200)" in code
+    assert "sa.DateTime(timezone=True)" in code
+    assert "sa.BigInteger().with_variant(sa.Integer(), 'sqlite')" in code
+
+
+def test_revision_autogenerates_the_next_numbered_file(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """revision() writes 0003 from the drift of 0002; applying it makes check() clean."""
+    scripts_with(
+        tmp_path,
+        monkeypatch,
+        """
+        op.drop_index("ix_tasks_user_id_id", table_name="tasks")
+        with op.batch_alter_table("tasks") as batch:
+            batch.add_column(sa.Column("priority", sa.Integer(), nullable=True))
+        """,
+    )
+    path = migrate.revision("Undo the test's drift.")
+    assert path == tmp_path / "migrations" / "versions" / "0003_undo_the_test_s_drift.py"
+    source = path.read_text()
+    assert "down_revision: str | Sequence[str] | None = '0002'" in source
+    assert "with op.batch_alter_table('tasks'" in source
+    assert "sqlmodel" not in source
+    compile(source, str(path), "exec")
+
+    migrate.upgrade(url)
+    assert migrate.check(url).ok
+
+
+def test_an_empty_revision_is_a_typed_skeleton(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """revision(autogenerate=False) needs no database and writes pass bodies."""
+    scripts_with(tmp_path, monkeypatch, "pass")
+    path = migrate.revision("backfill", autogenerate=False, rev_id="0042")
+    source = path.read_text()
+    assert source.startswith('"""Backfill.\n')
+    assert "def upgrade() -> None:" in source
+    assert source.count("    pass\n") == 2
+
+
+def test_database_url_is_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, engine: Engine
+) -> None:
+    """Without an argument, the functions migrate DATABASE_URL via load_settings()."""
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.setenv("DATABASE_URL", url)
+    migrate.upgrade()
+    assert migrate.current_revision() == "0001"
+    assert inspect(engine).has_table("tasks")
+
+
+def test_the_command_line(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """python -m todo_backend.migrate: check fails on an empty database, passes after upgrade."""
+    assert migrate.main(["check", "--url", url]) == 1
+    assert "no migration history" in capsys.readouterr().err
+    assert migrate.main(["upgrade", "--url", url]) == 0
+    assert migrate.main(["current", "--url", url]) == 0
+    assert capsys.readouterr().out == "0001\n"
+    assert migrate.main(["check", "--url", url]) == 0
+    assert capsys.readouterr().out == "at revision 0001, head 0001: ok\n"
+    assert migrate.main(["downgrade", "base", "--url", url]) == 0
+    assert migrate.main(["stamp", "0001", "--url", url]) == 0
+    assert migrate.main(["sql", "--url", "postgresql://"]) == 0
+    assert "id BIGSERIAL NOT NULL" in capsys.readouterr().out
+    assert migrate.main(["stamp", "base", "--url", url]) == 0
+    init_db_engine = create_db_engine(url)
+    init_db(init_db_engine)
+    init_db_engine.dispose()
+    assert migrate.main(["upgrade", "--url", url]) == 1
+    assert capsys.readouterr().err.startswith("error: the database has tables but no migration")
+
+
+def test_upgrade_sql_renders_without_connecting() -> None:
+    """upgrade_sql needs only a dialect: the reviewed script for PostgreSQL and SQLite."""
+    pg = migrate.upgrade_sql("postgresql://")
+    assert "CREATE INDEX ix_tasks_user_id_complete_id ON tasks (user_id, complete, id)" in pg
+    assert "TIMESTAMP WITH TIME ZONE" in pg
+    assert pg.startswith("BEGIN;")
+    assert pg.rstrip().endswith("COMMIT;")
+    engine = create_db_engine("sqlite://")
+    assert "id INTEGER NOT NULL" in migrate.upgrade_sql(engine)
+    engine.dispose()

@@ -1,0 +1,119 @@
+"""The todo-db console script against PostgreSQL, on the module's scratch database."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.engine import URL
+
+from tests.cli_runner import SENTINEL, Call, cli_env, error_lines, run_all, run_cli, run_json
+from todo_backend.cli import ExitCode, main
+
+
+def _env(url: URL) -> dict[str, str]:
+    return cli_env(DATABASE_URL=url.render_as_string(hide_password=False))
+
+
+def _drop_tasks(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS tasks"))
+
+
+def test_init_creates_the_schema_once(
+    module_engine: Engine, scratch_url: URL, tmp_path: Path
+) -> None:
+    """init creates the tasks table on an empty database, and a second init changes nothing."""
+    _drop_tasks(module_engine)
+    first = run_cli("init", cwd=tmp_path, env=_env(scratch_url))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("table tasks created on postgresql+psycopg2://postgres@")
+    second = run_cli("init", cwd=tmp_path, env=_env(scratch_url))
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.startswith("table tasks already present, nothing to do")
+
+
+def test_list_on_a_fresh_database_creates_the_schema(
+    module_engine: Engine, scratch_url: URL, tmp_path: Path
+) -> None:
+    """A first command without `init` creates the tasks table and succeeds."""
+    _drop_tasks(module_engine)
+    assert run_json("list", "--user", "alice", "--json", cwd=tmp_path, env=_env(scratch_url)) == []
+    assert inspect(module_engine).has_table("tasks")
+
+
+def test_lifecycle_and_isolation(
+    engine: Engine, scratch_url: URL, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two users' tasks stay apart: bob can neither complete nor delete alice's task."""
+    url = scratch_url.render_as_string(hide_password=False)
+    added_alice, added_bob = run_all(
+        [
+            Call(["add", "--user", "alice", "Buy milk", "--json"], tmp_path, _env(scratch_url)),
+            # DATABASE_URL unset: the option after the command names the database.
+            Call(
+                ["add", "--user", "bob", "Walk the dog", "--json", "--database-url", url], tmp_path
+            ),
+        ]
+    )
+    assert added_alice.returncode == 0, added_alice.stderr
+    assert added_bob.returncode == 0, added_bob.stderr
+    assert added_bob.stderr == ""
+    alice = json.loads(added_alice.stdout)
+    bob = json.loads(added_bob.stdout)
+    assert alice["created_at"].endswith("Z")
+    task_id = str(alice["id"])
+
+    env = _env(scratch_url)
+    bob_list, bob_done, bob_delete, alice_done = run_all(
+        [
+            Call(["list", "--user", "bob", "--json"], tmp_path, env),
+            Call(["done", "--user", "bob", task_id], tmp_path, env),
+            Call(["delete", "--user", "bob", task_id], tmp_path, env),
+            Call(["done", "--user", "alice", task_id, "--json"], tmp_path, env),
+        ]
+    )
+    assert json.loads(bob_list.stdout) == [bob]
+    for refused in (bob_done, bob_delete):
+        assert refused.returncode == ExitCode.NOT_FOUND
+        assert error_lines(refused) == [f"todo-db: error: no task {task_id} for user bob"]
+    assert alice_done.returncode == 0, alice_done.stderr
+    assert json.loads(alice_done.stdout) | {"updated_at": None} == alice | {
+        "complete": True,
+        "updated_at": None,
+    }
+
+    deleted = run_cli("delete", "--user", "alice", task_id, cwd=tmp_path, env=env)
+    assert (deleted.returncode, deleted.stdout) == (0, f"deleted task {task_id} for user alice\n")
+    assert main(["list", "--user", "alice", "--json", "--database-url", url]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_check_reports_postgresql_with_the_password_masked(
+    scratch_url: URL, tmp_path: Path
+) -> None:
+    """check on the local server: reachable, PostgreSQL version, TLS off, direct, password ***."""
+    # The local server trusts 127.0.0.1, so the password is never even asked for.
+    url = scratch_url.set(password=SENTINEL).render_as_string(hide_password=False)
+    result = run_cli("check", "--database-url", url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert SENTINEL not in result.stdout + result.stderr
+    report = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert report["database"].strip().startswith("postgresql+psycopg2://postgres:***@127.0.0.1")
+    assert report["reachable"].strip() == "yes"
+    assert report["server"].strip().startswith("PostgreSQL ")
+    assert report["tls"].strip() == "off"
+    assert report["endpoint"].strip() == "direct"
+
+
+def test_demo_on_postgresql(engine: Engine, scratch_url: URL, tmp_path: Path) -> None:
+    """The demo runs on DATABASE_URL without a fallback note and shows isolation holding."""
+    result = run_cli("demo", cwd=tmp_path, env=_env(scratch_url))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith("todo-db demo on postgresql+psycopg2://postgres@127.0.0.1")
+    assert "ALLOWED" not in result.stdout
+    assert result.stdout.count("for user demo-bob") == 5
+    assert "afterwards: unchanged" in result.stdout

@@ -1,0 +1,1 @@
+"""Unit tests: in-memory SQLite, no server needed."""

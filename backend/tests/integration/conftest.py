@@ -16,8 +16,14 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError
 
+from tests.fix_servers import pg_cluster, pg_template, pgbouncer, server_account
 from todo_backend.config import normalize_database_url
 from todo_backend.db import create_db_engine, init_db
+
+# Throwaway PostgreSQL clusters and PgBouncers (tests/fix_servers.py). Imported, not
+# listed in ``pytest_plugins``: pytest refuses that variable outside the rootdir's
+# conftest, which breaks a plain ``pytest`` run from the repository root.
+__all__ = ["pg_cluster", "pg_template", "pgbouncer", "server_account"]
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 

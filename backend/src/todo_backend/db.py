@@ -106,7 +106,35 @@ def _create_postgres_engine(url: URL, settings: Settings) -> Engine:
         connect_args=connect_args,
     )
     event.listen(engine, "checkout", _reject_dead_connection)
+    _switch_isolation_without_round_trips(engine)
     return engine
+
+
+def _switch_isolation_without_round_trips(engine: Engine) -> None:
+    """Make the per-call AUTOCOMMIT switch free of network traffic.
+
+    The repository runs single statements with ``isolation_level="AUTOCOMMIT"`` and
+    the pool resets the level when the connection comes back. SQLAlchemy's psycopg2
+    dialect does both through psycopg2's legacy ``set_isolation_level()``, which
+    pins READ COMMITTED explicitly and therefore sends ``SET
+    default_transaction_isolation TO DEFAULT`` on every later return: a second round
+    trip per call, a session-level SET, and, when the server drops the connection
+    between the statement and that SET, a raw driver error from the pool's check-in
+    that escapes the repository after the write was committed and leaks the pool
+    slot for good. Toggling ``autocommit`` and leaving the isolation level at the
+    server default sends nothing; a dead connection is then caught at checkout.
+    """
+    dialect = engine.dialect
+
+    def set_isolation_level(dbapi_connection: Any, level: str) -> None:
+        if level == "AUTOCOMMIT":
+            dbapi_connection.autocommit = True
+        elif level == dialect.default_isolation_level:
+            dbapi_connection.set_session(isolation_level="DEFAULT", autocommit=False)
+        else:
+            dbapi_connection.set_session(isolation_level=level, autocommit=False)
+
+    dialect.set_isolation_level = set_isolation_level  # type: ignore[method-assign]
 
 
 def _create_sqlite_engine(url: URL, settings: Settings) -> Engine:

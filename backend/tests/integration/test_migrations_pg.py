@@ -1,0 +1,189 @@
+"""Alembic migrations on PostgreSQL: direct, and through PgBouncer in transaction pool mode."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ProgrammingError
+
+from tests.fix_servers import PgBouncer, PgBouncerFactory
+from tests.migration_scripts import scripts_with
+from todo_backend import migrate
+from todo_backend.db import create_db_engine, get_session, init_db
+from todo_backend.models import TaskCreate
+from todo_backend.repository import TaskRepository
+
+_CATALOG = text(
+    """
+    select 'column' as kind, column_name || ' ' || data_type || ' '
+           || coalesce(character_maximum_length::text, '') || ' ' || is_nullable || ' '
+           || coalesce(column_default, '') as fact
+      from information_schema.columns where table_schema = 'public' and table_name = 'tasks'
+    union all
+    select 'constraint', conname || ' ' || pg_get_constraintdef(oid)
+      from pg_constraint where conrelid = to_regclass('public.tasks')
+    union all
+    select 'index', indexdef from pg_indexes where schemaname = 'public' and tablename = 'tasks'
+    union all
+    select 'sequence', sequence_name || ' ' || data_type
+      from information_schema.sequences where sequence_schema = 'public'
+    order by 1, 2
+    """
+)
+
+
+@pytest.fixture
+def url(scratch_url: URL) -> str:
+    """The module's scratch database with an empty public schema for each test."""
+    admin = create_engine(scratch_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    admin.dispose()
+    return scratch_url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def engine(url: str) -> Iterator[Engine]:
+    """The package's engine on the emptied scratch database, disposed afterwards."""
+    engine = create_db_engine(url)
+    yield engine
+    engine.dispose()
+
+
+def _through(bouncer: PgBouncer, url: str) -> str:
+    """The URL of *url*'s database reached through *bouncer*."""
+    database = make_url(url).database
+    assert database is not None
+    return bouncer.url(database).render_as_string(hide_password=False)
+
+
+def _catalog(engine: Engine) -> list[tuple[str, str]]:
+    with engine.connect() as conn:
+        return [(str(kind), str(fact)) for kind, fact in conn.execute(_CATALOG)]
+
+
+def test_head_on_an_empty_database_is_exactly_the_models(url: str, engine: Engine) -> None:
+    """The guard on PostgreSQL: fails when a model changes without a matching revision.
+
+    An empty database upgraded to head must compare equal to ``SQLModel.metadata``
+    (tables, columns, types, nullability, indexes, CHECK constraint names).
+    """
+    migrate.upgrade(url)
+    with engine.connect() as conn:
+        assert migrate.model_differences(conn) == []
+    assert migrate.check(url).ok
+    columns = {c["name"]: c for c in inspect(engine).get_columns("tasks")}
+    assert str(columns["id"]["type"]) == "BIGINT"
+    assert "nextval('tasks_id_seq'" in str(columns["id"]["default"])
+    assert str(columns["created_at"]["type"]) == "TIMESTAMP"
+    assert columns["created_at"]["type"].timezone is True  # type: ignore[attr-defined]
+    assert {c["name"] for c in inspect(engine).get_check_constraints("tasks")} == {
+        "ck_tasks_user_id_valid",
+        "ck_tasks_title_valid",
+        "ck_tasks_description_valid",
+    }
+
+
+def test_head_builds_the_same_catalog_as_init_db_which_can_be_stamped(
+    url: str, engine: Engine
+) -> None:
+    """Columns, defaults, constraints, indexes, sequence: as init_db makes them; stamp is safe."""
+    migrate.upgrade(url)
+    migrated = _catalog(engine)
+    migrate.downgrade(url, "base")
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
+
+    init_db(engine)
+    assert _catalog(engine) == migrated
+    assert "tables but no migration history" in migrate.check(url).problems[0]
+    with pytest.raises(migrate.MigrationError):
+        migrate.upgrade(url)
+    migrate.stamp(url, "0001")
+    migrate.upgrade(url)
+    result = migrate.check(url)
+    assert result.ok, result.problems
+    assert result.current == "0001"
+
+
+def test_round_trip_keeps_working_with_data(url: str, engine: Engine) -> None:
+    """Upgrade, store tasks, downgrade to base (table and sequence gone), upgrade again."""
+    migrate.upgrade(url)
+    repo = TaskRepository(next(get_session(engine)))
+    repo.create_many("alice", [TaskCreate(title="one"), TaskCreate(title="two")])
+    assert repo.count("alice") == 2
+
+    migrate.downgrade(url, "base")
+    assert _catalog(engine) == []
+    assert inspect(engine).get_table_names() == ["alembic_version"]
+
+    migrate.upgrade(url)
+    repo = TaskRepository(next(get_session(engine)))
+    assert repo.create("alice", TaskCreate(title="again")).id == 1
+    assert migrate.check(engine).ok
+
+
+@pytest.mark.pgbouncer
+def test_migrations_run_through_pgbouncer_in_transaction_mode(
+    url: str, admin_url: URL, pgbouncer: PgBouncerFactory
+) -> None:
+    """Upgrade, check, use, downgrade and re-upgrade through a one-connection transaction pool.
+
+    Another client stays connected (idle) the whole time: with one server connection
+    that only works because PgBouncer hands it out per transaction and the migration
+    keeps nothing on the server session between its transactions.
+    """
+    bouncer = pgbouncer(admin_url, pool_size=1)
+    pooled = _through(bouncer, url)
+    bystander = create_engine(pooled)
+    with bystander.connect() as idle:
+        idle.execute(text("select 1"))
+        idle.commit()
+
+        migrate.upgrade(pooled)
+        assert migrate.check(pooled).ok
+        engine = create_db_engine(pooled)
+        repo = TaskRepository(next(get_session(engine)))
+        assert repo.create("alice", TaskCreate(title="pooled")).id == 1
+        engine.dispose()
+        migrate.downgrade(pooled, "base")
+        assert migrate.current_revision(pooled) is None
+        migrate.upgrade(pooled)
+        assert migrate.current_revision(pooled) == "0001"
+        assert idle.execute(text("select count(*) from tasks")).scalar_one() == 0
+    bystander.dispose()
+
+
+@pytest.mark.pgbouncer
+def test_a_failing_revision_through_pgbouncer_leaves_nothing_behind(
+    url: str,
+    admin_url: URL,
+    pgbouncer: PgBouncerFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The whole upgrade is one transaction: a failing revision rolls back its DDL too."""
+    bouncer = pgbouncer(admin_url, pool_size=1)
+    pooled = _through(bouncer, url)
+    migrate.upgrade(pooled, "0001")
+    scripts_with(
+        tmp_path,
+        monkeypatch,
+        """
+        op.create_table("half_done", sa.Column("id", sa.Integer(), primary_key=True))
+        op.add_column("tasks", sa.Column("priority", sa.Integer(), nullable=True))
+        op.execute("select no_such_function()")
+        """,
+    )
+    with pytest.raises(ProgrammingError, match="no_such_function"):
+        migrate.upgrade(pooled)
+    engine = create_db_engine(url)
+    assert "half_done" not in inspect(engine).get_table_names()
+    assert "priority" not in {c["name"] for c in inspect(engine).get_columns("tasks")}
+    engine.dispose()
+    assert migrate.current_revision(pooled) == "0001"

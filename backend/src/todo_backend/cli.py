@@ -53,6 +53,13 @@ __all__ = [
     "main",
     "redact",
     "resolve_settings",
+    "run_add",
+    "run_check",
+    "run_delete",
+    "run_demo",
+    "run_done",
+    "run_init",
+    "run_list",
 ]
 
 PROG: Final = "todo-db"
@@ -225,7 +232,7 @@ def _note(message: str) -> None:
 def _fail(code: ExitCode, *lines: str) -> int:
     for line in lines:
         # One line per error, whatever the message holds.
-        flat = " ".join(line.split("\n"))
+        flat = " ".join(line.splitlines())
         print(f"{PROG}: error: {redact(flat)}", file=sys.stderr)
     return code
 
@@ -489,22 +496,22 @@ Handler = Callable[[argparse.Namespace, Engine], int]
 class Command:
     """One subcommand: its name, one-line help, arguments and handler.
 
-    ``ensure_schema`` creates the tasks table before the handler runs when it is
-    missing; commands that manage the schema themselves (or must not touch it) say
-    False. The handler gets the parsed arguments and an engine the caller disposes.
+    With ``needs_schema`` the tasks table is created before the handler runs when it
+    is missing; commands that manage the schema themselves (or must not touch it)
+    say False. The handler gets the parsed arguments and an engine the caller disposes.
     """
 
     name: str
     summary: str
     run: Handler
     arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
-    ensure_schema: bool = True
+    needs_schema: bool = True
 
 
 COMMANDS: Final[tuple[Command, ...]] = (
-    Command("demo", "show the package at work with two demo users", run_demo, ensure_schema=False),
-    Command("init", "create the schema if missing (idempotent)", run_init, ensure_schema=False),
-    Command("check", "report on the database connection", run_check, ensure_schema=False),
+    Command("demo", "show the package at work with two demo users", run_demo, needs_schema=False),
+    Command("init", "create the schema if missing (idempotent)", run_init, needs_schema=False),
+    Command("check", "report on the database connection", run_check, needs_schema=False),
     Command("add", "add a task for a user", run_add, _add_arguments),
     Command("list", "list a user's tasks, newest first", run_list, _list_arguments),
     Command("done", "mark a user's task complete", run_done, _done_arguments),
@@ -596,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(command: Command, args: argparse.Namespace) -> int:
     engine = create_db_engine(resolve_settings(args.database_url))
     try:
-        if command.ensure_schema:
+        if command.needs_schema:
             ensure_schema(engine)
         return command.run(args, engine)
     except DBAPIError as err:

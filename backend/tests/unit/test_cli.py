@@ -28,6 +28,7 @@ from tests.cli_runner import (
     run_cli,
     run_json,
 )
+from todo_backend import __version__
 from todo_backend.cli import ExitCode, describe_endpoint, main, redact
 
 UNREACHABLE = f"postgresql://u:{SENTINEL}@127.0.0.1:1/db"  # port 1 refuses at once
@@ -199,7 +200,7 @@ def test_help_documents_every_exit_code(capsys: pytest.CaptureFixture[str]) -> N
 def test_version_and_missing_command(capsys: pytest.CaptureFixture[str]) -> None:
     """`--version` prints the version; no command at all is a usage error."""
     code, out, _ = cli(capsys, "--version")
-    assert (code, out.strip()) == (0, "todo-db 1.0.0")
+    assert (code, out.strip()) == (0, f"todo-db {__version__}")
     code, _, err = cli(capsys)
     assert code == ExitCode.USAGE
     assert "the following arguments are required: COMMAND" in err
@@ -247,8 +248,8 @@ def test_list_table_filters_and_limit(capsys: pytest.CaptureFixture[str]) -> Non
     assert out == "no done tasks for user bob\n"
 
 
-def test_add_and_done_print_one_line_without_json(capsys: pytest.CaptureFixture[str]) -> None:
-    """add and done print the task on one line; a long title is clipped only in tables."""
+def test_add_and_done_print_one_line_or_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """add and done print one line, or the TaskRead object with --json; tables clip titles."""
     title = "x" * 200
     code, out, _ = cli(capsys, "add", "--user", "alice", title)
     assert (code, out) == (0, f"added task 1 for user alice: {title} (pending)\n")
@@ -256,6 +257,19 @@ def test_add_and_done_print_one_line_without_json(capsys: pytest.CaptureFixture[
     assert (code, out) == (0, f"completed task 1 for user alice: {title} (done)\n")
     _, out, _ = cli(capsys, "list", "--user", "alice")
     assert out.splitlines()[1].endswith(" " + "x" * 59 + "…")
+
+    added = cli_json(capsys, "add", "--user", "bob", "with json", "--json")
+    assert set(added) == {
+        "id",
+        "user_id",
+        "title",
+        "description",
+        "complete",
+        "created_at",
+        "updated_at",
+    }
+    assert (added["id"], added["user_id"], added["complete"]) == (2, "bob", False)
+    assert cli_json(capsys, "done", "--user", "bob", "2", "--json")["complete"] is True
 
 
 def test_other_users_cannot_complete_or_delete(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 import pytest
 from sqlalchemy import Engine
@@ -27,6 +29,9 @@ pytestmark = pytest.mark.slow
 THREADS = 40
 USERS = 20  # two threads per user: their writes interleave on the same rows' index
 ROUNDS = 8
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 @dataclass
@@ -76,9 +81,10 @@ class _Worker:
                 self.completed.discard(newest)
             assert self._call("count", repo.count, self.user) >= len(self.kept)
 
-    def _call(self, name: str, method: object, *args: object, **kwargs: object) -> object:
+    def _call(
+        self, name: str, method: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> _R:
         self.calls[name] += 1
-        assert callable(method)
         return method(*args, **kwargs)
 
 

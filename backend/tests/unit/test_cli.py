@@ -403,6 +403,17 @@ def test_check_reports_a_healthy_sqlite_database(capsys: pytest.CaptureFixture[s
     assert report["endpoint"].strip() == "embedded SQLite (todo.db)"
 
 
+def test_check_masks_a_password_given_as_a_query_parameter(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A password in the URL's query string (libpq accepts one) is masked in the report too."""
+    url = f"postgresql://u@127.0.0.1:1/db?password={SENTINEL}"
+    code, out, err = cli(capsys, "check", "--database-url", url)
+    assert code == ExitCode.UNAVAILABLE
+    assert SENTINEL not in out + err
+    assert "database:  postgresql+psycopg2://u@127.0.0.1:1/db?password=***" in out
+
+
 def test_init_is_idempotent(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """init creates the table once; a second run says there is nothing to do."""
     code, out, _ = cli(capsys, "init")

@@ -185,7 +185,12 @@ class TaskRepository:
         now = utc_now()
         params = [self._insert_params(user_id, item, now) for item in items]
         with self.atomic():
-            rows = self._connection().execute(_INSERT, params).mappings().all()
+            try:
+                rows = self._connection().execute(_INSERT, params).mappings().all()
+            except DBAPIError as err:
+                # Like every other method: a connection that cannot be opened, or is lost
+                # mid-batch, is a DatabaseUnavailableError, not a raw driver error.
+                _raise_translated(err, self._session)
         return [_to_task(row) for row in rows]
 
     def get(self, user_id: str, task_id: int) -> Task | None:

@@ -1,6 +1,7 @@
-"""Run the real ``todo-db`` console script in subprocesses, for the CLI tests.
+"""Run ``todo-db`` in-process or as the real console script, for the CLI tests.
 
-``tests/unit/test_cli.py`` (SQLite) and ``tests/integration/test_cli_pg.py``
+``tests/unit/test_cli.py`` (in-process, SQLite), ``tests/integration/test_cli_script.py``
+(the console script on SQLite files) and ``tests/integration/test_cli_pg.py``
 (PostgreSQL) share these helpers. Every run gets an explicit environment without
 ``DATABASE_URL`` or ``DB_*`` variables unless the test sets them, and every run is
 checked for a traceback on stderr: no error path of the tool may show one.
@@ -19,9 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from todo_backend.cli import ExitCode, main
+
 # The console script installed next to the interpreter running the tests.
 TODO_DB = Path(sys.executable).with_name("todo-db")
 SENTINEL = "S3cretSentinel"
+UNREACHABLE = f"postgresql://u:{SENTINEL}@127.0.0.1:1/db"  # port 1 refuses at once
 FALLBACK_NOTE = "no DATABASE_URL set; using the embedded SQLite database ./todo.db"
 
 
@@ -109,3 +115,31 @@ def run_json(*args: str, cwd: Path, env: dict[str, str] | None = None, module: b
 def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
     """Return the ``todo-db: error:`` lines of *result*'s stderr."""
     return [line for line in result.stderr.splitlines() if line.startswith("todo-db: error:")]
+
+
+def use_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make *tmp_path* the working directory, with ``DATABASE_URL=sqlite:///todo.db``.
+
+    Setting DATABASE_URL keeps the fallback note out of stderr in tests about other
+    things; the subprocesses get an environment without it (see :func:`cli_env`).
+    """
+    monkeypatch.chdir(tmp_path)
+    for name in [name for name in os.environ if name.startswith("DB_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///todo.db")
+    return tmp_path
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run ``main(args)`` in-process; return the exit status, stdout and stderr."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], *args: str) -> Any:
+    """Run ``main(args)`` with ``--json`` output; require success and parse stdout."""
+    code, out, err = cli(capsys, *args)
+    assert code == ExitCode.OK, err
+    return json.loads(out)

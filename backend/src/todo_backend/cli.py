@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from enum import IntEnum
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Final, NoReturn
 
 from dotenv import dotenv_values
@@ -36,7 +37,7 @@ from sqlmodel import Session
 
 from todo_backend import __version__
 from todo_backend.config import Settings, load_settings, mask_url
-from todo_backend.db import check_database, create_db_engine, init_db
+from todo_backend.db import check_database, create_db_engine
 from todo_backend.errors import ConfigurationError, DatabaseUnavailableError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskRead, TaskUpdate, validate_user_id
 from todo_backend.repository import MAX_PAGE_SIZE, TaskRepository
@@ -60,6 +61,7 @@ __all__ = [
     "run_done",
     "run_init",
     "run_list",
+    "run_migrate",
 ]
 
 PROG: Final = "todo-db"
@@ -79,6 +81,7 @@ class ExitCode(IntEnum):
     UNAVAILABLE = 4
     INVALID_INPUT = 5
     NOT_FOUND = 6
+    MIGRATION_NEEDED = 7
     OUTPUT_CLOSED = 141
 
 
@@ -90,6 +93,7 @@ _EXIT_MEANINGS: Final = {
     ExitCode.UNAVAILABLE: "database unreachable or unhealthy (run `todo-db check`)",
     ExitCode.INVALID_INPUT: "invalid user id, title or description",
     ExitCode.NOT_FOUND: "no such task for this user (another user's task counts as none)",
+    ExitCode.MIGRATION_NEEDED: "migrate --check: the database is behind or differs from the models",
     ExitCode.OUTPUT_CLOSED: "the reader of the output went away (e.g. `| head`)",
 }
 
@@ -166,15 +170,24 @@ def _database_url_is_set(env_file: str) -> bool:
 
 
 def ensure_schema(engine: Engine) -> bool:
-    """Create the tasks table when it is missing; return whether it was created.
+    """Create the schema when the tasks table is missing; return whether it was created.
 
     Costs one catalogue query when the table exists, so every command can call it
-    and work on a fresh database without a prior ``todo-db init``.
+    and work on a fresh database without a prior ``todo-db init``. A missing schema is
+    created by running the migrations, so a database this tool creates is managed by
+    them from the start and ``todo-db migrate`` later finds it current.
     """
     if inspect(engine).has_table(_TABLE):
         return False
-    init_db(engine)
+    _migrations().upgrade(engine)
     return True
+
+
+def _migrations() -> ModuleType:
+    # Alembic takes about 0.2 s to import: load it only when the schema must change.
+    from todo_backend import migrate  # noqa: PLC0415
+
+    return migrate
 
 
 @contextmanager
@@ -320,6 +333,43 @@ def run_check(_args: argparse.Namespace, engine: Engine) -> int:
     if health.ok:
         return ExitCode.OK
     return _fail(ExitCode.UNAVAILABLE, health.detail)
+
+
+def _migrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; exit 7 if the database is behind the newest revision "
+        "or its schema differs from the models",
+    )
+
+
+def run_migrate(args: argparse.Namespace, engine: Engine) -> int:
+    """Upgrade the schema to the newest revision; with ``--check``, only report.
+
+    The upgrade is one transaction and a no-op on a current database. ``--check``
+    changes nothing and exits :attr:`ExitCode.MIGRATION_NEEDED` when the database is
+    behind, has no migration history, or differs from the models, one problem per
+    line on stderr.
+    """
+    migrate = _migrations()
+    where = redact(mask_url(engine.url))
+    if args.check:
+        result = migrate.check(engine)
+        current, head = result.current or "none", result.head or "none"
+        print(f"database {where}: revision {current}, newest {head}")
+        if result.ok:
+            print("schema: current, and identical to the models")
+            return ExitCode.OK
+        return _fail(ExitCode.MIGRATION_NEEDED, *result.problems)
+    before = migrate.current_revision(engine)
+    migrate.upgrade(engine)
+    after = migrate.current_revision(engine)
+    if before == after:
+        print(f"database {where}: already at revision {after}, nothing to do")
+    else:
+        print(f"database {where}: migrated from {before or 'an empty schema'} to {after}")
+    return ExitCode.OK
 
 
 def describe_endpoint(url: URL) -> str:
@@ -512,6 +562,13 @@ COMMANDS: Final[tuple[Command, ...]] = (
     Command("demo", "show the package at work with two demo users", run_demo, needs_schema=False),
     Command("init", "create the schema if missing (idempotent)", run_init, needs_schema=False),
     Command("check", "report on the database connection", run_check, needs_schema=False),
+    Command(
+        "migrate",
+        "upgrade the schema to the newest revision (--check: report only)",
+        run_migrate,
+        _migrate_arguments,
+        needs_schema=False,
+    ),
     Command("add", "add a task for a user", run_add, _add_arguments),
     Command("list", "list a user's tasks, newest first", run_list, _list_arguments),
     Command("done", "mark a user's task complete", run_done, _done_arguments),

@@ -1,8 +1,10 @@
 """PostgreSQL fixtures: scratch databases on the server named by TEST_DATABASE_URL.
 
-Each test module gets its own database, created on entry and dropped on exit. Every
-test here is marked ``postgres``. Without a reachable server the tests skip locally,
-but with ``CI=true`` they fail: a skipped integration run must never look green.
+Each test module gets its own database, created on entry and dropped on exit. Tests
+that need the server are marked ``postgres``; the console-script tests on SQLite
+files (test_cli_script.py) live here because they are slow, not because they need
+it. Without a reachable server the tests skip locally, but with ``CI=true`` they
+fail: a skipped integration run must never look green.
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ __all__ = ["pg_cluster", "pg_template", "pgbouncer", "server_account"]
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
+# A test that uses any of these needs a PostgreSQL server or its binaries.
+_SERVER_FIXTURES = frozenset({"admin_url", "pg_cluster", "pg_template", "pgbouncer"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test of this folder as needing PostgreSQL."""
+    """Mark the tests of this folder that need PostgreSQL (directly or via a fixture)."""
     for item in items:
-        if "integration" in item.path.parts:
+        needs = _SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if "integration" in item.path.parts and needs:
             item.add_marker(pytest.mark.postgres)
 
 

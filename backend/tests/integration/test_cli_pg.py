@@ -19,7 +19,8 @@ def _env(url: URL) -> dict[str, str]:
 
 def _drop_tasks(engine: Engine) -> None:
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS tasks"))
+        # A fresh database: no table and no migration history either.
+        conn.execute(text("DROP TABLE IF EXISTS tasks, alembic_version"))
 
 
 def test_init_creates_the_schema_once(

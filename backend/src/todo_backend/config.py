@@ -9,6 +9,7 @@ with its password: not in a repr, not in an error.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -24,6 +25,7 @@ __all__ = ["Settings", "load_settings", "mask_url", "normalize_database_url"]
 _POSTGRES_DRIVER: Final = "postgresql+psycopg2"
 _POSTGRES_SCHEMES: Final = frozenset({"postgres", "postgresql", "postgresql+psycopg2"})
 _SQLITE_SCHEMES: Final = frozenset({"sqlite", "sqlite+pysqlite"})
+_QUERY_PASSWORD: Final = re.compile(r"(?P<key>[?&]password=)[^&]*")
 _URL_HINT: Final = (
     "expected postgresql://USER:PASSWORD@HOST/DBNAME?sslmode=require "
     "or sqlite:///PATH (see .env.example)"
@@ -67,7 +69,9 @@ def mask_url(url: URL | str) -> str:
             url = make_url(url)
         except ArgumentError:
             return "<unparseable URL>"
-    return url.render_as_string(hide_password=True)
+    rendered = url.render_as_string(hide_password=True)
+    # libpq also takes the password as a query parameter (?password=...).
+    return _QUERY_PASSWORD.sub(r"\g<key>***", rendered) if "password" in url.query else rendered
 
 
 @dataclass(frozen=True, slots=True)

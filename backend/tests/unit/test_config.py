@@ -187,4 +187,9 @@ def test_repr_and_masked_url_hide_the_password() -> None:
 def test_mask_url_handles_strings_and_garbage() -> None:
     """mask_url masks a URL string and does not echo an unparseable one."""
     assert SECRET not in mask_url(f"postgresql://u:{SECRET}@h/db")
+    assert mask_url(f"postgresql://u@h/db?password={SECRET}&sslmode=require") == (
+        "postgresql://u@h/db?password=***&sslmode=require"
+    )
+    query_password = Settings(database_url=f"postgresql://u@h/db?password={SECRET}")
+    assert SECRET not in repr(query_password)
     assert mask_url(f"::{SECRET}::") == "<unparseable URL>"

@@ -224,7 +224,7 @@ def _apply(repo: TaskRepository, model: _Model, user: str, op: _Op) -> None:
 
 
 @settings(
-    max_examples=60,
+    max_examples=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
@@ -256,7 +256,7 @@ _any_title = st.one_of(
 )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(title=_any_title)
 def test_any_title_is_refused_or_read_back_stripped(module_engine: Engine, title: str) -> None:
     """Any text as a title is either a ValidationError or stored and read back stripped."""

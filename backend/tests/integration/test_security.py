@@ -195,14 +195,36 @@ def test_configuration_errors_never_show_the_password(url: str) -> None:
     assert _leaks(_exception_texts(raised.value)) == []
 
 
+def _query_password_settings() -> Settings:
+    return Settings(
+        database_url=f"postgresql://u@{LOOPBACK}:{free_port()}/app?password={quote_plus(SENTINEL)}"
+    )
+
+
+def test_password_given_as_a_query_parameter_is_masked() -> None:
+    """A password in the URL's query string (libpq accepts it) is masked in reports too."""
+    settings = _query_password_settings()
+    engine = create_db_engine(settings)
+    try:
+        health = check_database(engine)
+        with pytest.raises(DatabaseUnavailableError) as raised:
+            wait_for_database(engine, attempts=1)
+    finally:
+        engine.dispose()
+    assert health.ok is False
+    texts = [repr(settings), settings.masked_url, repr(health), health.detail]
+    assert _leaks(texts + _exception_texts(raised.value)) == []
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="known gap in config.mask_url (reported): a password passed as a ?password= "
-    "query parameter, which libpq accepts, is not masked",
+    reason="known gap (reported): SQLAlchemy's Engine repr masks only the URL's password "
+    "field, so a ?password= query parameter shows in repr(engine)",
 )
-def test_password_given_as_a_query_parameter_is_masked() -> None:
-    """A password in the URL's query string is masked like one in the authority part."""
-    settings = Settings(
-        database_url=f"postgresql://u@{LOOPBACK}/app?password={quote_plus(SENTINEL)}"
-    )
-    assert _leaks([repr(settings), settings.masked_url]) == []
+def test_engine_repr_masks_a_query_parameter_password() -> None:
+    """The engine's repr, printed in tracebacks and test reports, hides a query password."""
+    engine = create_db_engine(_query_password_settings())
+    try:
+        assert _leaks([repr(engine), str(engine.url)]) == []
+    finally:
+        engine.dispose()

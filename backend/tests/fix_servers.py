@@ -312,6 +312,8 @@ class PgCluster:
 
     def is_running(self) -> bool:
         """Tell whether a postmaster runs for this data directory."""
+        if not self.datadir.is_dir():
+            return False
         try:
             self.run_as.run(
                 [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "status"], cwd=self.base
@@ -332,7 +334,7 @@ class PgCluster:
         return self.logfile.read_text(errors="replace")
 
     def destroy(self) -> None:
-        """Dispose engines, stop the server if it runs, delete every file."""
+        """Dispose engines, stop the server if it runs, delete every file; idempotent."""
         for engine in self._engines:
             engine.dispose()
         self._engines.clear()

@@ -1,0 +1,281 @@
+"""One network round trip per repository call, seen on the wire to PostgreSQL.
+
+A small proxy on loopback sits between the package's engine and the server. It reads
+the PostgreSQL protocol the client sends, records the SQL of every query message,
+and counts round trips: a client-to-server burst after the server has spoken. A
+hidden ``BEGIN``, ``COMMIT``, ``ROLLBACK`` or ``SET`` shows up as an extra query and
+an extra round trip, so these tests fail the day a call starts costing two.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pytest
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import URL
+
+from todo_backend.db import create_db_engine, get_session, is_local_host
+from todo_backend.models import Task, TaskCreate, TaskUpdate
+from todo_backend.repository import TaskRepository
+
+ALICE = "alice"
+_PROTOCOL_3: int = 196608  # the StartupMessage's protocol version; earlier ones are requests
+
+
+@dataclass
+class Recording:
+    """What the client sent while recording: query texts and round trips."""
+
+    queries: list[str] = field(default_factory=list)
+    round_trips: int = 0
+
+
+class _ClientMessages:
+    """Splits one connection's client-to-server bytes into protocol messages."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._started = False
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        """Add *data*; return the complete (type, payload) messages it finished."""
+        buf = self._buffer
+        buf += data
+        done: list[tuple[bytes, bytes]] = []
+        while True:
+            if not self._started:  # untyped: SSL/GSS requests, then the startup message
+                if len(buf) < 8 or len(buf) < int.from_bytes(buf[:4], "big"):
+                    return done
+                size = int.from_bytes(buf[:4], "big")
+                self._started = int.from_bytes(buf[4:8], "big") == _PROTOCOL_3
+                del buf[:size]
+                continue
+            if len(buf) < 5 or len(buf) < 1 + int.from_bytes(buf[1:5], "big"):
+                return done
+            size = 1 + int.from_bytes(buf[1:5], "big")
+            done.append((bytes(buf[:1]), bytes(buf[5:size])))
+            del buf[:size]
+
+
+class Wire:
+    """A counting TCP proxy on loopback in front of one PostgreSQL server."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self._upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._recording: Recording | None = None
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @contextmanager
+    def recording(self) -> Iterator[Recording]:
+        """Record what every connection sends inside the block."""
+        seen = Recording()
+        with self._lock:
+            self._recording = seen
+        try:
+            yield seen
+        finally:
+            with self._lock:
+                self._recording = None
+
+    def close(self) -> None:
+        """Stop accepting connections."""
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._upstream)
+            for sock in (client, server):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            spoke = [True]  # has the server answered since the client's last burst?
+            messages = _ClientMessages()
+            threading.Thread(
+                target=self._pump, args=(client, server, spoke, messages), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(server, client, spoke, None), daemon=True
+            ).start()
+
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        spoke: list[bool],
+        messages: _ClientMessages | None,
+    ) -> None:
+        while True:
+            try:
+                data = src.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                dst.close()
+                return
+            if messages is None:
+                spoke[0] = True
+            else:
+                # Recorded before forwarding: the call cannot return before this ran.
+                self._record(data, spoke, messages)
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def _record(self, data: bytes, spoke: list[bool], messages: _ClientMessages) -> None:
+        parsed = messages.feed(data)
+        with self._lock:
+            seen = self._recording
+            if seen is None:
+                spoke[0] = False
+                return
+            if spoke[0]:
+                seen.round_trips += 1
+            spoke[0] = False
+            for kind, payload in parsed:
+                if kind == b"Q":
+                    seen.queries.append(payload.rstrip(b"\0").decode())
+                elif kind not in (b"X",):  # X: terminate, sent when a connection closes
+                    seen.queries.append(f"<protocol message {kind!r}>")
+
+
+@pytest.fixture(scope="module")
+def wire(scratch_url: URL) -> Iterator[Wire]:
+    """A counting proxy in front of the module's scratch database's server."""
+    if not is_local_host(scratch_url) or not scratch_url.host:
+        pytest.skip("the wire is read on loopback only: TEST_DATABASE_URL is not a local server")
+    proxy = Wire((scratch_url.host, scratch_url.port or 5432))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def wired_engine(engine: Engine, wire: Wire, scratch_url: URL) -> Iterator[Engine]:
+    """The package's engine on the scratch database, reached through the proxy."""
+    url = scratch_url.set(
+        host="127.0.0.1",
+        port=wire.port,
+        # Plain text so the proxy can read it; loopback only.
+        query={"sslmode": "disable", "gssencmode": "disable"},
+    )
+    wired = create_db_engine(url.render_as_string(hide_password=False))
+    yield wired
+    wired.dispose()
+
+
+@pytest.fixture
+def wired_repo(wired_engine: Engine) -> Iterator[TaskRepository]:
+    """A repository on a session of the proxied engine, its connection already open."""
+    sessions = get_session(wired_engine)
+    repo = TaskRepository(next(sessions))
+    repo.count(ALICE)  # connect (startup messages) before anything is recorded
+    yield repo
+    sessions.close()
+
+
+_SINGLE_CALLS: dict[str, tuple[str, Callable[[TaskRepository, Task], object]]] = {
+    "create": ("INSERT", lambda r, t: r.create(ALICE, TaskCreate(title="new"))),
+    "get": ("SELECT", lambda r, t: r.get(ALICE, t.id or 0)),
+    "list": ("SELECT", lambda r, t: r.list(ALICE, limit=50)),
+    "list page": ("SELECT", lambda r, t: r.list(ALICE, complete=False, before_id=(t.id or 0) + 1)),
+    "update": ("UPDATE", lambda r, t: r.update(ALICE, t.id or 0, TaskUpdate(complete=True))),
+    "delete": ("DELETE", lambda r, t: r.delete(ALICE, t.id or 0)),
+    "count": ("SELECT", lambda r, t: r.count(ALICE, complete=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(_SINGLE_CALLS))
+def test_single_task_call_is_one_query_and_one_round_trip(
+    name: str, wired_repo: TaskRepository, wire: Wire
+) -> None:
+    """Each single-task method sends exactly one query, its own, in one round trip."""
+    verb, call = _SINGLE_CALLS[name]
+    task = wired_repo.create(ALICE, TaskCreate(title="seed"))
+    with wire.recording() as seen:
+        call(wired_repo, task)
+    assert len(seen.queries) == 1, seen.queries
+    assert seen.queries[0].startswith(verb), seen.queries
+    assert seen.round_trips == 1
+
+
+def test_calls_repeat_at_one_round_trip_each(wired_repo: TaskRepository, wire: Wire) -> None:
+    """A warm connection stays at one round trip per call, call after call."""
+    task = wired_repo.create(ALICE, TaskCreate(title="seed"))
+    with wire.recording() as seen:
+        for _ in range(5):
+            wired_repo.get(ALICE, task.id or 0)
+            wired_repo.update(ALICE, task.id or 0, TaskUpdate(title="again"))
+    assert seen.round_trips == 10
+    assert [q.split()[0] for q in seen.queries] == ["SELECT", "UPDATE"] * 5
+
+
+def test_a_fresh_session_per_call_costs_one_round_trip(wired_engine: Engine, wire: Wire) -> None:
+    """A call on a new session, as one API request makes it, still costs one round trip."""
+    for session in get_session(wired_engine):
+        TaskRepository(session).count(ALICE)  # open the pooled connection
+    with wire.recording() as seen:
+        for session in get_session(wired_engine):
+            TaskRepository(session).list(ALICE)
+    assert seen.round_trips == 1
+    assert len(seen.queries) == 1
+
+
+def test_create_many_is_one_transaction_of_batched_inserts(
+    wired_repo: TaskRepository, wired_engine: Engine, wire: Wire
+) -> None:
+    """create_many sends BEGIN, one INSERT per batch and COMMIT: nothing else."""
+    page = wired_engine.dialect.insertmanyvalues_page_size
+    with wire.recording() as seen:
+        created = wired_repo.create_many(
+            ALICE, [TaskCreate(title=f"t{i}") for i in range(page + 1)]
+        )
+    assert len(created) == page + 1
+    assert [q.split()[0] for q in seen.queries] == ["BEGIN", "INSERT", "INSERT", "COMMIT"]
+    assert seen.round_trips == 4
+
+
+def test_atomic_block_adds_only_begin_and_commit(wired_repo: TaskRepository, wire: Wire) -> None:
+    """An atomic block costs its statements plus BEGIN and COMMIT, one round trip each."""
+    task = wired_repo.create(ALICE, TaskCreate(title="seed"))
+    with wire.recording() as seen, wired_repo.atomic():
+        wired_repo.update(ALICE, task.id or 0, TaskUpdate(title="renamed"))
+        wired_repo.create(ALICE, TaskCreate(title="second"))
+    assert [q.split()[0] for q in seen.queries] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
+    assert seen.round_trips == 4
+
+
+def test_single_calls_run_in_driver_autocommit(engine: Engine) -> None:
+    """Every single call executes with psycopg2 in autocommit and leaves no transaction open."""
+    repo = TaskRepository(next(get_session(engine)))
+    task = repo.create(ALICE, TaskCreate(title="seed"))
+    modes: list[bool] = []
+
+    def record(conn: object, cursor: object, *_args: object) -> None:
+        modes.append(bool(cursor.connection.autocommit))  # type: ignore[attr-defined]
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        repo.get(ALICE, task.id or 0)
+        repo.list(ALICE)
+        repo.update(ALICE, task.id or 0, TaskUpdate(complete=True))
+        repo.count(ALICE)
+        repo.delete(ALICE, task.id or 0)
+        repo.create(ALICE, TaskCreate(title="last"))
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert modes == [True] * 6
+    with engine.connect() as conn:
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        assert dbapi.autocommit is False  # the pool's connections rest in normal mode
+        assert dbapi.info.transaction_status == 0  # TRANSACTION_STATUS_IDLE

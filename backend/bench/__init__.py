@@ -1,0 +1,1 @@
+"""Benchmarks of the data layer: ``python backend/bench/run.py`` (``nox -s bench``)."""

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, event, text
@@ -27,8 +26,6 @@ from todo_backend.db import wait_for_database as wait_for_database_
 from todo_backend.errors import DatabaseUnavailableError
 from todo_backend.models import Task, TaskCreate, TaskUpdate
 from todo_backend.repository import TaskRepository
-
-pytestmark = pytest.mark.slow
 
 ALICE = "alice"
 BOB = "bob"
@@ -322,6 +319,7 @@ def test_read_lost_in_flight_is_retried_on_a_new_connection(
 # -- a throwaway cluster restarted -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_calls_after_a_restart_succeed_and_keep_every_commit(pg_cluster: ClusterFactory) -> None:
     """After ``pg_ctl restart -m fast`` every method works and every earlier commit is there."""
     cluster = pg_cluster()
@@ -381,6 +379,7 @@ class _Writer:
                 self.acknowledged[task.id or 0] = title
 
 
+@pytest.mark.slow
 def test_restart_mid_workload_loses_no_acknowledged_write(pg_cluster: ClusterFactory) -> None:
     """Writers running through a restart only see DatabaseUnavailableError, and lose nothing."""
     cluster = pg_cluster()
@@ -427,17 +426,25 @@ def test_restart_mid_workload_loses_no_acknowledged_write(pg_cluster: ClusterFac
 # -- startup with the server down --------------------------------------------------------
 
 
+class _RecordingClock:
+    """The time module as todo_backend.db sees it, with sleep() recorded."""
+
+    def __init__(self, recorded: list[float]) -> None:
+        self._recorded = recorded
+
+    def sleep(self, seconds: float) -> None:
+        self._recorded.append(seconds)
+        time.sleep(seconds)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The delays wait_for_database sleeps between attempts (it still really sleeps)."""
     recorded: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        recorded.append(seconds)
-        time.sleep(seconds)
-
-    fake_time = SimpleNamespace(perf_counter=time.perf_counter, sleep=sleep)
-    monkeypatch.setattr("todo_backend.db.time", fake_time)
+    monkeypatch.setattr("todo_backend.db.time", _RecordingClock(recorded))
     return recorded
 
 
@@ -470,6 +477,7 @@ def test_wait_for_database_gives_up_after_its_attempts(
     assert f"127.0.0.1:{port}" in message
 
 
+@pytest.mark.slow
 def test_wait_for_database_succeeds_when_the_server_comes_up_during_the_wait(
     pg_cluster: ClusterFactory, caplog: pytest.LogCaptureFixture, sleeps: list[float]
 ) -> None:

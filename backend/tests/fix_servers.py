@@ -590,4 +590,4 @@ def _wait_until(
             except OSError:
                 tail = "(no log)"
             raise RuntimeError(f"{what} did not come up:\n{tail}")
-        time.sleep(0.02)
+        time.sleep(0.005)

@@ -47,9 +47,17 @@ def normalize_database_url(raw: str) -> URL:
         )
     try:
         url = make_url(text)
-    except ArgumentError:
-        # The parser's own message repeats the input, password included.
+    except (ArgumentError, ValueError):
+        # The parser's own message repeats the input, password included. (A port that
+        # is not a number surfaces as a bare ValueError.)
         raise ConfigurationError(f"DATABASE_URL is not a valid URL: {_URL_HINT}") from None
+    if "password" in url.query:
+        # libpq also takes ?password=; move it where SQLAlchemy knows to mask it in
+        # every repr of the URL and the engine.
+        password = url.query["password"]
+        url = url.difference_update_query(["password"]).set(
+            password=password if isinstance(password, str) else password[-1]
+        )
     scheme = url.drivername.lower()
     if scheme in _POSTGRES_SCHEMES:
         if not url.host and "host" not in url.query:

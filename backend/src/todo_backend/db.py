@@ -40,6 +40,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+# The longest single wait of wait_for_database: a Neon cold start takes a few seconds.
+MAX_BACKOFF_SECONDS: Final = 10.0
 # Neon suspends an idle compute after 300 s and closes its connections; recycle first.
 POOL_RECYCLE_SECONDS: Final = 280
 _KEEPALIVES: Final = {
@@ -258,8 +260,9 @@ _PG_HEALTH: Final = text(
 def wait_for_database(engine: Engine, *, attempts: int = 5, base_delay: float = 0.5) -> None:
     """Block until *engine* can run a query, retrying with exponential backoff.
 
-    Waits ``base_delay * 2**n`` seconds (with full jitter) between attempts, which
-    rides out a Neon compute waking from suspend. After *attempts* failures raises
+    Waits up to ``base_delay * 2**n`` seconds (full jitter, at most
+    ``MAX_BACKOFF_SECONDS``) between attempts, which rides out a Neon compute waking
+    from suspend. After *attempts* failures raises
     :class:`DatabaseUnavailableError` naming the host and port, never the password.
     """
     if attempts < 1:
@@ -272,7 +275,8 @@ def wait_for_database(engine: Engine, *, attempts: int = 5, base_delay: float = 
         last = health.detail
         logger.warning("database not ready (attempt %d of %d): %s", attempt + 1, attempts, last)
         if attempt + 1 < attempts:
-            time.sleep(random.uniform(0, base_delay * 2**attempt))  # noqa: S311 - jitter
+            delay = min(base_delay * 2**attempt, MAX_BACKOFF_SECONDS)
+            time.sleep(random.uniform(0, delay))  # noqa: S311 - jitter, not a secret
     raise DatabaseUnavailableError(f"database unavailable after {attempts} attempts: {last}")
 
 

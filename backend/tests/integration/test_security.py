@@ -216,11 +216,6 @@ def test_password_given_as_a_query_parameter_is_masked() -> None:
     assert _leaks(texts + _exception_texts(raised.value)) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (reported): SQLAlchemy's Engine repr masks only the URL's password "
-    "field, so a ?password= query parameter shows in repr(engine)",
-)
 def test_engine_repr_masks_a_query_parameter_password() -> None:
     """The engine's repr, printed in tracebacks and test reports, hides a query password."""
     engine = create_db_engine(_query_password_settings())

@@ -132,6 +132,7 @@ def test_urls_are_normalised_to_shipped_drivers(raw: str, normalised: str) -> No
         f"not a url {SECRET}",
         f"://u:{SECRET}@",
         f"postgresql://u:{SECRET}@/db",
+        f"postgresql://u:{SECRET}@h:notaport/db",
     ],
 )
 def test_bad_urls_are_configuration_errors_without_the_password(raw: str) -> None:
@@ -190,6 +191,8 @@ def test_mask_url_handles_strings_and_garbage() -> None:
     assert mask_url(f"postgresql://u@h/db?password={SECRET}&sslmode=require") == (
         "postgresql://u@h/db?password=***&sslmode=require"
     )
-    query_password = Settings(database_url=f"postgresql://u@h/db?password={SECRET}")
+    query_password = Settings(database_url=f"postgresql://u@h/db?password={SECRET}&x=1")
     assert SECRET not in repr(query_password)
+    assert query_password.url.password == SECRET
+    assert query_password.url.query == {"x": "1"}
     assert mask_url(f"::{SECRET}::") == "<unparseable URL>"

@@ -11,6 +11,7 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 from todo_backend.config import Settings
 from todo_backend.db import (
+    MAX_BACKOFF_SECONDS,
     POOL_RECYCLE_SECONDS,
     check_database,
     create_db_engine,
@@ -215,3 +216,19 @@ def test_unreachable_postgres_health_names_host_not_password() -> None:
         assert "127.0.0.1:1" in str(info.value)
     finally:
         engine.dispose()
+
+
+def test_wait_for_database_backoff_is_capped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backoff doubles per attempt but no single wait exceeds MAX_BACKOFF_SECONDS."""
+    sleeps: list[float] = []
+    monkeypatch.setattr("todo_backend.db.time.sleep", sleeps.append)
+    monkeypatch.setattr("todo_backend.db.random.uniform", lambda _low, high: high)
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+    try:
+        with pytest.raises(DatabaseUnavailableError):
+            wait_for_database(engine, attempts=6, base_delay=1.0)
+    finally:
+        engine.dispose()
+    assert sleeps == [1.0, 2.0, 4.0, 8.0, MAX_BACKOFF_SECONDS]

@@ -271,7 +271,8 @@ def run_bulk(
     """Time create_many(rows) against execute_values doing the same work.
 
     Equal work: the same rows, every column returned (the repository returns full
-    tasks), the same batch size as SQLAlchemy's insertmanyvalues, one transaction.
+    tasks), the same batch size (the engine's insertmanyvalues page size, which the
+    repository batches by), all batches in one transaction.
     """
     items = [TaskCreate(title=f"bulk task {i}", complete=i % 2 == 0) for i in range(rows)]
     page = engine.dialect.insertmanyvalues_page_size
@@ -655,9 +656,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"## create_many({bulk['rows']:,}) vs execute_values",
         "",
         "Equal work: the same rows, every column returned (`RETURNING` all seven, as the "
-        f"repository returns full tasks), batches of {bulk['page_size']} rows (SQLAlchemy's "
-        "insertmanyvalues page size), one transaction committed at the end. The repository "
-        "also orders the returned rows by input position and builds Task objects.",
+        f"repository returns full tasks), batches of {bulk['page_size']} rows (the engine's "
+        "insertmanyvalues page size), all batches in one transaction committed at the end. "
+        "A repository batch is one `INSERT ... SELECT FROM unnest(...)` with three array "
+        "parameters; an execute_values batch is a multi-row `VALUES` list. The repository "
+        "also sorts each batch's rows back into input order and builds Task objects.",
         "",
         "| link | create_many | execute_values | ratio | target | result | round trips |",
         "|---|---:|---:|---:|---:|---|---|",

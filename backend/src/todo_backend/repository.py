@@ -18,13 +18,18 @@ from __future__ import annotations
 import builtins
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from operator import itemgetter
 from typing import Any, Final, NoReturn, TypeVar
 
 from sqlalchemy import (
+    ARRAY,
+    Boolean,
     CursorResult,
     Engine,
     Executable,
+    Row,
     Select,
+    String,
     Update,
     bindparam,
     delete,
@@ -58,6 +63,38 @@ _OWNED = (_c.user_id == bindparam("owner"), _c.id == bindparam("task_id"))
 
 _INSERT: Final = insert(_table).returning(*_ALL_COLUMNS, sort_by_parameter_order=True)
 _GET: Final = select(*_ALL_COLUMNS).where(*_OWNED)
+
+# create_many on PostgreSQL: one statement per batch, fed by three arrays, instead of
+# six parameters per row. unnest yields the rows in input order and ORDER BY n keeps
+# that order, so the ids the sequence hands out follow the input: sorting a batch's
+# RETURNING rows by id restores it (the guarantee SQLAlchemy's insertmanyvalues relies
+# on for sort_by_parameter_order). Unsized VARCHAR[] so that an over-long value fails
+# on the column instead of being truncated by the cast.
+_BATCH = (
+    func.unnest(
+        bindparam("titles", type_=ARRAY(String())),
+        bindparam("descriptions", type_=ARRAY(String())),
+        bindparam("completes", type_=ARRAY(Boolean())),
+    )
+    .table_valued("title", "description", "complete", with_ordinality="n")
+    .render_derived()
+)
+_NOW = bindparam("now", type_=_c.created_at.type)
+_INSERT_BATCH: Final = (
+    insert(_table)
+    .from_select(
+        ["user_id", "title", "description", "complete", "created_at", "updated_at"],
+        select(
+            bindparam("owner", type_=_c.user_id.type),
+            _BATCH.c.title,
+            _BATCH.c.description,
+            _BATCH.c.complete,
+            _NOW,
+            _NOW,
+        ).order_by(_BATCH.c.n),
+    )
+    .returning(*_ALL_COLUMNS)
+)
 _DELETE: Final = delete(_table).where(*_OWNED)
 
 
@@ -108,6 +145,7 @@ _mapper = sa_inspect(Task)
 _manager = _mapper.class_manager
 _identity_key = _mapper.identity_key_from_primary_key
 _STATE_ATTR: Final = _manager.STATE_ATTR
+_first = itemgetter(0)
 _object_new = object.__new__
 _set_slot = object.__setattr__
 
@@ -141,6 +179,10 @@ def _one_task(result: CursorResult[Any]) -> Task | None:
 
 def _new_row(result: CursorResult[Any]) -> Task:
     return _to_task(result.one())  # INSERT ... RETURNING returns exactly the new row
+
+
+def _rows_by_id(result: CursorResult[Any]) -> builtins.list[Row[Any]]:
+    return sorted(result.all(), key=_first)
 
 
 def _count(result: CursorResult[Any]) -> int:
@@ -206,13 +248,19 @@ class TaskRepository:
     def create_many(self, user_id: str, items: Sequence[TaskCreate]) -> builtins.list[Task]:
         """Insert all *items* for *user_id* atomically, in batches; return them in order.
 
-        Uses SQLAlchemy's batched multi-row ``INSERT ... RETURNING`` (insertmanyvalues):
-        a few statements for thousands of rows, all in one transaction.
+        Batches hold the engine's ``insertmanyvalues_page_size`` tasks (1000 by
+        default). On PostgreSQL each batch is one ``INSERT ... SELECT FROM unnest(...)
+        RETURNING`` statement: a single batch is one autocommitted statement and one
+        round trip; more run in one transaction. Elsewhere SQLAlchemy's batched
+        multi-row ``INSERT ... RETURNING`` (insertmanyvalues) runs in a transaction.
         """
         user_id = validate_user_id(user_id)
         if not items:
             return []
         now = utc_now()
+        dialect = self._session.get_bind().dialect
+        if dialect.name == "postgresql":
+            return self._create_batches(user_id, items, now, dialect.insertmanyvalues_page_size)
         params = [_insert_params(user_id, item, now) for item in items]
         with self.atomic():
             try:
@@ -287,6 +335,28 @@ class TaskRepository:
         if complete is not None:
             params["complete"] = complete
         return self._read(_COUNTS[complete is not None], params, _count)
+
+    def _create_batches(
+        self, user_id: str, items: Sequence[TaskCreate], now: Any, size: int
+    ) -> builtins.list[Task]:
+        params = [
+            {
+                "owner": user_id,
+                "now": now,
+                "titles": [item.title for item in batch],
+                "descriptions": [item.description for item in batch],
+                "completes": [item.complete for item in batch],
+            }
+            for batch in (items[start : start + size] for start in range(0, len(items), size))
+        ]
+        if len(params) == 1:
+            rows = self._write(_INSERT_BATCH, params[0], _rows_by_id)
+        else:
+            rows = []
+            with self.atomic():
+                for batch_params in params:
+                    rows += self._write(_INSERT_BATCH, batch_params, _rows_by_id)
+        return [_to_task(row) for row in rows]
 
     # -- execution ---------------------------------------------------------------
 

@@ -230,6 +230,18 @@ def test_a_fresh_session_per_call_costs_one_round_trip(wired_engine: Engine, wir
     assert len(seen.queries) == 1
 
 
+def test_create_many_of_one_batch_is_one_round_trip(
+    wired_repo: TaskRepository, wired_engine: Engine, wire: Wire
+) -> None:
+    """Up to one batch of tasks is a single autocommitted INSERT: one round trip."""
+    page = wired_engine.dialect.insertmanyvalues_page_size
+    with wire.recording() as seen:
+        created = wired_repo.create_many(ALICE, [TaskCreate(title=f"t{i}") for i in range(page)])
+    assert len(created) == page
+    assert [q.split()[0] for q in seen.queries] == ["INSERT"]
+    assert seen.round_trips == 1
+
+
 def test_create_many_is_one_transaction_of_batched_inserts(
     wired_repo: TaskRepository, wired_engine: Engine, wire: Wire
 ) -> None:

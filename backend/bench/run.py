@@ -816,8 +816,8 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     )
     scale = results["scale"]
     d.set_title(
-        f"Newest 50 of one user, direct ({_sizes_label(scale)}: repository {scale['ratio']:.2f}x, "
-        f"raw {scale['raw_ratio']:.2f}x)"
+        f"Newest 50, direct ({_sizes_label(scale)}: "
+        f"repository {scale['ratio']:.2f}x, raw {scale['raw_ratio']:.2f}x)"
     )
     fig.savefig(path, dpi=110)
 

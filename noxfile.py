@@ -116,7 +116,10 @@ def integration(session: nox.Session) -> None:
     """
     install(session, "test")
     session.env.setdefault("TEST_DATABASE_URL", os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES))
-    session.run("pytest", "backend/tests/integration", *session.posargs)
+    # One worker per core, each test module on one worker (it owns a scratch
+    # database): the console-script and cluster tests wait on process start-up.
+    workers = ["-n", "auto", "--dist", "loadfile"]
+    session.run("pytest", *workers, "backend/tests/integration", *session.posargs)
 
 
 @nox.session(default=False)

@@ -33,11 +33,10 @@ from pydantic import ValidationError
 from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlmodel import Session
 
 from todo_backend import __version__
 from todo_backend.config import Settings, load_settings, mask_url
-from todo_backend.db import check_database, create_db_engine
+from todo_backend.db import check_database, create_db_engine, get_session
 from todo_backend.errors import ConfigurationError, DatabaseUnavailableError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskRead, TaskUpdate, validate_user_id
 from todo_backend.repository import MAX_PAGE_SIZE, TaskRepository
@@ -192,8 +191,11 @@ def _migrations() -> ModuleType:
 
 @contextmanager
 def _repository(engine: Engine) -> Iterator[TaskRepository]:
-    with Session(engine, expire_on_commit=False) as session:
-        yield TaskRepository(session)
+    sessions = get_session(engine)  # the package's one session helper
+    try:
+        yield TaskRepository(next(sessions))
+    finally:
+        sessions.close()
 
 
 # -- output ------------------------------------------------------------------------

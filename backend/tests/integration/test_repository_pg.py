@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import Engine, text
+from sqlalchemy import DateTime, Engine, inspect, text
 
 from tests.repository_contract import RepositoryContract
+from todo_backend.db import get_session
 from todo_backend.models import TaskCreate
 from todo_backend.repository import TaskRepository
 
@@ -23,8 +24,6 @@ def test_timestamps_are_utc_whatever_the_session_timezone(engine: Engine) -> Non
         conn.commit()
     engine.dispose()  # new connections pick up the database's TimeZone
     try:
-        from todo_backend.db import get_session
-
         repo = TaskRepository(next(get_session(engine)))
         task = repo.create("alice", TaskCreate(title="tz"))
         with engine.connect() as conn:
@@ -39,3 +38,49 @@ def test_timestamps_are_utc_whatever_the_session_timezone(engine: Engine) -> Non
             conn.execute(text(f'ALTER DATABASE "{database}" RESET timezone'))
             conn.commit()
         engine.dispose()
+
+
+def test_schema_is_as_the_contract_states(engine: Engine) -> None:
+    """Column types, NULL-ability, primary key and the owner indexes are as documented."""
+    inspector = inspect(engine)
+    columns = {c["name"]: c for c in inspector.get_columns("tasks")}
+    described = {name: (str(c["type"]), c["nullable"]) for name, c in columns.items()}
+    assert described == {
+        "id": ("BIGINT", False),
+        "user_id": ("VARCHAR(255)", False),
+        "title": ("VARCHAR(200)", False),
+        "description": ("VARCHAR(1000)", True),
+        "complete": ("BOOLEAN", False),
+        "created_at": ("TIMESTAMP", False),
+        "updated_at": ("TIMESTAMP", False),
+    }
+    for name in ("created_at", "updated_at"):
+        column_type = columns[name]["type"]
+        assert isinstance(column_type, DateTime)
+        assert column_type.timezone, f"{name} must be TIMESTAMP WITH TIME ZONE"
+    assert inspector.get_pk_constraint("tasks")["constrained_columns"] == ["id"]
+    indexes = {ix["name"]: ix["column_names"] for ix in inspector.get_indexes("tasks")}
+    assert indexes == {
+        "ix_tasks_user_id_id": ["user_id", "id"],
+        "ix_tasks_user_id_complete_id": ["user_id", "complete", "id"],
+    }
+
+
+def test_a_users_page_is_read_from_the_index(engine: Engine) -> None:
+    """The newest-first page of one user is an index scan, not a scan of others' rows."""
+    repo = TaskRepository(next(get_session(engine)))
+    for user in ("alice", "bob", "carol"):
+        repo.create_many(user, [TaskCreate(title=f"t{i}") for i in range(300)])
+    with engine.connect() as conn:
+        conn.execute(text("ANALYZE tasks"))
+        plans = [
+            "\n".join(conn.execute(text(f"EXPLAIN {query}"), {"owner": "bob"}).scalars())
+            for query in (
+                "SELECT * FROM tasks WHERE user_id = :owner ORDER BY id DESC LIMIT 50",
+                "SELECT * FROM tasks WHERE user_id = :owner AND complete ORDER BY id DESC LIMIT 50",
+                "SELECT * FROM tasks WHERE user_id = :owner AND id < 500 ORDER BY id DESC LIMIT 50",
+            )
+        ]
+    for plan in plans:
+        assert "Seq Scan" not in plan, plan
+        assert "ix_tasks_user_id" in plan, plan

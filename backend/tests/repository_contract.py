@@ -6,16 +6,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from datetime import UTC, timedelta
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, text
 from sqlmodel import Session
 
 from todo_backend.db import get_session
+from todo_backend.errors import TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskRead, TaskUpdate
 from todo_backend.repository import MAX_PAGE_SIZE, TaskRepository
 
@@ -278,3 +280,120 @@ class RepositoryContract:
         second = TaskRepository(next(get_session(engine)))
         assert second.get(ALICE, task.id or 0) == task
         assert task.created_at.tzinfo is UTC or task.created_at.utcoffset() == timedelta(0)
+
+    def test_an_update_cannot_move_a_task_to_another_owner(self, repo: TaskRepository) -> None:
+        """Fields beyond title, description and complete are refused, whatever the class."""
+
+        class Hijack(TaskUpdate):
+            user_id: str
+
+        task = _new(repo)
+        with pytest.raises(ValueError, match="user_id"):
+            repo.update(ALICE, task.id or 0, Hijack(user_id=BOB, title="mine now"))
+        assert repo.get(ALICE, task.id or 0) == task
+        assert repo.list(BOB) == []
+
+    def test_values_that_skipped_validation_are_refused(self, repo: TaskRepository) -> None:
+        """model_copy(update=...) skips pydantic; the repository validates again before SQL."""
+        sneaky_create = TaskCreate(title="ok").model_copy(update={"title": "bad\x00"})
+        with pytest.raises(ValidationError):
+            repo.create(ALICE, sneaky_create)
+        with pytest.raises(ValidationError):
+            repo.create_many(ALICE, [TaskCreate(title="fine"), sneaky_create])
+        task = _new(repo)
+        sneaky_update = TaskUpdate(title="ok").model_copy(update={"title": " "})
+        with pytest.raises(ValidationError):
+            repo.update(ALICE, task.id or 0, sneaky_update)
+        assert repo.count(ALICE) == 1
+
+    def test_assignment_is_validated(self) -> None:
+        """Changing a field of TaskCreate or TaskUpdate after creation is validated too."""
+        data = TaskCreate(title="ok")
+        with pytest.raises(ValidationError):
+            data.title = "a\nb"
+        patch = TaskUpdate()
+        with pytest.raises(ValidationError):
+            patch.complete = "yes"  # type: ignore[assignment]
+
+    def test_repositories_sharing_a_session_share_the_block(self, session: Session) -> None:
+        """A second repository on the same session joins the first one's atomic block."""
+        first, second = TaskRepository(session), TaskRepository(session)
+
+        def failing_block() -> None:
+            with first.atomic():
+                _new(first, title="one")
+                _new(second, title="two")
+                raise LookupError
+
+        with pytest.raises(LookupError):
+            failing_block()
+        assert first.count(ALICE) == 0
+
+    def test_a_caught_failure_still_rolls_back_the_whole_block(
+        self, repo: TaskRepository, engine: Engine
+    ) -> None:
+        """If a call in an atomic block fails and the caller swallows it, nothing is stored."""
+        done = _new(repo, title="already there")
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+                with contextlib.suppress(Exception), _next_statement_fails(engine):
+                    repo.update(ALICE, done.id or 0, TaskUpdate(title="second"))
+                _new(repo, title="third")
+
+        with pytest.raises(TodoBackendError, match="rolled back"):
+            block()
+        assert [t.title for t in repo.list(ALICE)] == ["already there"]
+
+    def test_reads_leave_the_callers_transaction_open(
+        self, repo: TaskRepository, session: Session
+    ) -> None:
+        """A read inside the caller's transaction neither commits nor ends it."""
+        task = _new(repo)
+        session.execute(text("SELECT 1"))
+        assert session.in_transaction()
+        assert repo.get(ALICE, task.id or 0) == task
+        assert repo.count(ALICE) == 1
+        assert session.in_transaction()
+        session.rollback()
+
+    def test_count_checks_its_filter_type(self, repo: TaskRepository) -> None:
+        """count(complete=...) takes a bool or None, like list()."""
+        with pytest.raises(TypeError, match="complete"):
+            repo.count(ALICE, complete="yes")  # type: ignore[arg-type]
+
+    def test_session_bound_to_a_connection_in_a_transaction(self, engine: Engine) -> None:
+        """A session on a Connection that already began a transaction works (test fixtures)."""
+        with engine.connect() as conn:
+            outer = conn.begin()
+            with Session(
+                bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
+            ) as session:
+                repo = TaskRepository(session)
+                task = _new(repo)
+                assert repo.get(ALICE, task.id or 0) == task
+                with repo.atomic():
+                    _new(repo, title="inside")
+                assert repo.count(ALICE) == 2
+            outer.rollback()
+
+
+@contextlib.contextmanager
+def _next_statement_fails(engine: Engine) -> Iterator[None]:
+    """Make the database refuse the next statement sent on *engine* (a real driver error)."""
+    armed = [True]
+
+    def rewrite(
+        conn: object, cursor: object, statement: str, params: object, *rest: object
+    ) -> tuple[str, object]:
+        if armed[0]:
+            armed[0] = False
+            return "SELECT * FROM no_such_table_here", params
+        return statement, params
+
+    event.listen(engine, "before_cursor_execute", rewrite, retval=True)
+    try:
+        yield
+    finally:
+        event.remove(engine, "before_cursor_execute", rewrite)

@@ -75,7 +75,7 @@ def mask_url(url: URL | str) -> str:
     if isinstance(url, str):
         try:
             url = make_url(url)
-        except ArgumentError:
+        except (ArgumentError, ValueError):
             return "<unparseable URL>"
     rendered = url.render_as_string(hide_password=True)
     # libpq also takes the password as a query parameter (?password=...).

@@ -142,20 +142,21 @@ def _switch_isolation_without_round_trips(engine: Engine) -> None:
 def _create_sqlite_engine(url: URL, settings: Settings) -> Engine:
     in_memory = url.database in (None, "", ":memory:")
     if in_memory:
-        engine = create_engine(
+        return create_engine(
             url,
             poolclass=StaticPool,
             connect_args={"check_same_thread": False},
             echo=settings.echo,
             hide_parameters=True,
         )
-    else:
-        engine = create_engine(
-            url,
-            connect_args={"check_same_thread": False, "timeout": settings.pool_timeout},
-            echo=settings.echo,
-            hide_parameters=True,
-        )
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": settings.pool_timeout},
+        echo=settings.echo,
+        hide_parameters=True,
+    )
+    # SQLite leaves foreign keys off unless every connection asks: a file database
+    # outlives this schema, and tables added later may reference each other.
     event.listen(engine, "connect", _sqlite_on_connect)
     return engine
 
@@ -173,7 +174,8 @@ def _reject_dead_connection(
 ) -> None:
     """Refuse a pooled psycopg2 connection whose server side has gone away.
 
-    An idle PostgreSQL connection never receives unsolicited data, except the FATAL
+    An idle connection of this package receives no unsolicited data (it never LISTENs;
+    asynchronous notices are rare and would only cost a reconnect) except the FATAL
     message and EOF the server sends when it terminates the backend (Neon suspending
     its compute, a restart, pg_terminate_backend). A zero-timeout poll of the socket
     sees that without a round trip; raising DisconnectionError makes the pool open a
@@ -190,8 +192,9 @@ def _reject_dead_connection(
 def init_db(engine: Engine) -> None:
     """Create the ``tasks`` table and its indexes when missing; never drops or alters data.
 
-    Meant for tests, the demo and fresh embedded databases. A deployed database is
-    moved forward with migrations (``todo-db migrate``) instead.
+    Meant for tests and throwaway databases. A database that keeps data is created
+    and moved forward with migrations (``todo-db migrate``; the CLI's own commands
+    create a missing schema that way too).
     """
     SQLModel.metadata.create_all(engine, tables=[Task.__table__])  # type: ignore[attr-defined]
 

@@ -5,7 +5,11 @@ catch the whole family at once::
 
     TodoBackendError
     ├── ConfigurationError        settings are missing or malformed; fix the environment
-    └── DatabaseUnavailableError  the database cannot be reached; check the URL, TLS, network
+    ├── DatabaseUnavailableError  the database cannot be reached; check the URL, TLS, network
+    └── migrate.MigrationError    a migration cannot run as asked; nothing was changed
+
+A failed call inside ``TaskRepository.atomic()`` makes the block raise
+``TodoBackendError`` itself at its end (the whole block was rolled back).
 
 Invalid task data is reported with :class:`pydantic.ValidationError`, raised before
 any SQL is sent. Messages never contain a password.

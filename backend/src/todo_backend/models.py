@@ -2,8 +2,11 @@
 
 Field rules live once, as annotated types, and are shared by the table model and the
 ``TaskCreate`` / ``TaskUpdate`` / ``TaskRead`` schemas. Every rule is enforced by
-pydantic before any SQL is sent; PostgreSQL and SQLite enforce the same limits again
-with CHECK constraints, so even raw SQL cannot store an empty or over-long field.
+pydantic before any SQL is sent (the repository validates its input again, so neither
+a subclass nor ``model_copy(update=...)`` slips past). CHECK constraints keep even raw
+SQL from storing an empty title or user_id, and bound the lengths; PostgreSQL's
+VARCHAR limits bound the raw lengths too, while on SQLite the title check bounds the
+trimmed length.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pydantic import (
 )
 from sqlalchemy import BigInteger, CheckConstraint, Index, Integer
 from sqlmodel import Field, SQLModel
-from sqlmodel._compat import finish_init
+from sqlmodel._compat import SQLModelConfig, finish_init
 
 __all__ = [
     "DESCRIPTION_MAX_LENGTH",
@@ -140,9 +143,14 @@ def _user_id_field() -> Any:
     return Field(max_length=USER_ID_MAX_LENGTH)
 
 
+# Assignments are validated too: `task_create.title = "\x00"` raises like the constructor.
+_CHECK_ASSIGNMENTS: Final = SQLModelConfig(validate_assignment=True)
+
+
 class TaskContent(SQLModel):
     """The fields a user writes: title, description and completion state."""
 
+    model_config = _CHECK_ASSIGNMENTS
     title: Title = _title_field()
     description: Description = _description_field()
     complete: StrictBool = False
@@ -215,6 +223,7 @@ class TaskUpdate(SQLModel):
     omitted but not set to None.
     """
 
+    model_config = _CHECK_ASSIGNMENTS
     title: Title | None = _title_field(default=None)
     description: Description = _description_field()
     complete: StrictBool | None = None
@@ -238,6 +247,7 @@ class TaskRead(SQLModel):
     attributes by default).
     """
 
+    model_config = _CHECK_ASSIGNMENTS
     id: int
     user_id: UserId = _user_id_field()
     title: Title = _title_field()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import combinations
 from operator import itemgetter
 from typing import Any, Final, NoReturn, TypeVar
 
@@ -43,7 +44,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import InstanceState, configure_mappers
 from sqlmodel import Session
 
-from todo_backend.errors import DatabaseUnavailableError
+from todo_backend.errors import DatabaseUnavailableError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_user_id
 
 __all__ = ["MAX_PAGE_SIZE", "TaskRepository"]
@@ -58,7 +59,12 @@ _c = _table.c
 _ALL_COLUMNS: Final = tuple(_c)
 _KEYS: Final = tuple(column.key for column in _ALL_COLUMNS)
 _FIELDS: Final = frozenset(_KEYS)
-_AUTOCOMMIT: Final = {"isolation_level": "AUTOCOMMIT"}
+# session.info key: present while an atomic() block runs; True once a call in it failed.
+_ATOMIC: Final = "todo_backend.atomic_block_failed"
+_BLOCK_FAILED: Final = (
+    "a call inside this atomic() block failed, so the whole block is rolled back "
+    "and nothing of it is stored"
+)
 _OWNED = (_c.user_id == bindparam("owner"), _c.id == bindparam("task_id"))
 
 _INSERT: Final = insert(_table).returning(*_ALL_COLUMNS, sort_by_parameter_order=True)
@@ -121,22 +127,28 @@ _LISTS: Final = {
     for keyset in (False, True)
 }
 _COUNTS: Final = {flag: _count_statement(by_complete=flag) for flag in (False, True)}
-_UPDATES: dict[frozenset[str], Update] = {}
+
+# The only columns an update may set; owner, id and created_at are never among them.
+_UPDATABLE: Final = frozenset({"title", "description", "complete"})
+_CONTENT: Final = {"title", "description", "complete"}
 
 
-def _update_statement(fields: frozenset[str]) -> Update:
-    # One statement per set of changed fields (at most 8); built on first use.
-    stmt = _UPDATES.get(fields)
-    if stmt is None:
-        values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in sorted(fields)}
-        stmt = (
-            update(_table)
-            .where(*_OWNED)
-            .values(**values, updated_at=bindparam("new_updated_at"))
-            .returning(*_ALL_COLUMNS)
-        )
-        _UPDATES[fields] = stmt
-    return stmt
+def _update_statement(fields: Sequence[str]) -> Update:
+    values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in fields}
+    return (
+        update(_table)
+        .where(*_OWNED)
+        .values(**values, updated_at=bindparam("new_updated_at"))
+        .returning(*_ALL_COLUMNS)
+    )
+
+
+# One statement per set of changed fields, all eight built here.
+_UPDATES: Final = {
+    frozenset(fields): _update_statement(fields)
+    for size in range(len(_UPDATABLE) + 1)
+    for fields in combinations(sorted(_UPDATABLE), size)
+}
 
 
 # _to_task bypasses Task.__init__, which is what normally triggers mapper configuration.
@@ -181,6 +193,10 @@ def _new_row(result: CursorResult[Any]) -> Task:
     return _to_task(result.one())  # INSERT ... RETURNING returns exactly the new row
 
 
+def _all_rows(result: CursorResult[Any]) -> Sequence[Row[Any]]:
+    return result.all()
+
+
 def _rows_by_id(result: CursorResult[Any]) -> builtins.list[Row[Any]]:
     return sorted(result.all(), key=_first)
 
@@ -191,6 +207,27 @@ def _count(result: CursorResult[Any]) -> int:
 
 def _deleted(result: CursorResult[Any]) -> bool:
     return bool(result.rowcount)
+
+
+def _checked_content(data: TaskCreate) -> TaskCreate:
+    # Validated again as a plain TaskCreate: neither a subclass with looser rules nor
+    # model_copy(update=...) (which skips validation) can get a bad value into SQL.
+    return TaskCreate.model_validate(data.model_dump(include=_CONTENT))
+
+
+def _checked_changes(data: TaskUpdate) -> dict[str, Any]:
+    unknown = data.model_fields_set - _UPDATABLE
+    if unknown:
+        raise ValueError(
+            "an update may change only title, description and complete, "
+            f"not {', '.join(sorted(unknown))}"
+        )
+    return TaskUpdate.model_validate(data.model_dump(exclude_unset=True)).changes()
+
+
+def _check_complete(complete: bool | None) -> None:
+    if complete is not None and not isinstance(complete, bool):
+        raise TypeError(f"complete must be a bool or None, got {type(complete).__name__}")
 
 
 def _valid_id(task_id: int) -> bool:
@@ -206,43 +243,58 @@ class TaskRepository:
     scopes its statement by it, and commits its own work, unless called inside
     :meth:`atomic`, where the block commits or rolls back as a whole. Tasks returned
     are detached snapshots: change them through :meth:`update`, not the session.
+
     A call made while the session has no transaction open runs on a connection of
-    the session's engine and leaves the session itself untouched.
+    the session's engine and leaves the session itself untouched. If the caller has a
+    session transaction open, calls join it: a write commits it (with the caller's
+    own pending work), a read leaves it open.
     """
 
     def __init__(self, session: Session) -> None:
         self._session = session
-        self._atomic = False
         # Single statements borrow a pooled connection from the engine directly; a
-        # session bound to a Connection (an outer transaction) is always used as is.
+        # session bound to a Connection is always used through the session.
         bind = session.bind
         self._engine = bind if isinstance(bind, Engine) else None
+
+    @property
+    def _atomic(self) -> bool:
+        # Kept on the session, not the repository: every repository sharing the
+        # session must see the block.
+        return _ATOMIC in self._session.info
 
     @contextmanager
     def atomic(self) -> Iterator[TaskRepository]:
         """Run the calls inside the block in one transaction: all apply, or none.
 
         Single calls outside a block autocommit and cost one round trip; inside, the
-        connection opens a real transaction (BEGIN ... COMMIT). Nested blocks join
-        the outer one.
+        connection opens a real transaction (BEGIN ... COMMIT). Nested blocks, and
+        other repositories on the same session, join the outer block. If any call in
+        the block failed, the block rolls back even when the caller caught the error,
+        and raises :class:`TodoBackendError` at its end.
         """
-        if self._atomic:
+        info = self._session.info
+        if _ATOMIC in info:
             yield self
             return
-        self._atomic = True
+        info[_ATOMIC] = False  # becomes True when a call inside the block fails
         try:
             yield self
+            if info[_ATOMIC]:
+                raise TodoBackendError(_BLOCK_FAILED)
         except BaseException:
+            del info[_ATOMIC]
             self._session.rollback()
             raise
-        else:
+        del info[_ATOMIC]
+        try:
             self._session.commit()
-        finally:
-            self._atomic = False
+        except DBAPIError as err:
+            self._raise_translated(err)
 
     def create(self, user_id: str, data: TaskCreate) -> Task:
         """Insert a task for *user_id*; return it with id and both timestamps set."""
-        params = _insert_params(validate_user_id(user_id), data, utc_now())
+        params = _insert_params(validate_user_id(user_id), _checked_content(data), utc_now())
         return self._write(_INSERT, params, _new_row)
 
     def create_many(self, user_id: str, items: Sequence[TaskCreate]) -> builtins.list[Task]:
@@ -257,18 +309,14 @@ class TaskRepository:
         user_id = validate_user_id(user_id)
         if not items:
             return []
+        items = [_checked_content(item) for item in items]
         now = utc_now()
         dialect = self._session.get_bind().dialect
         if dialect.name == "postgresql":
             return self._create_batches(user_id, items, now, dialect.insertmanyvalues_page_size)
         params = [_insert_params(user_id, item, now) for item in items]
         with self.atomic():
-            try:
-                rows = self._session.connection().execute(_INSERT, params).all()
-            except DBAPIError as err:
-                # Like every other method: a connection that cannot be opened, or is lost
-                # mid-batch, is a DatabaseUnavailableError, not a raw driver error.
-                _raise_translated(err, self._session)
+            rows = self._write(_INSERT, params, _all_rows)
         return [_to_task(row) for row in rows]
 
     def get(self, user_id: str, task_id: int) -> Task | None:
@@ -296,8 +344,7 @@ class TaskRepository:
             raise TypeError(f"limit must be an int, got {type(limit).__name__}")
         if not 1 <= limit <= MAX_PAGE_SIZE:
             raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
-        if complete is not None and not isinstance(complete, bool):
-            raise TypeError(f"complete must be a bool or None, got {type(complete).__name__}")
+        _check_complete(complete)
         params: dict[str, Any] = {"owner": user_id, "limit": limit}
         if complete is not None:
             params["complete"] = complete
@@ -316,10 +363,10 @@ class TaskRepository:
         user_id = validate_user_id(user_id)
         if not _valid_id(task_id):
             return None
-        changes = data.changes()
+        changes = _checked_changes(data)
         params = {f"new_{name}": value for name, value in changes.items()}
         params.update(owner=user_id, task_id=task_id, new_updated_at=utc_now())
-        return self._write(_update_statement(frozenset(changes)), params, _one_task)
+        return self._write(_UPDATES[frozenset(changes)], params, _one_task)
 
     def delete(self, user_id: str, task_id: int) -> bool:
         """Delete task *task_id* if *user_id* owns it; return whether a row was deleted."""
@@ -331,6 +378,7 @@ class TaskRepository:
     def count(self, user_id: str, *, complete: bool | None = None) -> int:
         """Count the user's tasks, optionally only complete or only pending ones."""
         user_id = validate_user_id(user_id)
+        _check_complete(complete)
         params: dict[str, Any] = {"owner": user_id}
         if complete is not None:
             params["complete"] = complete
@@ -361,23 +409,29 @@ class TaskRepository:
     # -- execution ---------------------------------------------------------------
 
     def _run(
-        self, stmt: Executable, params: dict[str, Any], consume: Callable[[CursorResult[Any]], _T]
+        self,
+        stmt: Executable,
+        params: Any,
+        consume: Callable[[CursorResult[Any]], _T],
+        *,
+        write: bool,
     ) -> _T:
         """Execute *stmt* as one statement; return what *consume* makes of its result."""
+        session = self._session
         if self._atomic:
-            return consume(self._session.connection().execute(stmt, params))
-        if self._engine is not None and not self._session.in_transaction():
+            if session.info[_ATOMIC]:
+                # PostgreSQL would refuse it anyway ("transaction is aborted").
+                raise TodoBackendError(_BLOCK_FAILED)
+            return consume(session.connection().execute(stmt, params))
+        joined = session.in_transaction()
+        if not joined and self._engine is not None:
             # The common case: no session transaction, no commit, one round trip.
             with self._engine.connect() as conn:
                 conn.execution_options(isolation_level="AUTOCOMMIT")
                 return consume(conn.execute(stmt, params))
-        if self._session.in_transaction():
-            conn = self._session.connection()
-        else:
-            # One statement, one round trip: no BEGIN before it, no COMMIT after it.
-            conn = self._session.connection(execution_options=_AUTOCOMMIT)
-        value = consume(conn.execute(stmt, params))
-        self._session.commit()
+        value = consume(session.connection().execute(stmt, params))
+        if write or not joined:
+            session.commit()
         return value
 
     def _read(
@@ -388,26 +442,56 @@ class TaskRepository:
     ) -> _T:
         """Run a SELECT; retry once on a connection the server dropped mid-call.
 
-        Reads are safe to repeat. Writes are not retried after being sent (the server
-        may have applied them); dead idle connections are replaced before sending.
+        Reads are safe to repeat, unless they ran inside a transaction that the
+        failure ended (an atomic block, or the caller's own): that is reported, never
+        papered over. Writes are not retried after being sent (the server may have
+        applied them); dead idle connections are replaced before sending.
         """
-        for attempt in (1, 2):
-            try:
-                return self._run(stmt, params, consume)
-            except DBAPIError as err:
-                if not (err.connection_invalidated and attempt == 1 and not self._atomic):
-                    _raise_translated(err, self._session)
-                if self._session.in_transaction():
-                    self._session.rollback()
-        raise AssertionError("unreachable")  # pragma: no cover
+        retryable = not self._atomic and not self._session.in_transaction()
+        try:
+            return self._run(stmt, params, consume, write=False)
+        except DBAPIError as err:
+            if not (retryable and err.connection_invalidated):
+                self._raise_translated(err)
+            if self._session.in_transaction():
+                self._session.rollback()
+        try:
+            return self._run(stmt, params, consume, write=False)
+        except DBAPIError as err:
+            self._raise_translated(err)
 
     def _write(
-        self, stmt: Executable, params: dict[str, Any], consume: Callable[[CursorResult[Any]], _T]
+        self, stmt: Executable, params: Any, consume: Callable[[CursorResult[Any]], _T]
     ) -> _T:
         try:
-            return self._run(stmt, params, consume)
+            return self._run(stmt, params, consume, write=True)
         except DBAPIError as err:
-            _raise_translated(err, self._session)
+            self._raise_translated(err)
+
+    def _raise_translated(self, err: DBAPIError) -> NoReturn:
+        """Map a driver error to this package's errors: the one translation boundary.
+
+        Inside an atomic block the block is marked failed (it rolls back at its end);
+        otherwise a transaction left open by the failure is rolled back here.
+        """
+        if self._atomic:
+            self._session.info[_ATOMIC] = True
+        elif self._session.in_transaction():
+            self._session.rollback()
+        if err.connection_invalidated:
+            # Checked first: a COMMIT lost mid-flight also carries no statement.
+            raise DatabaseUnavailableError(
+                "the database connection was lost while the statement was in flight; "
+                "it was not retried because it may already have been applied. "
+                "Check the task's state and repeat the call if needed."
+            ) from err
+        if err.statement is None:
+            # Raised while opening a connection: nothing was sent.
+            raise DatabaseUnavailableError(
+                f"cannot connect to the database: {_first_line(err)}. "
+                "Run `todo-db check` to see what is wrong."
+            ) from err
+        raise err
 
 
 def _insert_params(user_id: str, data: TaskCreate, now: Any) -> dict[str, Any]:
@@ -420,25 +504,6 @@ def _insert_params(user_id: str, data: TaskCreate, now: Any) -> dict[str, Any]:
         "created_at": now,
         "updated_at": now,
     }
-
-
-def _raise_translated(err: DBAPIError, session: Session) -> NoReturn:
-    """Map a driver error to this package's errors: the one translation boundary."""
-    if session.in_transaction():
-        session.rollback()
-    if err.statement is None:
-        # Raised while opening a connection: nothing was sent.
-        raise DatabaseUnavailableError(
-            f"cannot connect to the database: {_first_line(err)}. "
-            "Run `todo-db check` to see what is wrong."
-        ) from err
-    if err.connection_invalidated:
-        raise DatabaseUnavailableError(
-            "the database connection was lost while the statement was in flight; "
-            "it was not retried because it may already have been applied. "
-            "Check the task's state and repeat the call if needed."
-        ) from err
-    raise err
 
 
 def _first_line(err: DBAPIError) -> str:

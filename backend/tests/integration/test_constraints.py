@@ -8,7 +8,8 @@ rows and the boundary rows that must still fit are pinned.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import Engine, text
+from pydantic import ValidationError
+from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from todo_backend.db import get_session
@@ -83,14 +84,17 @@ def test_raw_sql_stores_rows_at_the_limits(engine: Engine) -> None:
     assert _rows(engine) == 4
 
 
-def test_unvalidated_input_is_still_refused_by_the_database(engine: Engine) -> None:
-    """Data that skipped validation (model_construct) is refused by the table, not stored."""
+def test_unvalidated_input_is_refused_before_the_database(engine: Engine) -> None:
+    """Data that skipped validation (model_construct) is refused by the repository, unsent."""
     repo = TaskRepository(next(get_session(engine)))
+    sent: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *args: sent.append(str(args[2])))
     bypass = TaskCreate.model_construct(title="x" * 1_000_000, description=None, complete=False)
-    with pytest.raises((DataError, IntegrityError)):
+    with pytest.raises(ValidationError):
         repo.create("alice", bypass)
     blank = TaskCreate.model_construct(title="   ", description=None, complete=False)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(ValidationError):
         repo.create("alice", blank)
+    assert sent == []
     assert _rows(engine) == 0
     assert repo.count("alice") == 0

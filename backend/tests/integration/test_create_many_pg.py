@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from todo_backend.models import TaskCreate, TaskRead
-from todo_backend.repository import TaskRepository
+from todo_backend.models import TaskCreate, TaskRead, utc_now
+from todo_backend.repository import _INSERT_BATCH, TaskRepository
 
 ALICE = "alice"
 
@@ -49,9 +50,15 @@ def test_a_batch_without_any_description_is_stored(repo: TaskRepository) -> None
     assert repo.count(ALICE) == 3
 
 
-def test_an_over_long_title_is_refused_not_truncated(repo: TaskRepository) -> None:
-    """A title past the column's limit that skipped validation fails instead of being cut."""
+def test_an_over_long_title_is_refused_not_truncated(repo: TaskRepository, engine: Engine) -> None:
+    """Input that skipped validation is refused, and the batch statement never truncates."""
     too_long = TaskCreate.model_construct(title="x" * 201, description=None, complete=False)
-    with pytest.raises(DBAPIError, match="too long"):
+    with pytest.raises(ValidationError):
         repo.create_many(ALICE, [TaskCreate(title="fine"), too_long])
+    assert repo.count(ALICE) == 0
+    # The statement itself, fed directly: its unsized array cast must not cut the title.
+    batch = {"owner": ALICE, "now": utc_now(), "titles": ["x" * 201]}
+    batch |= {"descriptions": [None], "completes": [False]}
+    with engine.connect() as conn, pytest.raises(DBAPIError, match="too long"):
+        conn.execute(_INSERT_BATCH, batch)
     assert repo.count(ALICE) == 0

@@ -316,6 +316,39 @@ def test_read_lost_in_flight_is_retried_on_a_new_connection(
     assert call.result == task
 
 
+def test_read_lost_inside_the_callers_transaction_is_reported(
+    engine: Engine, outside: _Outside
+) -> None:
+    """A read cut mid-flight in the caller's transaction raises: a retry would hide its loss."""
+    task = _repo(engine).create(ALICE, TaskCreate(title="read me"))
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS notes (body text)"))
+        conn.execute(text("TRUNCATE notes"))
+    session = next(get_session(engine))
+    repo = TaskRepository(session)
+    written = threading.Event()
+    locked = threading.Event()
+
+    def block() -> object:
+        # The caller's own transaction writes to another table, so only the read
+        # meets the lock; the read joins that transaction.
+        session.execute(text("INSERT INTO notes VALUES ('pending in the caller')"))
+        written.set()
+        locked.wait(_WAIT)
+        return repo.get(ALICE, task.id or 0)
+
+    call = _Call(block)
+    assert written.wait(_WAIT)
+    with _tasks_locked(outside.observer):
+        locked.set()
+        _wait_for(lambda: bool(outside.waiting_on_lock()), "the SELECT to queue")
+        outside.terminate(outside.waiting_on_lock())
+        call.join()
+    assert isinstance(call.error, DatabaseUnavailableError), call.error
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM notes")).scalar_one() == 0
+
+
 # -- a throwaway cluster restarted -------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlalchemy import DateTime, Engine, inspect, text
+from sqlmodel import Session
 
 from tests.repository_contract import RepositoryContract
 from todo_backend.db import get_session
@@ -84,3 +85,19 @@ def test_a_users_page_is_read_from_the_index(engine: Engine) -> None:
     for plan in plans:
         assert "Seq Scan" not in plan, plan
         assert "ix_tasks_user_id" in plan, plan
+
+
+def test_outer_connection_transaction_still_decides(engine: Engine) -> None:
+    """With the session on a Connection in a transaction, rolling that back undoes every call."""
+    with engine.connect() as conn:
+        outer = conn.begin()
+        with Session(
+            bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
+        ) as session:
+            repo = TaskRepository(session)
+            repo.create("alice", TaskCreate(title="single call"))
+            with repo.atomic():
+                repo.create("alice", TaskCreate(title="in a block"))
+            assert repo.count("alice") == 2
+        outer.rollback()
+    assert TaskRepository(next(get_session(engine))).count("alice") == 0

@@ -196,3 +196,4 @@ def test_mask_url_handles_strings_and_garbage() -> None:
     assert query_password.url.password == SECRET
     assert query_password.url.query == {"x": "1"}
     assert mask_url(f"::{SECRET}::") == "<unparseable URL>"
+    assert mask_url(f"postgresql://u:{SECRET}@h:notaport/db") == "<unparseable URL>"

@@ -18,7 +18,6 @@ nox.needs_version = ">=2025.10.14"
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.download_python = "never"
 nox.options.error_on_external_run = True
-nox.options.sessions = ["lint", "typecheck", "tests", "integration"]
 
 PYTHONS = ["3.11", "3.12", "3.13"]
 ROOT = Path(__file__).parent
@@ -93,7 +92,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """Unit tests on in-memory SQLite; on 3.11 with a 90% branch-coverage floor."""
+    """Unit tests on in-memory SQLite (the 90% branch-coverage floor measured on 3.11)."""
     install(session, "test")
     # No unit test uses Hypothesis; its plugin would cost every run 0.3 s of imports.
     pytest = ["pytest", "-p", "no:hypothesispytest", "backend/tests/unit", *session.posargs]
@@ -115,7 +114,7 @@ def integration(session: nox.Session) -> None:
     With CI=true, a missing or unreachable database fails the session.
     """
     install(session, "test")
-    session.env.setdefault("TEST_DATABASE_URL", os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES))
+    session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
     # One worker per core, each test module on one worker (it owns a scratch
     # database): the console-script and cluster tests wait on process start-up.
     workers = ["-n", "auto", "--dist", "loadfile"]
@@ -141,5 +140,5 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmark the repository against raw psycopg2 over a simulated Neon link."""
     install(session, "bench")
-    session.env.setdefault("TEST_DATABASE_URL", os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES))
+    session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
     session.run("python", "backend/bench/run.py", *session.posargs)

@@ -349,10 +349,11 @@ def _migrate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_migrate(args: argparse.Namespace, engine: Engine) -> int:
     """Upgrade the schema to the newest revision; with ``--check``, only report.
 
-    The upgrade is one transaction and a no-op on a current database. ``--check``
-    changes nothing and exits :attr:`ExitCode.MIGRATION_NEEDED` when the database is
-    behind, has no migration history, or differs from the models, one problem per
-    line on stderr.
+    The upgrade is one connection and one transaction, which also reads the revisions
+    reported (a cold Neon compute is woken once), and a no-op on a current database.
+    ``--check`` changes nothing and exits :attr:`ExitCode.MIGRATION_NEEDED` when the
+    database is behind, has no migration history, or differs from the models, one
+    problem per line on stderr.
     """
     migrate = _migrations()
     where = redact(mask_url(engine.url))
@@ -364,9 +365,7 @@ def run_migrate(args: argparse.Namespace, engine: Engine) -> int:
             print("schema: current, and identical to the models")
             return ExitCode.OK
         return _fail(ExitCode.MIGRATION_NEEDED, *result.problems)
-    before = migrate.current_revision(engine)
-    migrate.upgrade(engine)
-    after = migrate.current_revision(engine)
+    before, after = migrate.upgrade(engine)  # both read in the upgrade's one transaction
     if before == after:
         print(f"database {where}: already at revision {after}, nothing to do")
     else:

@@ -8,9 +8,11 @@ What only a real process can show (exit status, stderr, the fallback database fi
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
 
 from tests.cli_runner import (
@@ -363,3 +365,45 @@ def test_migrate_check_fails_for_a_database_without_history(
     code, _, err = cli(capsys, "migrate")
     assert code == ExitCode.DATABASE_ERROR
     assert "stamp" in err
+
+
+def test_migrate_opens_one_connection_and_one_transaction(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`migrate` reads the revisions inside its upgrade: one connection, one transaction."""
+    seen = {"engine_connect": 0, "begin": 0}
+
+    def count(name: str) -> Callable[..., None]:
+        def listener(*_: object) -> None:
+            seen[name] += 1
+
+        return listener
+
+    listeners = [(name, count(name)) for name in seen]
+    for name, listener in listeners:
+        event.listen(Engine, name, listener)
+    try:
+        code, out, _ = cli(capsys, "migrate")
+    finally:
+        for name, listener in listeners:
+            event.remove(Engine, name, listener)
+    assert code == ExitCode.OK
+    assert "migrated from an empty schema to 0001" in out
+    assert seen == {"engine_connect": 1, "begin": 1}
+
+
+def test_migrate_on_a_database_at_an_unknown_revision_fails_in_one_line(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Alembic's error for a revision this release does not ship is one line and exit 1."""
+    assert cli(capsys, "migrate")[0] == ExitCode.OK
+    with sqlite3.connect(workdir / "todo.db") as conn:
+        conn.execute("update alembic_version set version_num = '0099'")
+    conn.close()
+    code, out, err = cli(capsys, "migrate")
+    assert code == ExitCode.DATABASE_ERROR
+    assert out == ""
+    assert err == "todo-db: error: Can't locate revision identified by '0099'\n"
+    code, _, err = cli(capsys, "migrate", "--check")
+    assert code == ExitCode.MIGRATION_NEEDED
+    assert "revision 0099, which this package does not ship" in err

@@ -8,13 +8,26 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import produce_migrations, render_python_code
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect, text
+from alembic.util.exc import CommandError
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    Engine,
+    Integer,
+    String,
+    Table,
+    event,
+    inspect,
+    text,
+)
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlmodel import SQLModel
 
 from tests.migration_scripts import scripts_with
 from todo_backend import migrate
 from todo_backend.db import create_db_engine, get_session, init_db
+from todo_backend.errors import ConfigurationError
 from todo_backend.models import TaskCreate
 from todo_backend.repository import TaskRepository
 
@@ -288,3 +301,126 @@ def test_upgrade_sql_renders_without_connecting() -> None:
     engine = create_db_engine("sqlite://")
     assert "id INTEGER NOT NULL" in migrate.upgrade_sql(engine)
     engine.dispose()
+
+
+# -- tables the package does not declare ----------------------------------------------
+
+
+@pytest.fixture
+def users_table() -> Iterator[Table]:
+    """A ``users`` table on SQLModel.metadata, as a later stage's models would declare it."""
+    table = Table(
+        "users",
+        SQLModel.metadata,
+        Column("id", Integer, primary_key=True),
+        Column("email", String(320), nullable=False),
+        CheckConstraint("length(email) > 0", name="ck_users_email_valid"),
+    )
+    yield table
+    SQLModel.metadata.remove(table)
+
+
+def _add_foreign_tables(engine: Engine) -> None:
+    """Create ``users`` (without its CHECK) and ``legacy_audit``, which no model declares."""
+    with engine.begin() as conn:
+        conn.execute(text("create table users (id integer primary key, email varchar(320))"))
+        conn.execute(text("create table legacy_audit (id integer primary key, note text)"))
+
+
+def test_package_tables_are_those_of_todo_backend_models(users_table: Table) -> None:
+    """Only the tables todo_backend.models declares are the package's, not all of the metadata."""
+    assert users_table in SQLModel.metadata.sorted_tables
+    assert migrate.package_tables() == (SQLModel.metadata.tables["tasks"],)
+
+
+def test_check_ignores_tables_the_package_does_not_declare(
+    url: str, engine: Engine, users_table: Table
+) -> None:
+    """Another stage's table, declared or not, and its CHECK constraints are no problem."""
+    migrate.upgrade(url)
+    _add_foreign_tables(engine)
+    result = migrate.check(url)
+    assert result.ok, result.problems
+    with engine.connect() as conn:
+        assert migrate.model_differences(conn) == []
+
+
+def test_upgrade_works_on_a_fresh_database_with_other_tables(
+    url: str, engine: Engine, users_table: Table
+) -> None:
+    """Tables the package does not declare are not "tables without history": upgrade runs."""
+    _add_foreign_tables(engine)
+    assert migrate.check(url).problems == (
+        "the database has no migration history; head is 0001: run `todo-db migrate`",
+    )
+    migrate.upgrade(url)
+    assert migrate.check(url).ok
+    assert {"users", "legacy_audit", "tasks"} <= set(inspect(engine).get_table_names())
+
+
+def test_autogenerate_leaves_other_tables_alone(
+    url: str, engine: Engine, users_table: Table, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """revision(url_or_engine=URL) neither drops undeclared tables nor creates other stages'."""
+    scripts_with(tmp_path, monkeypatch, "pass")
+    migrate.upgrade(url)
+    _add_foreign_tables(engine)
+    with engine.begin() as conn:
+        conn.execute(text("drop table users"))  # declared, yet not this package's to create
+    source = migrate.revision("nothing to do", url_or_engine=url).read_text()
+    assert "drop_table" not in source
+    assert "create_table" not in source
+    assert source.count("    pass\n") == 2
+
+
+# -- alembic's errors, offline URLs, what upgrade reports -----------------------------
+
+
+def test_alembic_command_errors_become_migration_errors(
+    url: str, engine: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Unknown revisions, asked for or found in the database, fail as MigrationError, one line."""
+    migrate.upgrade(url)
+    with pytest.raises(migrate.MigrationError, match="'0042'") as raised:
+        migrate.stamp(url, "0042")
+    assert isinstance(raised.value.__cause__, CommandError)
+    assert migrate.main(["downgrade", "0042", "--url", url]) == 1
+    with engine.begin() as conn:
+        conn.execute(text("update alembic_version set version_num = '0099'"))
+    with pytest.raises(migrate.MigrationError, match="'0099'"):
+        migrate.upgrade(url)
+    assert migrate.main(["upgrade", "--url", url]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: Can't locate revision identified by '0042'",
+        "error: Can't locate revision identified by '0099'",
+    ]
+
+
+def test_upgrade_sql_normalises_the_url_as_the_package_does(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """postgres:// (Heroku, Neon consoles) renders PostgreSQL SQL offline, as a str or a URL."""
+    for database in (
+        "postgres://",
+        "postgres://u:pw@db.example.com/todo?sslmode=require",
+        make_url("postgres://u@db.example.com/todo"),
+    ):
+        assert "id BIGSERIAL NOT NULL" in migrate.upgrade_sql(database)
+    assert migrate.main(["sql", "--url", "postgres://u@db.example.com/todo"]) == 0
+    assert "id BIGSERIAL NOT NULL" in capsys.readouterr().out
+    with pytest.raises(ConfigurationError, match="'mysql' is not supported"):
+        migrate.upgrade_sql("mysql://")
+
+
+def test_upgrade_returns_the_revisions_it_saw_in_one_connection(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """upgrade() says where the database was and is, from its one connection and transaction."""
+    opened: list[object] = []
+    event.listen(engine, "engine_connect", opened.append)
+    assert migrate.upgrade(engine) == (None, "0001")
+    assert migrate.upgrade(engine) == ("0001", "0001")
+    scripts_with(tmp_path, monkeypatch, "pass")
+    result = migrate.upgrade(engine)
+    assert (result.before, result.after) == ("0001", "0002")
+    assert len(opened) == 3

@@ -6,17 +6,26 @@ transaction, so alembic runs every revision in it and the caller commits once.
 Started any other way, it opens such a connection itself on the database in
 ``config.attributes["url_or_engine"]``, the ``sqlalchemy.url`` option of an ini
 file, or else ``DATABASE_URL``. Offline (``--sql``) it renders SQL for that URL's
-dialect without connecting. Options come from :func:`todo_backend.migrate.context_options`.
+dialect without connecting, the URL normalised as everywhere in the package
+(``postgres://`` is PostgreSQL through psycopg2). Options come from
+:func:`todo_backend.migrate.context_options`.
 """
 
 from __future__ import annotations
 
+import re
+from typing import Final
+
 from alembic import context
 from sqlalchemy import Connection, Engine
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 
-from todo_backend.config import load_settings
+from todo_backend.config import load_settings, normalize_database_url
+from todo_backend.errors import ConfigurationError
 from todo_backend.migrate import UrlOrEngine, context_options, migration_connection
+
+# A URL that names only a dialect, such as "postgresql://": enough for offline SQL.
+_DIALECT_ONLY: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 
 config = context.config
 
@@ -32,9 +41,25 @@ def _offline_url() -> URL:
     database = _database()
     if isinstance(database, Engine):
         return database.url
+    if database is None:
+        return load_settings().url
     if isinstance(database, URL):
-        return database
-    return load_settings().url if database is None else make_url(database)
+        database = database.render_as_string(hide_password=False)
+    return _normalised(database)
+
+
+def _normalised(raw: str) -> URL:
+    """Normalise *raw* with :func:`normalize_database_url`, accepting a bare dialect.
+
+    Offline SQL needs no host, so ``"postgresql://"`` or ``"postgres://"`` is enough
+    here although a connection would refuse it; any other problem is raised as is.
+    """
+    try:
+        return normalize_database_url(raw)
+    except ConfigurationError:
+        if not _DIALECT_ONLY.fullmatch(raw.strip()):
+            raise
+        return normalize_database_url(f"{raw.strip()}offline").set(host=None)
 
 
 def run_migrations_offline() -> None:

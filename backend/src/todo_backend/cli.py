@@ -145,19 +145,15 @@ def resolve_settings(database_url: str | None, env_file: str = ".env") -> Settin
     """Choose the database: *database_url*, else ``DATABASE_URL``, else ``./todo.db``.
 
     ``DATABASE_URL`` is read from the environment or *env_file* by
-    :func:`~todo_backend.config.load_settings`, with its ``DB_*`` tuning variables. Only
-    a missing or blank ``DATABASE_URL`` falls back to the embedded SQLite file, and
-    that is said once on stderr; a malformed one raises :class:`ConfigurationError`.
+    :func:`~todo_backend.config.load_settings`; the ``DB_*`` tuning variables apply
+    whichever URL is chosen. Only a missing or blank ``DATABASE_URL`` falls back to the
+    embedded SQLite file, and that is said once on stderr; a malformed one raises
+    :class:`ConfigurationError`.
     """
-    if database_url is not None:
-        return Settings(database_url=database_url)
-    try:
-        return load_settings(env_file)
-    except ConfigurationError:
-        if _database_url_is_set(env_file):
-            raise
-    _note(f"no DATABASE_URL set; using the embedded SQLite database ./{FALLBACK_DATABASE}")
-    return Settings(database_url=f"sqlite:///{FALLBACK_DATABASE}")
+    if database_url is None and not _database_url_is_set(env_file):
+        _note(f"no DATABASE_URL set; using the embedded SQLite database ./{FALLBACK_DATABASE}")
+        database_url = f"sqlite:///{FALLBACK_DATABASE}"
+    return load_settings(env_file, database_url=database_url)
 
 
 def _database_url_is_set(env_file: str) -> bool:

@@ -123,21 +123,26 @@ class Settings:
         )
 
 
-def load_settings(env_file: str | os.PathLike[str] | None = ".env") -> Settings:
+def load_settings(
+    env_file: str | os.PathLike[str] | None = ".env", *, database_url: str | None = None
+) -> Settings:
     """Build :class:`Settings` from the environment, falling back to *env_file*.
 
-    Variables: ``DATABASE_URL`` (required), ``DB_POOL_SIZE``, ``DB_MAX_OVERFLOW``,
-    ``DB_POOL_TIMEOUT``, ``DB_CONNECT_TIMEOUT``, ``DB_ECHO``. A variable set in the
-    process environment wins over the file; the file is optional and is read without
-    touching ``os.environ``. Raises :class:`ConfigurationError` naming the variable
-    that is missing or malformed.
+    Variables: ``DATABASE_URL`` (required unless *database_url* is given),
+    ``DB_POOL_SIZE``, ``DB_MAX_OVERFLOW``, ``DB_POOL_TIMEOUT``, ``DB_CONNECT_TIMEOUT``,
+    ``DB_ECHO``. A variable set in the process environment wins over the file; the
+    file is optional and is read without touching ``os.environ``. *database_url*
+    (a command line's ``--database-url``) replaces ``DATABASE_URL`` while the ``DB_*``
+    settings still apply. Raises :class:`ConfigurationError` naming the variable that
+    is missing or malformed.
     """
     values: dict[str, str] = {}
     if env_file is not None and Path(env_file).is_file():
         values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
     values.update(os.environ)
 
-    database_url = values.get("DATABASE_URL", "").strip()
+    if database_url is None:
+        database_url = values.get("DATABASE_URL", "").strip()
     if not database_url:
         raise ConfigurationError(
             "DATABASE_URL is not set: export it or put it in .env "

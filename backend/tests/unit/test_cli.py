@@ -24,7 +24,7 @@ from tests.cli_runner import (
     use_workdir,
 )
 from todo_backend import __version__
-from todo_backend.cli import ExitCode, describe_endpoint, redact
+from todo_backend.cli import ExitCode, describe_endpoint, redact, resolve_settings
 
 
 @pytest.fixture(autouse=True)
@@ -407,3 +407,17 @@ def test_migrate_on_a_database_at_an_unknown_revision_fails_in_one_line(
     code, _, err = cli(capsys, "migrate", "--check")
     assert code == ExitCode.MIGRATION_NEEDED
     assert "revision 0099, which this package does not ship" in err
+
+
+@pytest.mark.parametrize("database_url", ["sqlite:///explicit.db", None])
+def test_db_settings_apply_to_every_database_choice(
+    monkeypatch: pytest.MonkeyPatch, database_url: str | None
+) -> None:
+    """DB_* tuning applies with --database-url and with the SQLite fallback alike."""
+    monkeypatch.delenv("DATABASE_URL")
+    monkeypatch.setenv("DB_CONNECT_TIMEOUT", "3")
+    monkeypatch.setenv("DB_ECHO", "on")
+    settings = resolve_settings(database_url)
+    assert settings.connect_timeout == 3
+    assert settings.echo is True
+    assert settings.database_url == (database_url or "sqlite:///todo.db")

@@ -197,3 +197,15 @@ def test_mask_url_handles_strings_and_garbage() -> None:
     assert query_password.url.query == {"x": "1"}
     assert mask_url(f"::{SECRET}::") == "<unparseable URL>"
     assert mask_url(f"postgresql://u:{SECRET}@h:notaport/db") == "<unparseable URL>"
+
+
+def test_explicit_url_replaces_database_url_but_keeps_the_tuning(
+    monkeypatch: pytest.MonkeyPatch, clean_env: Path
+) -> None:
+    """load_settings(database_url=...) overrides DATABASE_URL; DB_* still apply."""
+    (clean_env / ".env").write_text("DATABASE_URL=sqlite:///from-file.db\nDB_POOL_TIMEOUT=4\n")
+    monkeypatch.setenv("DB_ECHO", "true")
+    settings = load_settings(database_url="sqlite:///explicit.db")
+    assert settings.database_url == "sqlite:///explicit.db"
+    assert settings.echo is True
+    assert settings.pool_timeout == 4

@@ -36,7 +36,14 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from todo_backend import __version__
 from todo_backend.config import Settings, load_settings, mask_url
-from todo_backend.db import check_database, create_db_engine, get_session
+from todo_backend.db import (
+    cannot_connect,
+    check_database,
+    create_db_engine,
+    error_reason,
+    get_session,
+    url_host,
+)
 from todo_backend.errors import ConfigurationError, DatabaseUnavailableError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskRead, TaskUpdate, validate_user_id
 from todo_backend.repository import MAX_PAGE_SIZE, TaskRepository
@@ -379,7 +386,7 @@ def describe_endpoint(url: URL) -> str:
     if url.get_backend_name() == "sqlite":
         where = url.database if url.database not in (None, "", ":memory:") else "in memory"
         return f"embedded SQLite ({where})"
-    host = url.host or str(url.query.get("host", ""))
+    host = url_host(url)
     if not host or host.startswith("/"):
         return "direct (Unix socket)"
     if "-pooler" in host.split(".", 1)[0].lower():
@@ -692,11 +699,6 @@ def _error_lines(err: Exception) -> list[str]:
 
 
 def _translate(err: DBAPIError) -> TodoBackendError:
-    # The driver's first line says what failed; the rest repeats SQL and parameters.
-    lines = str(err.orig).strip().splitlines()
-    reason = lines[0] if lines else type(err.orig).__name__
     if err.statement is None:  # raised while connecting: nothing was sent
-        return DatabaseUnavailableError(
-            f"cannot connect to the database: {reason}. Run `{PROG} check` to see what is wrong."
-        )
-    return TodoBackendError(f"the database refused the statement: {reason}")
+        return cannot_connect(err)
+    return TodoBackendError(f"the database refused the statement: {error_reason(err)}")

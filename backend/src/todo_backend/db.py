@@ -29,11 +29,14 @@ from todo_backend.models import Task
 
 __all__ = [
     "DatabaseHealth",
+    "cannot_connect",
     "check_database",
     "create_db_engine",
+    "error_reason",
     "get_session",
     "init_db",
     "is_local_host",
+    "url_host",
     "wait_for_database",
 ]
 
@@ -52,9 +55,14 @@ _KEEPALIVES: Final = {
 }
 
 
+def url_host(url: URL) -> str:
+    """Return the server host of *url*: its host part, else libpq's ``?host=``, else ""."""
+    return url.host or str(url.query.get("host", ""))
+
+
 def is_local_host(url: URL) -> bool:
     """Tell whether *url* points at this machine (loopback or a Unix socket)."""
-    host = url.host or str(url.query.get("host", ""))
+    host = url_host(url)
     return not host or host.startswith("/") or host.lower() in _LOCAL_HOSTS
 
 
@@ -245,7 +253,7 @@ def check_database(engine: Engine) -> DatabaseHealth:
             latency_ms=latency,
             server_version="",
             ssl=None,
-            detail=f"cannot reach {where}: {_describe(err)}. {_what_to_check(engine)}",
+            detail=f"cannot reach {where}: {error_reason(err)}. {_what_to_check(engine)}",
         )
     latency = (time.perf_counter() - started) * 1000
     return DatabaseHealth(
@@ -283,19 +291,31 @@ def wait_for_database(engine: Engine, *, attempts: int = 5, base_delay: float = 
     raise DatabaseUnavailableError(f"database unavailable after {attempts} attempts: {last}")
 
 
-def _describe(err: BaseException) -> str:
-    # The driver's first line says what failed ("connection refused", "timeout
-    # expired", "SSL ... required"); libpq never puts the password in it.
+def error_reason(err: BaseException) -> str:
+    """Return what failed, from the first line of a (driver) error.
+
+    That line says it ("connection refused", "timeout expired", "SSL ... required");
+    the rest of a SQLAlchemy error repeats SQL and parameters. libpq never puts the
+    password in it.
+    """
     original = getattr(err, "orig", None) or err
     first = str(original).strip().splitlines()
     return first[0] if first else type(original).__name__
+
+
+def cannot_connect(err: BaseException) -> DatabaseUnavailableError:
+    """Return the error for a connection that could not be opened (nothing was sent)."""
+    return DatabaseUnavailableError(
+        f"cannot connect to the database: {error_reason(err)}. "
+        "Run `todo-db check` to see what is wrong."
+    )
 
 
 def _what_to_check(engine: Engine) -> str:
     url = engine.url
     if url.get_backend_name() == "sqlite":
         return "Check that the file's directory exists and is writable."
-    host = url.host or url.query.get("host", "local socket")
+    host = url_host(url) or "local socket"
     port = url.port or 5432
     return (
         f"Check the host and port ({host}:{port}), the sslmode (Neon requires "

@@ -44,6 +44,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import InstanceState, configure_mappers
 from sqlmodel import Session
 
+from todo_backend.db import cannot_connect
 from todo_backend.errors import DatabaseUnavailableError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_user_id
 
@@ -487,10 +488,7 @@ class TaskRepository:
             ) from err
         if err.statement is None:
             # Raised while opening a connection: nothing was sent.
-            raise DatabaseUnavailableError(
-                f"cannot connect to the database: {_first_line(err)}. "
-                "Run `todo-db check` to see what is wrong."
-            ) from err
+            raise cannot_connect(err) from err
         raise err
 
 
@@ -504,8 +502,3 @@ def _insert_params(user_id: str, data: TaskCreate, now: Any) -> dict[str, Any]:
         "created_at": now,
         "updated_at": now,
     }
-
-
-def _first_line(err: DBAPIError) -> str:
-    lines = str(err.orig).strip().splitlines()
-    return lines[0] if lines else type(err.orig).__name__

@@ -2,12 +2,15 @@
 
 ``tests/unit/test_repository.py`` runs this suite on SQLite and
 ``tests/integration/test_repository_pg.py`` on PostgreSQL; each provides ``engine``.
+The repository and session fixtures come from ``tests/conftest.py``;
+``tests/async_face.py`` replaces them to run the same suite on AsyncTaskRepository.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from datetime import UTC, timedelta
 from typing import Any
 
@@ -16,7 +19,6 @@ from pydantic import ValidationError
 from sqlalchemy import Engine, event, text
 from sqlmodel import Session
 
-from todo_backend.db import get_session
 from todo_backend.errors import TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskRead, TaskUpdate
 from todo_backend.repository import MAX_PAGE_SIZE, TaskRepository
@@ -273,11 +275,13 @@ class RepositoryContract:
         session.close()
         assert task.title == "write tests"
 
-    def test_sessions_see_each_others_commits(self, engine: Engine) -> None:
+    def test_sessions_see_each_others_commits(
+        self, open_repo: Callable[[], TaskRepository]
+    ) -> None:
         """A task written through one session is visible from a fresh one."""
-        first = TaskRepository(next(get_session(engine)))
+        first = open_repo()
         task = _new(first)
-        second = TaskRepository(next(get_session(engine)))
+        second = open_repo()
         assert second.get(ALICE, task.id or 0) == task
         assert task.created_at.tzinfo is UTC or task.created_at.utcoffset() == timedelta(0)
 
@@ -315,9 +319,11 @@ class RepositoryContract:
         with pytest.raises(ValidationError):
             patch.complete = "yes"  # type: ignore[assignment]
 
-    def test_repositories_sharing_a_session_share_the_block(self, session: Session) -> None:
+    def test_repositories_sharing_a_session_share_the_block(
+        self, session: Session, repo_on: Callable[[Session], TaskRepository]
+    ) -> None:
         """A second repository on the same session joins the first one's atomic block."""
-        first, second = TaskRepository(session), TaskRepository(session)
+        first, second = repo_on(session), repo_on(session)
 
         def failing_block() -> None:
             with first.atomic():
@@ -363,20 +369,16 @@ class RepositoryContract:
         with pytest.raises(TypeError, match="complete"):
             repo.count(ALICE, complete="yes")  # type: ignore[arg-type]
 
-    def test_session_bound_to_a_connection_in_a_transaction(self, engine: Engine) -> None:
+    def test_session_bound_to_a_connection_in_a_transaction(
+        self, repo_in_outer_transaction: Callable[[], AbstractContextManager[TaskRepository]]
+    ) -> None:
         """A session on a Connection that already began a transaction works (test fixtures)."""
-        with engine.connect() as conn:
-            outer = conn.begin()
-            with Session(
-                bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
-            ) as session:
-                repo = TaskRepository(session)
-                task = _new(repo)
-                assert repo.get(ALICE, task.id or 0) == task
-                with repo.atomic():
-                    _new(repo, title="inside")
-                assert repo.count(ALICE) == 2
-            outer.rollback()
+        with repo_in_outer_transaction() as repo:
+            task = _new(repo)
+            assert repo.get(ALICE, task.id or 0) == task
+            with repo.atomic():
+                _new(repo, title="inside")
+            assert repo.count(ALICE) == 2
 
 
 @contextlib.contextmanager

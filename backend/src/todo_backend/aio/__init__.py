@@ -1,0 +1,18 @@
+"""The async face of todo_backend, for async FastAPI routes (extra ``todo-backend[async]``).
+
+The same engines, sessions and repository contract as the sync package, awaited:
+:func:`create_async_db_engine` takes the same settings or URL as
+:func:`~todo_backend.create_db_engine` and picks the async driver itself (psycopg 3
+for PostgreSQL, aiosqlite for SQLite); :func:`get_async_session` is a FastAPI
+dependency as it stands; :class:`AsyncTaskRepository` has the methods, arguments,
+results and errors of :class:`~todo_backend.TaskRepository`. Both repositories carry
+out the rules of :mod:`todo_backend.repository_core`, so they cannot drift apart.
+
+``import todo_backend`` never imports this package: the sync package works without
+the extra installed.
+"""
+
+from todo_backend.aio.db import create_async_db_engine, get_async_session
+from todo_backend.aio.repository import AsyncTaskRepository
+
+__all__ = ["AsyncTaskRepository", "create_async_db_engine", "get_async_session"]

@@ -25,6 +25,9 @@ from todo_backend.repository import TaskRepository
 
 ALICE = "alice"
 _PROTOCOL_3: int = 196608  # the StartupMessage's protocol version; earlier ones are requests
+# Bind, Describe, Execute, Sync follow a Parse in one extended-protocol query; X
+# (Terminate) is sent when a connection closes.
+_PARTS_OF_A_QUERY = frozenset({b"B", b"D", b"E", b"S", b"X"})
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Recording:
 
     queries: list[str] = field(default_factory=list)
     round_trips: int = 0
+    prepared: list[str] = field(default_factory=list)  # names of server-side prepared statements
 
 
 class _ClientMessages:
@@ -145,7 +149,12 @@ class Wire:
             for kind, payload in parsed:
                 if kind == b"Q":
                     seen.queries.append(payload.rstrip(b"\0").decode())
-                elif kind not in (b"X",):  # X: terminate, sent when a connection closes
+                elif kind == b"P":  # extended protocol (psycopg 3): Parse names the SQL
+                    name, sql = payload.split(b"\0")[:2]
+                    seen.queries.append(sql.decode())
+                    if name:
+                        seen.prepared.append(name.decode())
+                elif kind not in _PARTS_OF_A_QUERY:
                     seen.queries.append(f"<protocol message {kind!r}>")
 
 

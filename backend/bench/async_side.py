@@ -24,17 +24,8 @@ import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bench.common import (
-    LIST_USER,
-    OPS,
-    SQL_DELETE,
-    SQL_GET,
-    SQL_INSERT,
-    SQL_LIST,
-    SQL_UPDATE,
-    WORK_USER,
-    Samples,
-)
+from bench import common
+from bench.common import LIST_USER, WORK_USER, Samples
 from bench.common import check as _check
 from bench.proxy import ProxyHandle
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine, get_async_session
@@ -89,30 +80,30 @@ class RawAsyncSide:
         """Insert one task and remember its id."""
         now = datetime.now(UTC)
         params = (WORK_USER, "benchmark task", "created by the benchmark", False, now, now)
-        await self.cur.execute(SQL_INSERT, params)
+        await self.cur.execute(common.SQL_INSERT, params)
         row = await self.cur.fetchone()
         self.task_id = row[0] if row else 0
 
     async def get(self) -> None:
         """Read the remembered task."""
-        await self.cur.execute(SQL_GET, (WORK_USER, self.task_id))
+        await self.cur.execute(common.SQL_GET, (WORK_USER, self.task_id))
         _check(await self.cur.fetchone() is not None, "raw async get")
 
     async def list(self) -> None:
         """Read the newest 50 tasks of the list user."""
-        await self.cur.execute(SQL_LIST, (LIST_USER, 50))
+        await self.cur.execute(common.SQL_LIST, (LIST_USER, 50))
         _check(len(await self.cur.fetchall()) == 50, "raw async list")
 
     async def update(self) -> None:
         """Rename and complete the remembered task."""
         now = datetime.now(UTC)
         params = ("benchmark task, renamed", True, now, WORK_USER, self.task_id)
-        await self.cur.execute(SQL_UPDATE, params)
+        await self.cur.execute(common.SQL_UPDATE, params)
         _check(await self.cur.fetchone() is not None, "raw async update")
 
     async def delete(self) -> None:
         """Delete the remembered task."""
-        await self.cur.execute(SQL_DELETE, (WORK_USER, self.task_id))
+        await self.cur.execute(common.SQL_DELETE, (WORK_USER, self.task_id))
         _check(self.cur.rowcount == 1, "raw async delete")
 
 
@@ -129,14 +120,14 @@ async def _operations(
 ) -> dict[str, dict[str, Samples]]:
     engine = create_async_db_engine(url)
     conn = await psycopg.AsyncConnection.connect(**connect, autocommit=True, prepare_threshold=None)
-    results = {op: {"repository": Samples(), "raw": Samples()} for op in OPS}
+    results = {op: {"repository": Samples(), "raw": Samples()} for op in common.OPS}
     try:
         async for session in get_async_session(engine):
             repo, raw = AsyncRepositorySide(AsyncTaskRepository(session)), RawAsyncSide(conn)
             warmup = max(10, iterations // 20)
             for i in range(warmup + iterations):
                 sides = (("repository", repo), ("raw", raw))
-                for op in OPS:
+                for op in common.OPS:
                     for key, side in sides if i % 2 == 0 else sides[::-1]:
                         samples = results[op][key] if i >= warmup else Samples()
                         await _timed(samples, getattr(side, op), proxy)

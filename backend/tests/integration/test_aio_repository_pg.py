@@ -3,14 +3,13 @@
 The same contract as the sync repository runs direct, through PgBouncer in
 transaction pool mode (Neon's pooled endpoint), and against a stand-in for Neon's
 direct endpoint: a TLS-only server reached as a non-local host by a role that is not
-a superuser. A counting proxy shows each single-task call is one query in one round
-trip, with no server-side prepared statement.
+a superuser. Round trips on the wire are counted for both faces in test_round_trips_pg.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Connection, Engine, event, text
@@ -20,10 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests import fix_servers
 from tests.async_face import AsyncRepositoryContract, create_schema, open_session, runner
 from tests.fix_servers import LOOPBACK, ClusterFactory, PgBouncerFactory, PgTemplate
-from tests.integration.test_round_trips_pg import Wire, wire
+from tests.integration.test_round_trips_pg import wire
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.db import is_local_host
-from todo_backend.models import Task, TaskCreate, TaskUpdate
+from todo_backend.models import TaskCreate, TaskUpdate
 
 __all__ = ["runner", "wire"]  # fixtures
 
@@ -119,87 +118,7 @@ def pg_cluster(pg_template: PgTemplate) -> Iterator[ClusterFactory]:
     yield from fix_servers.pg_cluster.__wrapped__(pg_template)  # type: ignore[attr-defined]
 
 
-# -- the wire -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def wired(
-    runner: asyncio.Runner, module_engine: Engine, scratch_url: URL, wire: Wire
-) -> Iterator[AsyncTaskRepository]:
-    """An async repository reaching the scratch database through the proxy, connection open."""
-    _emptied(module_engine)
-    url = scratch_url.set(
-        host="127.0.0.1", port=wire.port, query={"sslmode": "disable", "gssencmode": "disable"}
-    )
-    engine = create_async_db_engine(_url_text(url))
-    session, _ = runner.run(open_session(engine))
-    repo = AsyncTaskRepository(session)
-    runner.run(repo.count(ALICE))  # connect (startup messages) before anything is recorded
-    yield repo
-    runner.run(session.close())
-    runner.run(engine.dispose())
-
-
-_SINGLE_CALLS: dict[str, tuple[str, Callable[[AsyncTaskRepository, Task], object]]] = {
-    "create": ("INSERT", lambda r, t: r.create(ALICE, TaskCreate(title="new"))),
-    "get": ("SELECT", lambda r, t: r.get(ALICE, t.id or 0)),
-    "list": ("SELECT", lambda r, t: r.list(ALICE, limit=50)),
-    "list page": ("SELECT", lambda r, t: r.list(ALICE, complete=False, before_id=(t.id or 0) + 1)),
-    "update": ("UPDATE", lambda r, t: r.update(ALICE, t.id or 0, TaskUpdate(complete=True))),
-    "delete": ("DELETE", lambda r, t: r.delete(ALICE, t.id or 0)),
-    "count": ("SELECT", lambda r, t: r.count(ALICE, complete=True)),
-    "create_many": ("INSERT", lambda r, t: r.create_many(ALICE, [TaskCreate(title="a")] * 5)),
-}
-
-
-@pytest.mark.parametrize("name", list(_SINGLE_CALLS))
-def test_single_task_call_is_one_query_and_one_round_trip(
-    name: str, runner: asyncio.Runner, wired: AsyncTaskRepository, wire: Wire
-) -> None:
-    """Each awaited single-task method sends one unnamed query, its own, in one round trip."""
-    verb, call = _SINGLE_CALLS[name]
-    task = runner.run(wired.create(ALICE, TaskCreate(title="seed")))
-    with wire.recording() as seen:
-        runner.run(call(wired, task))  # type: ignore[arg-type]
-    assert len(seen.queries) == 1, seen.queries
-    assert seen.queries[0].startswith(verb), seen.queries
-    assert seen.round_trips == 1
-    assert seen.prepared == []
-
-
-def test_calls_repeat_at_one_round_trip_each(
-    runner: asyncio.Runner, wired: AsyncTaskRepository, wire: Wire
-) -> None:
-    """A warm connection stays at one round trip per call, and never prepares a statement."""
-    task = runner.run(wired.create(ALICE, TaskCreate(title="seed")))
-
-    async def repeat() -> None:
-        for _ in range(8):  # psycopg 3 would prepare from the 5th execution by default
-            await wired.get(ALICE, task.id or 0)
-            await wired.update(ALICE, task.id or 0, TaskUpdate(title="again"))
-
-    with wire.recording() as seen:
-        runner.run(repeat())
-    assert seen.round_trips == 16
-    assert [q.split()[0] for q in seen.queries] == ["SELECT", "UPDATE"] * 8
-    assert seen.prepared == []
-
-
-def test_atomic_block_adds_only_begin_and_commit(
-    runner: asyncio.Runner, wired: AsyncTaskRepository, wire: Wire
-) -> None:
-    """``async with atomic()`` costs its statements plus BEGIN and COMMIT: nothing else."""
-    task = runner.run(wired.create(ALICE, TaskCreate(title="seed")))
-
-    async def block() -> None:
-        async with wired.atomic():
-            await wired.update(ALICE, task.id or 0, TaskUpdate(title="renamed"))
-            await wired.create(ALICE, TaskCreate(title="second"))
-
-    with wire.recording() as seen:
-        runner.run(block())
-    assert [q.split()[0] for q in seen.queries] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
-    assert seen.round_trips == 4
+# -- the driver -------------------------------------------------------------------------
 
 
 def test_single_calls_run_in_driver_autocommit(runner: asyncio.Runner, scratch_url: URL) -> None:

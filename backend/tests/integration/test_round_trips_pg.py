@@ -1,5 +1,8 @@
 """One network round trip per repository call, seen on the wire to PostgreSQL.
 
+Every test on ``wired_repo`` runs on both faces: TaskRepository (psycopg2) and
+AsyncTaskRepository (psycopg 3, extended protocol: Parse, Bind, Execute, Sync).
+
 A small proxy on loopback sits between the package's engine and the server. It reads
 the PostgreSQL protocol the client sends, records the SQL of every query message,
 and counts round trips: a client-to-server burst after the server has spoken. A
@@ -9,6 +12,7 @@ an extra round trip, so these tests fail the day a call starts costing two.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -19,6 +23,8 @@ import pytest
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL
 
+from tests.async_face import AwaitedRepository, open_session
+from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.db import create_db_engine, get_session, is_local_host
 from todo_backend.models import Task, TaskCreate, TaskUpdate
 from todo_backend.repository import TaskRepository
@@ -169,27 +175,49 @@ def wire(scratch_url: URL) -> Iterator[Wire]:
 
 
 @pytest.fixture
-def wired_engine(engine: Engine, wire: Wire, scratch_url: URL) -> Iterator[Engine]:
-    """The package's engine on the scratch database, reached through the proxy."""
+def wired_url(engine: Engine, wire: Wire, scratch_url: URL) -> str:
+    """The scratch database (tasks emptied by ``engine``), reached through the proxy."""
     url = scratch_url.set(
         host="127.0.0.1",
         port=wire.port,
         # Plain text so the proxy can read it; loopback only.
         query={"sslmode": "disable", "gssencmode": "disable"},
     )
-    wired = create_db_engine(url.render_as_string(hide_password=False))
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def wired_engine(wired_url: str) -> Iterator[Engine]:
+    """The package's engine on the scratch database, reached through the proxy."""
+    wired = create_db_engine(wired_url)
     yield wired
     wired.dispose()
 
 
-@pytest.fixture
-def wired_repo(wired_engine: Engine) -> Iterator[TaskRepository]:
-    """A repository on a session of the proxied engine, its connection already open."""
-    sessions = get_session(wired_engine)
-    repo = TaskRepository(next(sessions))
-    repo.count(ALICE)  # connect (startup messages) before anything is recorded
-    yield repo
-    sessions.close()
+@pytest.fixture(params=["sync", "async"])
+def wired_repo(
+    request: pytest.FixtureRequest, wired_engine: Engine, wired_url: str
+) -> Iterator[TaskRepository]:
+    """A repository of each face on a proxied session, its connection already open.
+
+    The async one is AsyncTaskRepository on psycopg 3, each call awaited to its end
+    (tests/async_face.py): the same calls must cost the same round trips.
+    """
+    if request.param == "sync":
+        sessions = get_session(wired_engine)
+        repo = TaskRepository(next(sessions))
+        repo.count(ALICE)  # connect (startup messages) before anything is recorded
+        yield repo
+        sessions.close()
+        return
+    with asyncio.Runner() as runner:
+        engine = create_async_db_engine(wired_url)
+        session, _ = runner.run(open_session(engine))
+        awaited = AwaitedRepository(AsyncTaskRepository(session), runner)
+        awaited.count(ALICE)
+        yield awaited  # type: ignore[misc]
+        runner.run(session.close())
+        runner.run(engine.dispose())
 
 
 _SINGLE_CALLS: dict[str, tuple[str, Callable[[TaskRepository, Task], object]]] = {
@@ -215,17 +243,19 @@ def test_single_task_call_is_one_query_and_one_round_trip(
     assert len(seen.queries) == 1, seen.queries
     assert seen.queries[0].startswith(verb), seen.queries
     assert seen.round_trips == 1
+    assert seen.prepared == []
 
 
 def test_calls_repeat_at_one_round_trip_each(wired_repo: TaskRepository, wire: Wire) -> None:
-    """A warm connection stays at one round trip per call, call after call."""
+    """A warm connection stays at one round trip per call and never prepares a statement."""
     task = wired_repo.create(ALICE, TaskCreate(title="seed"))
     with wire.recording() as seen:
-        for _ in range(5):
+        for _ in range(8):  # psycopg 3 would prepare from the 5th execution by default
             wired_repo.get(ALICE, task.id or 0)
             wired_repo.update(ALICE, task.id or 0, TaskUpdate(title="again"))
-    assert seen.round_trips == 10
-    assert [q.split()[0] for q in seen.queries] == ["SELECT", "UPDATE"] * 5
+    assert seen.round_trips == 16
+    assert [q.split()[0] for q in seen.queries] == ["SELECT", "UPDATE"] * 8
+    assert seen.prepared == []
 
 
 def test_a_fresh_session_per_call_costs_one_round_trip(wired_engine: Engine, wire: Wire) -> None:

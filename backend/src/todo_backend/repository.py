@@ -22,7 +22,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Engine
 from sqlmodel import Session
@@ -34,6 +34,7 @@ from todo_backend.repository_core import MAX_PAGE_SIZE
 __all__ = ["MAX_PAGE_SIZE", "TaskRepository"]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
 class TaskRepository:
@@ -56,6 +57,7 @@ class TaskRepository:
         # session bound to a Connection is always used through the session.
         bind = session.bind
         self._engine = bind if isinstance(bind, Engine) else None
+        self._pooled = self._engine is not None
 
     @contextmanager
     def atomic(self) -> Iterator[TaskRepository]:
@@ -77,7 +79,7 @@ class TaskRepository:
 
     def create(self, user_id: str, data: TaskCreate) -> Task:
         """Insert a task for *user_id*; return it with id and both timestamps set."""
-        return self._execute(core.create_call(user_id, data))
+        return self._execute(core.create_call, user_id, data)
 
     def create_many(self, user_id: str, items: Sequence[TaskCreate]) -> builtins.list[Task]:
         """Insert all *items* for *user_id* atomically, in batches; return them in order.
@@ -88,15 +90,18 @@ class TaskRepository:
         round trip; more run in one transaction. Elsewhere SQLAlchemy's batched
         multi-row ``INSERT ... RETURNING`` (insertmanyvalues) runs in a transaction.
         """
-        batches = core.create_many_calls(user_id, items, self._session.get_bind().dialect)
+        dialect = self._session.get_bind().dialect
+        plan = core.checked(self._session, core.create_many_calls, user_id, items, dialect)
+        batches = self._drive(plan)
+        numbers = range(len(batches))
         if not batches.atomic:
-            return batches.tasks([self._execute(call) for call in batches.calls])
+            return batches.tasks([self._execute(batches.call, n) for n in numbers])
         with self.atomic():
-            return batches.tasks([self._execute(call) for call in batches.calls])
+            return batches.tasks([self._execute(batches.call, n) for n in numbers])
 
     def get(self, user_id: str, task_id: int) -> Task | None:
         """Return the task *task_id* if *user_id* owns it, else None."""
-        return self._execute(core.get_call(user_id, task_id))
+        return self._execute(core.get_call, user_id, task_id)
 
     def list(
         self,
@@ -111,7 +116,7 @@ class TaskRepository:
         Filter by *complete* when given. Page with *before_id*: pass the id of the
         last task of one page to get the next (keyset pagination; no OFFSET scan).
         """
-        return self._execute(core.list_call(user_id, complete, limit, before_id))
+        return self._execute(core.list_call, user_id, complete, limit, before_id)
 
     def update(self, user_id: str, task_id: int, data: TaskUpdate) -> Task | None:
         """Apply the fields set explicitly in *data*; return the task, or None if not owned.
@@ -119,22 +124,20 @@ class TaskRepository:
         ``updated_at`` moves forward on every successful update; ``created_at`` never
         changes.
         """
-        return self._execute(core.update_call(user_id, task_id, data))
+        return self._execute(core.update_call, user_id, task_id, data)
 
     def delete(self, user_id: str, task_id: int) -> bool:
         """Delete task *task_id* if *user_id* owns it; return whether a row was deleted."""
-        return self._execute(core.delete_call(user_id, task_id))
+        return self._execute(core.delete_call, user_id, task_id)
 
     def count(self, user_id: str, *, complete: bool | None = None) -> int:
         """Count the user's tasks, optionally only complete or only pending ones."""
-        return self._execute(core.count_call(user_id, complete))
+        return self._execute(core.count_call, user_id, complete)
 
     # -- execution: the I/O of repository_core's policy -------------------------------
 
-    def _execute(self, call: core.Call[_T] | core.Known[_T]) -> _T:
-        if isinstance(call, core.Known):
-            return call.value
-        return self._drive(core.execute(call, self._session, pooled=self._engine is not None))
+    def _execute(self, plan: core.Plan[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return self._drive(core.execute(self._session, self._pooled, plan, *args, **kwargs))
 
     def _drive(self, steps: core.Steps[_T]) -> _T:
         driver = core.Driver(steps)

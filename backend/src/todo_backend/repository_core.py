@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from itertools import combinations
 from operator import itemgetter
-from typing import Any, Final, Generic, NoReturn, TypeAlias, TypeVar
+from typing import Any, Final, Generic, NoReturn, ParamSpec, TypeAlias, TypeVar
 
 from sqlalchemy import (
     ARRAY,
@@ -54,9 +54,11 @@ __all__ = [
     "Call",
     "Driver",
     "Known",
+    "Plan",
     "Run",
     "Step",
     "Steps",
+    "checked",
     "count_call",
     "create_call",
     "create_many_calls",
@@ -72,6 +74,8 @@ MAX_PAGE_SIZE: Final = 100
 _MAX_ID: Final = 2**63 - 1  # BIGINT; a larger id cannot exist, so it matches nothing
 
 _T = TypeVar("_T")
+_R = TypeVar("_R")
+_P = ParamSpec("_P")
 
 _table = Task.__table__  # type: ignore[attr-defined]
 _c = _table.c
@@ -363,6 +367,13 @@ class Batches:
     calls: Sequence[Call[Sequence[Row[Any]]]]
     atomic: bool
 
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def call(self, number: int) -> Call[Sequence[Row[Any]]]:
+        """Return the statement of batch *number*."""
+        return self.calls[number]
+
     @staticmethod
     def tasks(results: Sequence[Sequence[Row[Any]]]) -> builtins.list[Task]:
         """Build the created tasks, in input order, from the rows each call returned."""
@@ -463,18 +474,43 @@ class Driver(Generic[_T]):
         self._failure = err
 
 
-def execute(call: Call[_T], session: Session, *, pooled: bool) -> Steps[_T]:
-    """Run *call* once, or twice for a read the server dropped mid-call; translate errors.
+# What builds one call from a public method's arguments: create_call, get_call, ...
+Plan: TypeAlias = Callable[_P, Call[_T] | Known[_T]]
 
-    *session* is only inspected (its ``info`` and transaction state; for an async
-    session, its ``sync_session``), never used for I/O. *pooled* says whether the
-    session is bound to an engine, whose connections a call may borrow directly.
+
+def checked(
+    session: Session, plan: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs
+) -> Generator[Step | Run, Any, _R]:
+    """Check a call's arguments with *plan*; a failure there is a failed call like any other."""
+    try:
+        return plan(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - _fail decides and re-raises
+        return (yield from _fail(session, err))
+
+
+def execute(
+    session: Session,
+    pooled: bool,
+    plan: Plan[_P, _T],
+    /,
+    *args: _P.args,
+    **kwargs: _P.kwargs,
+) -> Steps[_T]:
+    """Make the call *plan* builds from the arguments, and run it: the policy of every call.
+
+    The statement runs once, or twice for a read the server dropped mid-call; errors
+    are translated. *session* is only inspected (its ``info`` and transaction state;
+    for an async session, its ``sync_session``), never used for I/O. *pooled* says
+    whether the session is bound to an engine, whose connections a call may borrow.
 
     Reads are safe to repeat, unless they ran inside a transaction that the failure
     ended (an atomic block, or the caller's own): that is reported, never papered
     over. Writes are not retried after being sent (the server may have applied them);
     dead idle connections are replaced before sending, at pool checkout.
     """
+    call = yield from checked(session, plan, *args, **kwargs)
+    if isinstance(call, Known):
+        return call.value
     retry = not call.write and _ATOMIC not in session.info and not session.in_transaction()
     while True:
         try:
@@ -513,9 +549,11 @@ def _connection_lost(err: Exception) -> bool:
 def _fail(session: Session, err: Exception) -> Generator[Step | Run, Any, NoReturn]:
     """Settle the session after a failed call, then raise the call's error, translated.
 
-    The one place where a failure marks the session: inside an atomic block the block
-    is marked failed (it rolls back at its end); otherwise a transaction left open by
-    the failure is rolled back here.
+    The one place where a failed call marks the session, in both faces: whatever a
+    call raises (its argument checks, sending the statement, reading the result,
+    committing) comes here. A driver error inside an atomic block marks the block
+    failed (it rolls back at its end); otherwise a transaction left open by the
+    failure is rolled back here. The error is then raised as :func:`translate` maps it.
     """
     if isinstance(err, DBAPIError):
         if _ATOMIC in session.info:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -20,6 +20,7 @@ from todo_backend.models import Task, TaskCreate, TaskUpdate
 __all__ = ["AsyncTaskRepository"]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
 class AsyncTaskRepository:
@@ -40,6 +41,7 @@ class AsyncTaskRepository:
         self._state = session.sync_session
         bind = session.bind
         self._engine = bind if isinstance(bind, AsyncEngine) else None
+        self._pooled = self._engine is not None
 
     @asynccontextmanager
     async def atomic(self) -> AsyncIterator[AsyncTaskRepository]:
@@ -58,19 +60,22 @@ class AsyncTaskRepository:
 
     async def create(self, user_id: str, data: TaskCreate) -> Task:
         """Insert a task for *user_id*; return it with id and both timestamps set."""
-        return await self._execute(core.create_call(user_id, data))
+        return await self._execute(core.create_call, user_id, data)
 
     async def create_many(self, user_id: str, items: Sequence[TaskCreate]) -> builtins.list[Task]:
         """Insert all *items* for *user_id* atomically, in batches; return them in order."""
-        batches = core.create_many_calls(user_id, items, self._state.get_bind().dialect)
+        dialect = self._state.get_bind().dialect
+        plan = core.checked(self._state, core.create_many_calls, user_id, items, dialect)
+        batches = await self._drive(plan)
+        numbers = range(len(batches))
         if not batches.atomic:
-            return batches.tasks([await self._execute(call) for call in batches.calls])
+            return batches.tasks([await self._execute(batches.call, n) for n in numbers])
         async with self.atomic():
-            return batches.tasks([await self._execute(call) for call in batches.calls])
+            return batches.tasks([await self._execute(batches.call, n) for n in numbers])
 
     async def get(self, user_id: str, task_id: int) -> Task | None:
         """Return the task *task_id* if *user_id* owns it, else None."""
-        return await self._execute(core.get_call(user_id, task_id))
+        return await self._execute(core.get_call, user_id, task_id)
 
     async def list(
         self,
@@ -81,27 +86,24 @@ class AsyncTaskRepository:
         before_id: int | None = None,
     ) -> builtins.list[Task]:
         """Return up to *limit* of the user's tasks, newest first; page with *before_id*."""
-        return await self._execute(core.list_call(user_id, complete, limit, before_id))
+        return await self._execute(core.list_call, user_id, complete, limit, before_id)
 
     async def update(self, user_id: str, task_id: int, data: TaskUpdate) -> Task | None:
         """Apply the fields set explicitly in *data*; return the task, or None if not owned."""
-        return await self._execute(core.update_call(user_id, task_id, data))
+        return await self._execute(core.update_call, user_id, task_id, data)
 
     async def delete(self, user_id: str, task_id: int) -> bool:
         """Delete task *task_id* if *user_id* owns it; return whether a row was deleted."""
-        return await self._execute(core.delete_call(user_id, task_id))
+        return await self._execute(core.delete_call, user_id, task_id)
 
     async def count(self, user_id: str, *, complete: bool | None = None) -> int:
         """Count the user's tasks, optionally only complete or only pending ones."""
-        return await self._execute(core.count_call(user_id, complete))
+        return await self._execute(core.count_call, user_id, complete)
 
     # -- execution: the awaited I/O of repository_core's policy -----------------------
 
-    async def _execute(self, call: core.Call[_T] | core.Known[_T]) -> _T:
-        if isinstance(call, core.Known):
-            return call.value
-        steps = core.execute(call, self._state, pooled=self._engine is not None)
-        return await self._drive(steps)
+    async def _execute(self, plan: core.Plan[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await self._drive(core.execute(self._state, self._pooled, plan, *args, **kwargs))
 
     async def _drive(self, steps: core.Steps[_T]) -> _T:
         driver = core.Driver(steps)

@@ -24,14 +24,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, orm
 from sqlmodel import Session
 
 from todo_backend import repository_core as core
 from todo_backend.models import Task, TaskCreate, TaskUpdate
 from todo_backend.repository_core import MAX_PAGE_SIZE
 
-__all__ = ["MAX_PAGE_SIZE", "TaskRepository"]
+__all__ = ["MAX_PAGE_SIZE", "TaskRepository", "run_statement"]
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -154,9 +154,20 @@ class TaskRepository:
             return session.commit()
         if step is core.Step.ROLLBACK:
             return session.rollback()
-        call, engine = step.call, self._engine
-        if step.pooled and engine is not None:
-            with engine.connect() as conn:
-                conn.execution_options(isolation_level="AUTOCOMMIT")
-                return call.consume(conn.execute(call.stmt, call.params))
-        return call.consume(session.connection().execute(call.stmt, call.params))
+        return run_statement(session, step, self._engine)
+
+
+def run_statement(session: orm.Session, step: core.Run, engine: Engine | None) -> Any:
+    """Send a call's statement and return what the call makes of the result.
+
+    On a pooled autocommit connection of *engine* when the policy asks for one (and
+    the session is bound to an engine), else on the session's connection. The async
+    repository runs this same function inside SQLAlchemy's greenlet bridge
+    (``AsyncSession.run_sync``): one switch per statement.
+    """
+    call = step.call
+    if step.pooled and engine is not None:
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            return call.consume(conn.execute(call.stmt, call.params))
+    return call.consume(session.connection().execute(call.stmt, call.params))

@@ -2,7 +2,10 @@
 
 The same calls, arguments, results, errors and round trips: every rule, statement
 and decision comes from :mod:`todo_backend.repository_core`; this module only
-awaits the I/O it asks for on an :class:`~sqlalchemy.ext.asyncio.AsyncSession`.
+awaits the I/O it asks for on an :class:`~sqlalchemy.ext.asyncio.AsyncSession`. A
+statement is sent by the sync repository's own :func:`run_statement`, run in
+SQLAlchemy's greenlet bridge (``AsyncSession.run_sync``) in one switch, the way
+SQLAlchemy's asyncio layer runs all of its sync core.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from todo_backend import repository_core as core
 from todo_backend.models import Task, TaskCreate, TaskUpdate
+from todo_backend.repository import run_statement
 
 __all__ = ["AsyncTaskRepository"]
 
@@ -120,10 +124,6 @@ class AsyncTaskRepository:
             return await session.commit()
         if step is core.Step.ROLLBACK:
             return await session.rollback()
-        call, engine = step.call, self._engine
-        if step.pooled and engine is not None:
-            async with engine.connect() as conn:
-                await conn.execution_options(isolation_level="AUTOCOMMIT")
-                return call.consume(await conn.execute(call.stmt, call.params))
-        connection = await session.connection()
-        return call.consume(await connection.execute(call.stmt, call.params))
+        # The whole statement (checkout, execute, check-in) in one greenlet switch.
+        engine = None if self._engine is None else self._engine.sync_engine
+        return await session.run_sync(run_statement, step, engine)

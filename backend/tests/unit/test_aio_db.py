@@ -140,3 +140,14 @@ def test_sync_package_imports_without_the_async_extra() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["t", "False"]
+
+
+def test_async_face_without_the_extra_says_how_to_install_it() -> None:
+    """import todo_backend.aio without psycopg 3 raises ImportError naming the extra."""
+    code = "import sys\nsys.modules['psycopg'] = None\nimport todo_backend.aio\n"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode != 0
+    assert "ImportError: todo_backend.aio needs the async extra (psycopg" in done.stderr
+    assert 'pip install "todo-backend[async]"' in done.stderr

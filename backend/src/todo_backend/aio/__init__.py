@@ -12,7 +12,19 @@ out the rules of :mod:`todo_backend.repository_core`, so they cannot drift apart
 the extra installed.
 """
 
-from todo_backend.aio.db import create_async_db_engine, get_async_session
-from todo_backend.aio.repository import AsyncTaskRepository
+import importlib
+
+# Fail at import, with the fix, rather than at the first query with a driver's error.
+for _module in ("greenlet", "psycopg", "aiosqlite"):
+    try:
+        importlib.import_module(_module)
+    except ImportError as _missing:
+        raise ImportError(
+            f"todo_backend.aio needs the async extra ({_module} is not installed): "
+            'pip install "todo-backend[async]"'
+        ) from _missing
+
+from todo_backend.aio.db import create_async_db_engine, get_async_session  # noqa: E402
+from todo_backend.aio.repository import AsyncTaskRepository  # noqa: E402
 
 __all__ = ["AsyncTaskRepository", "create_async_db_engine", "get_async_session"]

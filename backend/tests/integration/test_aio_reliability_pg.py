@@ -196,23 +196,34 @@ class _Request:
         assert await repo.count(self.user) >= len(self.kept)
 
 
+@pytest.fixture
+def only_pgbouncer_connects(
+    runner: asyncio.Runner, module_engine: Engine, scratch_url: URL, pgbouncer: PgBouncerFactory
+) -> Iterator[AsyncEngine]:
+    """The async engine with its default pool, through a PgBouncer that would allow 40.
+
+    The tasks table is emptied and the module's own engine closed first, so every
+    backend of the database is PgBouncer's: the bound under test is the engine's pool.
+    """
+    with module_engine.begin() as conn:
+        conn.execute(text("TRUNCATE tasks RESTART IDENTITY"))
+    module_engine.dispose()
+    bounced = pgbouncer(scratch_url, pool_size=40).url(scratch_url.database or "")
+    engine = create_async_db_engine(bounced.render_as_string(hide_password=False))
+    yield engine
+    runner.run(engine.dispose())
+
+
 @pytest.mark.slow
 @pytest.mark.pgbouncer
 def test_200_coroutines_for_20_users_through_pgbouncer(
     runner: asyncio.Runner,
-    module_engine: Engine,
+    only_pgbouncer_connects: AsyncEngine,
     admin_engine: Engine,
     scratch_url: URL,
-    pgbouncer: PgBouncerFactory,
 ) -> None:
     """200 concurrent coroutines on the default pool: no error, exact counts, <= 20 servers."""
-    with module_engine.begin() as conn:
-        conn.execute(text("TRUNCATE tasks RESTART IDENTITY"))
-    module_engine.dispose()  # from here on, every backend of the database is PgBouncer's
-    database = scratch_url.database or ""
-    # PgBouncer would allow 40: the bound under test is the engine's own default pool.
-    bouncer = pgbouncer(scratch_url, pool_size=40)
-    engine = create_async_db_engine(bouncer.url(database).render_as_string(hide_password=False))
+    engine = only_pgbouncer_connects
     requests = [_Request(engine, f"user{i % USERS}", i) for i in range(COROUTINES)]
 
     async def serve() -> dict[str, tuple[set[int], int]]:
@@ -228,15 +239,12 @@ def test_200_coroutines_for_20_users_through_pgbouncer(
                 stored[user] = (ids, await repo.count(user, complete=True))
         return stored
 
-    try:
-        with PeakSampler(
-            admin_engine,
-            "select count(*) from pg_stat_activity where datname = :db",
-            {"db": database},
-        ) as servers:
-            stored = runner.run(serve())
-    finally:
-        runner.run(engine.dispose())
+    with PeakSampler(
+        admin_engine,
+        "select count(*) from pg_stat_activity where datname = :db",
+        {"db": scratch_url.database},
+    ) as servers:
+        stored = runner.run(serve())
     assert [r.errors for r in requests] == [[] for _ in requests]
     assert 1 <= servers.peak <= 20
     per_user = Counter(r.user for r in requests)

@@ -49,12 +49,22 @@ _CATALOG = text(
 @pytest.fixture
 def url(scratch_url: URL) -> str:
     """The module's scratch database with an empty public schema for each test."""
-    admin = create_engine(scratch_url, isolation_level="AUTOCOMMIT")
+    return _emptied_schema(scratch_url)
+
+
+def _emptied_schema(database: URL) -> str:
+    admin = create_engine(database, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE"))
         conn.execute(text("CREATE SCHEMA public"))
     admin.dispose()
-    return scratch_url.render_as_string(hide_password=False)
+    return database.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def own_url(own_scratch_url: URL) -> str:
+    """A database on our own cluster (for a PgBouncer of our own), its schema emptied."""
+    return _emptied_schema(own_scratch_url)
 
 
 @pytest.fixture
@@ -140,7 +150,7 @@ def test_round_trip_keeps_working_with_data(url: str, engine: Engine) -> None:
 
 @pytest.mark.pgbouncer
 def test_migrations_run_through_pgbouncer_in_transaction_mode(
-    url: str, admin_url: URL, pgbouncer: PgBouncerFactory
+    own_url: str, own_scratch_url: URL, pgbouncer: PgBouncerFactory
 ) -> None:
     """Upgrade, check, use, downgrade and re-upgrade through a one-connection transaction pool.
 
@@ -148,8 +158,8 @@ def test_migrations_run_through_pgbouncer_in_transaction_mode(
     that only works because PgBouncer hands it out per transaction and the migration
     keeps nothing on the server session between its transactions.
     """
-    bouncer = pgbouncer(admin_url, pool_size=1)
-    pooled = _through(bouncer, url)
+    bouncer = pgbouncer(own_scratch_url, pool_size=1)
+    pooled = _through(bouncer, own_url)
     bystander = create_engine(pooled)
     with bystander.connect() as idle:
         idle.execute(text("select 1"))
@@ -171,15 +181,15 @@ def test_migrations_run_through_pgbouncer_in_transaction_mode(
 
 @pytest.mark.pgbouncer
 def test_a_failing_revision_through_pgbouncer_leaves_nothing_behind(
-    url: str,
-    admin_url: URL,
+    own_url: str,
+    own_scratch_url: URL,
     pgbouncer: PgBouncerFactory,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The whole upgrade is one transaction: a failing revision rolls back its DDL too."""
-    bouncer = pgbouncer(admin_url, pool_size=1)
-    pooled = _through(bouncer, url)
+    bouncer = pgbouncer(own_scratch_url, pool_size=1)
+    pooled = _through(bouncer, own_url)
     migrate.upgrade(pooled, "0001")
     scripts_with(
         tmp_path,
@@ -192,7 +202,7 @@ def test_a_failing_revision_through_pgbouncer_leaves_nothing_behind(
     )
     with pytest.raises(ProgrammingError, match="no_such_function"):
         migrate.upgrade(pooled)
-    engine = create_db_engine(url)
+    engine = create_db_engine(own_url)
     assert "half_done" not in inspect(engine).get_table_names()
     assert "priority" not in {c["name"] for c in inspect(engine).get_columns("tasks")}
     engine.dispose()

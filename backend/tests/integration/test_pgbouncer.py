@@ -3,7 +3,8 @@
 Transaction pooling hands each transaction (in autocommit: each statement) to any free
 server connection, so nothing may rely on session state: no session-level SET, no
 server-side prepared statements, no LISTEN, no advisory locks or cursors held across
-transactions. The repository contract runs through a PgBouncer; a concurrency test
+transactions. The repository contract runs through a PgBouncer of our own (in front
+of a throwaway cluster, whatever server TEST_DATABASE_URL names); a concurrency test
 squeezes many clients through two server connections; and the server's own statement
 log shows the engine never sends anything session-scoped.
 """
@@ -16,10 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
-from tests.fix_servers import ClusterFactory, PeakSampler, PgBouncerFactory
+from tests.fix_servers import ClusterFactory, PeakSampler, PgBouncerFactory, PgCluster
 from tests.repository_contract import RepositoryContract
 from todo_backend.db import check_database, create_db_engine, get_session, init_db
 from todo_backend.db import wait_for_database as wait_for_database_
@@ -35,13 +36,11 @@ def _url_text(url: URL) -> str:
 
 @pytest.fixture
 def engine(
-    module_engine: Engine, scratch_url: URL, pgbouncer: PgBouncerFactory
+    own_engine: Engine, own_scratch_url: URL, pgbouncer: PgBouncerFactory
 ) -> Iterator[Engine]:
-    """The package's engine on the scratch database, through a fresh PgBouncer."""
-    with module_engine.begin() as conn:
-        conn.execute(text("TRUNCATE tasks RESTART IDENTITY"))
-    bouncer = pgbouncer(scratch_url)
-    bounced = create_db_engine(_url_text(bouncer.url(scratch_url.database or "")))
+    """The package's engine on a database of our own cluster, through a fresh PgBouncer."""
+    bouncer = pgbouncer(own_scratch_url)
+    bounced = create_db_engine(_url_text(bouncer.url(own_scratch_url.database or "")))
     yield bounced
     bounced.dispose()
 
@@ -102,21 +101,19 @@ class _Client:
 
 
 def test_concurrent_clients_share_two_server_connections(
-    module_engine: Engine, admin_engine: Engine, scratch_url: URL, pgbouncer: PgBouncerFactory
+    own_engine: Engine, own_cluster: PgCluster, own_scratch_url: URL, pgbouncer: PgBouncerFactory
 ) -> None:
     """Sixteen concurrent clients through a 2-connection PgBouncer pool get exact results."""
-    with module_engine.begin() as conn:
-        conn.execute(text("TRUNCATE tasks RESTART IDENTITY"))
-    module_engine.dispose()  # from here on, every backend of the database is PgBouncer's
-    database = scratch_url.database or ""
-    bouncer = pgbouncer(scratch_url, pool_size=2)
+    own_engine.dispose()  # from here on, every backend of the database is PgBouncer's
+    database = own_scratch_url.database or ""
+    bouncer = pgbouncer(own_scratch_url, pool_size=2)
     engine = create_db_engine(_url_text(bouncer.url(database)))
     clients = [_Client(engine, f"user{i % 8}") for i in range(16)]
     barrier = threading.Barrier(len(clients))
     threads = [threading.Thread(target=c.run, args=(barrier,), daemon=True) for c in clients]
     try:
         with PeakSampler(
-            admin_engine,
+            own_cluster.admin_engine(),
             "select count(*) from pg_stat_activity where datname = :db",
             {"db": database},
         ) as servers:

@@ -23,7 +23,21 @@ PYTHONS = ["3.11", "3.12", "3.13"]
 ROOT = Path(__file__).parent
 CODE = ["backend", "noxfile.py"]
 WORKFLOWS = sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.yml"))
+
+
+def _shell_scripts() -> list[str]:
+    """Return the shell scripts to lint: ``.ci/run`` and every tracked ``*.sh``."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "--", "*.sh"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.split()
+    return [".ci/run", *tracked]
+
+
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+# One worker per core, each test module on one worker (it owns a scratch database):
+# the console-script and cluster tests wait on process start-up.
+INTEGRATION = ["pytest", "-n", "auto", "--dist", "loadfile", "backend/tests/integration"]
+UNIT = ["pytest", "-p", "no:hypothesispytest", "backend/tests/unit"]
 
 
 def _expose_pyenv_pythons() -> None:
@@ -73,10 +87,11 @@ def install(session: nox.Session, *groups: str) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Ruff lint and format check; GitHub workflow schema and security audit."""
+    """Ruff lint and format check, shellcheck, GitHub workflow schema and security audit."""
     install(session, "lint")
     session.run("ruff", "check", *CODE)
     session.run("ruff", "format", "--check", *CODE)
+    session.run("shellcheck", *_shell_scripts())
     if WORKFLOWS:
         session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *WORKFLOWS)
         # The auditor persona reports everything; each exception is explained inline.
@@ -95,7 +110,7 @@ def tests(session: nox.Session) -> None:
     """Unit tests on in-memory SQLite (the 90% branch-coverage floor measured on 3.11)."""
     install(session, "test")
     # No unit test uses Hypothesis; its plugin would cost every run 0.3 s of imports.
-    pytest = ["pytest", "-p", "no:hypothesispytest", "backend/tests/unit", *session.posargs]
+    pytest = [*UNIT, *session.posargs]
     if session.python != PYTHONS[0]:
         # Branch coverage is a property of the suite, not of the interpreter: tracing
         # doubles a run, so it is measured once, on the oldest supported Python.
@@ -111,14 +126,61 @@ def tests(session: nox.Session) -> None:
 def integration(session: nox.Session) -> None:
     """PostgreSQL tests against TEST_DATABASE_URL (default: the local server).
 
-    With CI=true, a missing or unreachable database fails the session.
+    Any server: this machine's, a service container, a Neon branch (pooled or direct),
+    the Neon stand-in. With CI=true, a missing or unreachable database fails the session.
     """
     install(session, "test")
     session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
-    # One worker per core, each test module on one worker (it owns a scratch
-    # database): the console-script and cluster tests wait on process start-up.
-    workers = ["-n", "auto", "--dist", "loadfile"]
-    session.run("pytest", *workers, "backend/tests/integration", *session.posargs)
+    session.run(*INTEGRATION, *session.posargs)
+
+
+@nox.session(default=False)
+def standin(session: nox.Session) -> None:
+    """Run the integration suite through the Neon stand-in's pooled, then direct endpoint.
+
+    The stand-in (backend/tests/neon_standin.py) is started on 127.0.0.2 for the
+    session and stopped afterwards, passed or failed.
+    """
+    install(session, "test")
+    state = Path(session.create_tmp()) / "standin"
+    standin = ["python", "-m", "tests.neon_standin"]
+    session.env["PYTHONPATH"] = str(ROOT / "backend")
+    session.run(*standin, "start", "--dir", str(state))
+    try:
+        for endpoint in ("pooled", "direct"):
+            url = (state / f"{endpoint}.url").read_text().strip()
+            session.log(f"integration suite through the stand-in's {endpoint} endpoint")
+            session.run(*INTEGRATION, *session.posargs, env={"TEST_DATABASE_URL": url})
+    finally:
+        session.run(*standin, "stop", "--dir", str(state))
+
+
+@nox.session(name="deps-lowest", python=PYTHONS[0], default=False)
+def deps_lowest(session: nox.Session) -> None:
+    """Run the unit suite on the lowest versions pyproject.toml allows (not the lock)."""
+    _unlocked(session, "lowest-direct")
+
+
+@nox.session(name="deps-latest", python=PYTHONS[-1], default=False)
+def deps_latest(session: nox.Session) -> None:
+    """Run the unit suite on the newest releases pyproject.toml allows (not the lock)."""
+    _unlocked(session, "highest")
+
+
+def _unlocked(session: nox.Session, resolution: str) -> None:
+    session.run_install(
+        "uv",
+        "pip",
+        "install",
+        "--upgrade",
+        f"--resolution={resolution}",
+        f"--python={session.virtualenv.location}",
+        "--editable=.",
+        "--group=test",
+        external=True,
+    )
+    session.run("uv", "pip", "list", f"--python={session.virtualenv.location}", external=True)
+    session.run(*UNIT, *session.posargs)
 
 
 @nox.session(default=False)

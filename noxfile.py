@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from xml.etree import ElementTree
 
 import nox
 
@@ -38,6 +39,9 @@ LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 # the console-script and cluster tests wait on process start-up.
 INTEGRATION = ["pytest", "-n", "auto", "--dist", "loadfile", "backend/tests/integration"]
 UNIT = ["pytest", "-p", "no:hypothesispytest", "backend/tests/unit"]
+# On GitHub Actions each pytest run leaves JUnit XML here (uploaded by the workflow)
+# and its counts in the job summary.
+REPORTS = ROOT / "reports"
 
 
 def _expose_pyenv_pythons() -> None:
@@ -92,10 +96,19 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", *CODE)
     session.run("ruff", "format", "--check", *CODE)
     session.run("shellcheck", *_shell_scripts())
+    github = ROOT / ".github"
     if WORKFLOWS:
         session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *WORKFLOWS)
-        # The auditor persona reports everything; each exception is explained inline.
-        session.run("zizmor", "--offline", "--persona=auditor", *WORKFLOWS)
+    actions = sorted(str(p) for p in github.glob("actions/*/action.yml"))
+    if actions:
+        session.run("check-jsonschema", "--builtin-schema", "vendor.github-actions", *actions)
+    if (github / "dependabot.yml").exists():
+        dependabot = str(github / "dependabot.yml")
+        session.run("check-jsonschema", "--builtin-schema", "vendor.dependabot", dependabot)
+    if github.is_dir():
+        # Workflows, composite actions and the Dependabot config. The auditor persona
+        # reports everything; each exception is explained inline.
+        session.run("zizmor", "--offline", "--persona=auditor", str(github))
 
 
 @nox.session
@@ -114,12 +127,19 @@ def tests(session: nox.Session) -> None:
     if session.python != PYTHONS[0]:
         # Branch coverage is a property of the suite, not of the interpreter: tracing
         # doubles a run, so it is measured once, on the oldest supported Python.
-        session.run(*pytest)
+        run_pytest(session, session.name, pytest)
         return
     session.env["COVERAGE_FILE"] = str(ROOT / ".nox" / f".coverage-{session.python}")
     session.run("coverage", "erase")
-    session.run("coverage", "run", "-m", *pytest)
-    session.run("coverage", "report")
+    run_pytest(session, session.name, ["coverage", "run", "-m", *pytest])
+    try:
+        session.run("coverage", "report")
+    finally:
+        if "GITHUB_STEP_SUMMARY" in os.environ:
+            table = session.run(
+                "coverage", "report", "--format=markdown", "--fail-under=0", silent=True
+            )
+            _summary(f"### Branch coverage ({session.name})\n\n{table}\n")
 
 
 @nox.session
@@ -131,7 +151,8 @@ def integration(session: nox.Session) -> None:
     """
     install(session, "test")
     session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
-    session.run(*INTEGRATION, *session.posargs)
+    label = os.environ.get("TEST_DATABASE_LABEL", session.name)
+    run_pytest(session, label, [*INTEGRATION, *session.posargs])
 
 
 @nox.session(default=False)
@@ -150,7 +171,8 @@ def standin(session: nox.Session) -> None:
         for endpoint in ("pooled", "direct"):
             url = (state / f"{endpoint}.url").read_text().strip()
             session.log(f"integration suite through the stand-in's {endpoint} endpoint")
-            session.run(*INTEGRATION, *session.posargs, env={"TEST_DATABASE_URL": url})
+            session.env["TEST_DATABASE_URL"] = url
+            run_pytest(session, f"standin-{endpoint}", [*INTEGRATION, *session.posargs])
     finally:
         session.run(*standin, "stop", "--dir", str(state))
 
@@ -180,7 +202,47 @@ def _unlocked(session: nox.Session, resolution: str) -> None:
         external=True,
     )
     session.run("uv", "pip", "list", f"--python={session.virtualenv.location}", external=True)
-    session.run(*UNIT, *session.posargs)
+    run_pytest(session, session.name, [*UNIT, *session.posargs])
+
+
+def run_pytest(session: nox.Session, label: str, command: list[str]) -> None:
+    """Run *command* (a pytest run); on GitHub Actions also report it as *label*.
+
+    There, pytest writes JUnit XML to ``reports/<label>.xml`` and the job summary
+    gets a line of counts, whether the run passed or not.
+    """
+    if os.environ.get("GITHUB_ACTIONS") != "true":
+        session.run(*command)
+        return
+    junit = REPORTS / f"{label}.xml"
+    junit.unlink(missing_ok=True)
+    try:
+        session.run(*command, f"--junitxml={junit}")
+    finally:
+        _summary(_junit_counts(label, junit))
+
+
+def _junit_counts(label: str, junit: Path) -> str:
+    """One Markdown line with the passed/failed/errors/skipped counts of a JUnit file."""
+    if not junit.is_file():
+        return f"**{label}**: no test report (pytest did not run to the end)\n\n"
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    root = ElementTree.parse(junit).getroot()  # noqa: S314 - the report pytest just wrote
+    for suite in root.iter("testsuite"):
+        for key in totals:
+            totals[key] += int(suite.get(key, "0"))
+    passed = totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]
+    return (
+        f"**{label}**: {passed} passed, {totals['failures']} failed, "
+        f"{totals['errors']} errors, {totals['skipped']} skipped\n\n"
+    )
+
+
+def _summary(markdown: str) -> None:
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(markdown)
 
 
 @nox.session(default=False)

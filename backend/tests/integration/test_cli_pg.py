@@ -47,6 +47,23 @@ def test_list_on_a_fresh_database_creates_the_schema(
     assert inspect(module_engine).has_table("tasks")
 
 
+def test_migrate_then_migrate_check(
+    module_engine: Engine, scratch_url: URL, tmp_path: Path
+) -> None:
+    """migrate builds the schema on an empty database; migrate --check then finds it current."""
+    _drop_tasks(module_engine)
+    env = _env(scratch_url)
+    behind = run_cli("migrate", "--check", cwd=tmp_path, env=env)
+    assert behind.returncode == ExitCode.MIGRATION_NEEDED, behind.stdout + behind.stderr
+    migrated = run_cli("migrate", cwd=tmp_path, env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert inspect(module_engine).has_table("tasks")
+    current = run_cli("migrate", "--check", cwd=tmp_path, env=env)
+    assert current.returncode == 0, current.stdout + current.stderr
+    again = run_cli("migrate", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+
+
 def test_lifecycle_and_isolation(
     engine: Engine, scratch_url: URL, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

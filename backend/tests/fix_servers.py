@@ -564,7 +564,8 @@ def start_pgbouncer(
     *pool_size* server connections per database and user. *users* given as a list
     are trusted; given as a mapping of passwords, clients authenticate with SCRAM and
     PgBouncer logs in to the server with the same password. ``tls`` makes PgBouncer
-    require TLS from its clients and use it towards the server, as Neon's pooler does.
+    require TLS from its clients, as Neon's pooler does, and use it towards a server
+    that offers it.
     """
     binary = find_binary("pgbouncer")
     if not (target.host or "").startswith("127.") or not listen.startswith("127."):
@@ -596,7 +597,8 @@ def start_pgbouncer(
             "client_tls_sslmode = require",
             f"client_tls_key_file = {base / 'server.key'}",
             f"client_tls_cert_file = {base / 'server.crt'}",
-            "server_tls_sslmode = require",
+            # TLS towards a server that offers it (a server that requires it gets it).
+            "server_tls_sslmode = prefer",
         ]
     (base / "pgbouncer.ini").write_text("\n".join(lines) + "\n")
     run_as.own(base)
@@ -619,7 +621,12 @@ class PgBouncerFactory(Protocol):
     """Makes a PgBouncer: see :func:`pgbouncer`."""
 
     def __call__(  # noqa: D102 - documented on pgbouncer
-        self, target: URL, *, pool_size: int = 5, users: Sequence[str] = ("postgres",)
+        self,
+        target: URL,
+        *,
+        pool_size: int = 5,
+        users: Sequence[str] = ("postgres",),
+        tls: bool = False,
     ) -> PgBouncer: ...
 
 
@@ -629,12 +636,19 @@ def pgbouncer(server_account: ServerAccount) -> Iterator[PgBouncerFactory]:
 
     ``make(target)`` forwards every database name to *target* (a loopback server, e.g.
     a throwaway cluster) in transaction pool mode with at most *pool_size* server
-    connections per database and user, trusting the listed *users*.
+    connections per database and user, trusting the listed *users*; ``tls`` makes it
+    require TLS from its clients.
     """
     made: list[PgBouncer] = []
 
-    def make(target: URL, *, pool_size: int = 5, users: Sequence[str] = ("postgres",)) -> PgBouncer:
-        bouncer = start_pgbouncer(server_account, target, pool_size=pool_size, users=users)
+    def make(
+        target: URL,
+        *,
+        pool_size: int = 5,
+        users: Sequence[str] = ("postgres",),
+        tls: bool = False,
+    ) -> PgBouncer:
+        bouncer = start_pgbouncer(server_account, target, pool_size=pool_size, users=users, tls=tls)
         made.append(bouncer)
         return bouncer
 

@@ -231,8 +231,10 @@ class DatabaseHealth:
 def check_database(engine: Engine) -> DatabaseHealth:
     """Connect, run one query, and report; never raises for an unreachable database.
 
-    ``ssl`` is None when the server cannot say (SQLite, or a role not allowed to read
-    ``pg_stat_ssl``). The answer comes within the engine's connect timeout. ``detail``
+    ``ssl`` tells whether this client's own connection is encrypted, as the driver
+    sees it: behind a pooler (Neon's pooled endpoint) that is the hop that leaves the
+    machine, while the server only sees the pooler's connection. It is None for
+    SQLite. The answer comes within the engine's connect timeout. ``detail``
     names the host (password masked) and, on failure, what to check.
     """
     started = time.perf_counter()
@@ -243,9 +245,8 @@ def check_database(engine: Engine) -> DatabaseHealth:
                 version = "SQLite " + str(conn.exec_driver_sql("select sqlite_version()").scalar())
                 ssl: bool | None = None
             else:
-                row = conn.execute(_PG_HEALTH).one()
-                version = str(row.version)
-                ssl = row.ssl
+                version = str(conn.execute(_PG_HEALTH).scalar_one())
+                ssl = bool(conn.connection.dbapi_connection.info.ssl_in_use)  # type: ignore[union-attr]
     except (SQLAlchemyError, OSError) as err:
         latency = (time.perf_counter() - started) * 1000
         return DatabaseHealth(
@@ -261,11 +262,8 @@ def check_database(engine: Engine) -> DatabaseHealth:
     )
 
 
-# One round trip: version, and TLS state of this very backend when visible.
-_PG_HEALTH: Final = text(
-    "select current_setting('server_version') as version, "
-    "(select s.ssl from pg_stat_ssl s where s.pid = pg_backend_pid()) as ssl"
-)
+# One round trip; whether TLS is on is the driver's to say, not the server's.
+_PG_HEALTH: Final = text("select current_setting('server_version')")
 
 
 def wait_for_database(engine: Engine, *, attempts: int = 5, base_delay: float = 0.5) -> None:

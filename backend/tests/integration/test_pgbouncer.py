@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
 from tests.fix_servers import ClusterFactory, PeakSampler, PgBouncerFactory, PgCluster
@@ -98,6 +98,35 @@ class _Client:
             assert got is not None
             assert got.user_id == self.user
         assert all(t.user_id == self.user for t in repo.list(self.user, limit=100))
+
+
+def test_health_reports_the_clients_own_tls_behind_a_pooler(
+    own_scratch_url: URL, own_cluster: PgCluster, pgbouncer: PgBouncerFactory
+) -> None:
+    """Behind a TLS pooler whose server hop is plain, check_database reports TLS on.
+
+    That is Neon's pooled endpoint: the pooler sits next to the server, so the server
+    sees a plain-text connection while the one leaving the client's machine is
+    encrypted, and that one is what the health check must tell about.
+    """
+    bouncer = pgbouncer(own_scratch_url, tls=True)
+    url = bouncer.url(own_scratch_url.database or "").update_query_dict({"sslmode": "require"})
+    engine = create_db_engine(_url_text(url))
+    try:
+        health = check_database(engine)
+        with own_cluster.admin_engine().connect() as conn:
+            server_side = conn.execute(
+                text(
+                    "select bool_or(s.ssl) from pg_stat_ssl s join pg_stat_activity a using (pid)"
+                    " where a.datname = :db"
+                ),
+                {"db": own_scratch_url.database},
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert health.ok, health.detail
+    assert health.ssl is True
+    assert server_side is False  # the pooler's own connection to the server is plain
 
 
 def test_concurrent_clients_share_two_server_connections(

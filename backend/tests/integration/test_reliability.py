@@ -213,6 +213,18 @@ def test_every_method_survives_terminated_connections(
     # the relay replaces the server side, and the checks above are what must hold.
 
 
+def test_health_checks_answer_on_the_server_under_test(engine: Engine) -> None:
+    """check_database and wait_for_database succeed and report the connection's own TLS."""
+    wait_for_database_(engine, attempts=1)
+    health = check_database(engine)
+    assert health.ok, health.detail
+    assert health.server_version[:1].isdigit()
+    with engine.connect() as conn:
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        assert health.ssl is bool(dbapi.info.ssl_in_use)
+
+
 def test_healthy_idle_connections_are_reused(engine: Engine, connects: _Connects) -> None:
     """The liveness check at checkout never rejects a healthy idle connection."""
     repo = _repo(engine)

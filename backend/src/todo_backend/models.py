@@ -39,6 +39,7 @@ __all__ = [
     "LAYOUT_CONTROLS",
     "TITLE_MAX_LENGTH",
     "USER_ID_MAX_LENGTH",
+    "WHITESPACE_RANGES",
     "Description",
     "Task",
     "TaskCreate",
@@ -47,7 +48,6 @@ __all__ = [
     "TextCheck",
     "Title",
     "UserId",
-    "WHITESPACE_RANGES",
     "utc_now",
     "validate_user_id",
 ]

@@ -94,8 +94,7 @@ def typecheck(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Unit tests on in-memory SQLite (the 90% branch-coverage floor measured on 3.11)."""
     install(session, "test")
-    # No unit test uses Hypothesis; its plugin would cost every run 0.3 s of imports.
-    pytest = ["pytest", "-p", "no:hypothesispytest", "backend/tests/unit", *session.posargs]
+    pytest = ["pytest", "backend/tests/unit", *session.posargs]
     if session.python != PYTHONS[0]:
         # Branch coverage is a property of the suite, not of the interpreter: tracing
         # doubles a run, so it is measured once, on the oldest supported Python.

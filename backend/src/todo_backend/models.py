@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Self
 
 from pydantic import (
     AfterValidator,
@@ -370,6 +370,15 @@ class Task(TaskFields, table=True):
         building = _BUILDING.set(True)  # the values are validated: skip __setattr__'s check
         try:
             super().__init__(**data)
+        finally:
+            _BUILDING.reset(building)
+
+    @classmethod
+    def model_validate(cls, *args: Any, **kwargs: Any) -> Self:
+        """Validate like ``TaskFields`` (sqlmodel's path), then set the values unchecked."""
+        building = _BUILDING.set(True)  # sqlmodel assigns the values it just validated
+        try:
+            return super().model_validate(*args, **kwargs)
         finally:
             _BUILDING.reset(building)
 

@@ -177,7 +177,7 @@ def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
     assert "user_id (ck_tasks_user_id_text): task ids 2, 3;" in message
     shown = ", ".join(str(i) for i in range(5, 25))
     assert f"title (ck_tasks_title_text): task ids {shown} and 5 more;" in message
-    assert "description (ck_tasks_description_text): task ids 4." in message
+    assert "description (ck_tasks_description_text): task id 4." in message
     assert migrate.current_revision(url) == "0001"
     assert _catalog(engine) == before
 

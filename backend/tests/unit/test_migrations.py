@@ -155,9 +155,9 @@ def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
     with pytest.raises(migrate.MigrationError) as refused:
         migrate.upgrade(url)
     message = str(refused.value)
-    assert "user_id (ck_tasks_user_id_text): task ids 4;" in message
+    assert "user_id (ck_tasks_user_id_text): task id 4;" in message
     assert "title (ck_tasks_title_text): task ids 3, 6;" in message
-    assert "description (ck_tasks_description_text): task ids 5." in message
+    assert "description (ck_tasks_description_text): task id 5." in message
     assert "Nothing was changed" in message
     assert migrate.current_revision(url) == "0001"
     assert _schema(engine) == before

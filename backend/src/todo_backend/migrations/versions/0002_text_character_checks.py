@@ -109,13 +109,15 @@ def _refuse_rows_breaking(checks: Mapping[str, str]) -> None:
             shown = ", ".join(str(i) for i in ids[:_SHOWN_IDS])
             more = f" and {len(ids) - _SHOWN_IDS} more" if len(ids) > _SHOWN_IDS else ""
             field = name.removeprefix("ck_tasks_").removesuffix("_text")
-            broken.append(f"{field} ({name}): task ids {shown}{more}")
+            ids_word = "task id" if len(ids) == 1 else "task ids"
+            broken.append(f"{field} ({name}): {ids_word} {shown}{more}")
     if broken:
         raise MigrationError(
             "revision 0002 refuses control characters in tasks' text (and whitespace "
             "around user_id), and stored rows break that: "
             + "; ".join(broken)
-            + ". Nothing was changed: correct or delete those tasks, then migrate again."
+            + ". Nothing was changed: correct or delete those rows with SQL (the "
+            "application refuses such text), then migrate again."
         )
 
 

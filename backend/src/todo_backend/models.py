@@ -94,8 +94,12 @@ def _runs(ranges: tuple[tuple[int, int], ...], *, keep: str = "") -> tuple[tuple
 
 
 def _regex_class(runs: tuple[tuple[int, int], ...]) -> str:
+    """Return the body of a regular-expression class matching the code points of *runs*."""
     return "".join(
-        f"\\x{low:02x}" if low == high else f"\\x{low:02x}-\\x{high:02x}" for low, high in runs
+        f"\\x{low:02x}-\\x{high:02x}"
+        if high > low + 1
+        else "".join(f"\\x{cp:02x}" for cp in range(low, high + 1))
+        for low, high in runs
     )
 
 
@@ -174,8 +178,8 @@ def _text_check_on_postgresql(element: TextCheck, _compiler: Any, **_kw: Any) ->
 
 
 # The same rules as JSON Schema patterns for TaskRead's schema (data contract v1.0.0).
-_NO_CONTROL_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]*$"
-_NO_CONTROL_EXCEPT_LAYOUT_PATTERN: Final = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"
+_NO_CONTROL_PATTERN: Final = f"^[^{_regex_class(_CONTROLS)}]*$"
+_NO_CONTROL_EXCEPT_LAYOUT_PATTERN: Final = f"^[^{_regex_class(_CONTROLS_EXCEPT_LAYOUT)}]*$"
 
 
 def utc_now() -> datetime:

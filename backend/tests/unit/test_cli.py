@@ -357,6 +357,17 @@ def test_demo_hint_repeats_the_database_url_but_never_a_password(
     )
 
 
+def test_demo_hint_for_a_program_in_the_working_directory_or_embedded(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """./todo-db for a script in the working directory; the bare name when main() is embedded."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr("sys.argv", [str(workdir / "todo-db"), "demo"])
+    assert _closing_hint(capsys) == "./todo-db list --user demo-alice"
+    monkeypatch.setattr("sys.argv", ["/srv/app/serve.py"])
+    assert _closing_hint(capsys) == "todo-db list --user demo-alice"
+
+
 def test_demo_hint_after_python_dash_m(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -38,7 +38,7 @@ LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 # One worker per core, each test module on one worker (it owns a scratch database):
 # the console-script and cluster tests wait on process start-up.
 INTEGRATION = ["pytest", "-n", "auto", "--dist", "loadfile", "backend/tests/integration"]
-UNIT = ["pytest", "-p", "no:hypothesispytest", "backend/tests/unit"]
+UNIT = ["pytest", "backend/tests/unit"]
 # On GitHub Actions each pytest run leaves JUnit XML here (uploaded by the workflow)
 # and its counts in the job summary.
 REPORTS = ROOT / "reports"
@@ -122,7 +122,6 @@ def typecheck(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Unit tests on in-memory SQLite (the 90% branch-coverage floor measured on 3.11)."""
     install(session, "test")
-    # No unit test uses Hypothesis; its plugin would cost every run 0.3 s of imports.
     pytest = [*UNIT, *session.posargs]
     if session.python != PYTHONS[0]:
         # Branch coverage is a property of the suite, not of the interpreter: tracing

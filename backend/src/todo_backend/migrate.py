@@ -45,7 +45,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import CheckConstraint, Connection, Engine, String, Table, inspect
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.schema import SchemaItem
 from sqlmodel import SQLModel
 from sqlmodel.main import default_registry
@@ -393,7 +393,7 @@ def _check_constraint_differences(connection: Connection) -> list[str]:
     for table in package_tables():
         if not inspector.has_table(table.name, table.schema):
             continue  # reported by compare_metadata already
-        models = _model_checks(table)
+        models = _model_checks(table, connection.dialect)
         database = {
             str(ck["name"]): _normalise_sql(ck["sqltext"])
             for ck in inspector.get_check_constraints(table.name, table.schema)
@@ -418,9 +418,10 @@ def _check_constraint_differences(connection: Connection) -> list[str]:
     return found
 
 
-def _model_checks(table: Table) -> dict[str, str]:
+def _model_checks(table: Table, dialect: Dialect) -> dict[str, str]:
+    # Compiled for the database's dialect: a condition may differ per database.
     return {
-        str(constraint.name): _normalise_sql(str(constraint.sqltext))
+        str(constraint.name): _normalise_sql(str(constraint.sqltext.compile(dialect=dialect)))
         for constraint in table.constraints
         if isinstance(constraint, CheckConstraint) and isinstance(constraint.name, str)
     }

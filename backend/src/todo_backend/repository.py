@@ -16,11 +16,12 @@ both against raw psycopg2).
 from __future__ import annotations
 
 import builtins
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import combinations
 from operator import itemgetter
-from typing import Any, Final, NoReturn, TypeVar
+from typing import Any, Concatenate, Final, NoReturn, ParamSpec, TypeVar
 
 from sqlalchemy import (
     ARRAY,
@@ -54,6 +55,7 @@ MAX_PAGE_SIZE: Final = 100
 _MAX_ID: Final = 2**63 - 1  # BIGINT; a larger id cannot exist, so it matches nothing
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 _table = Task.__table__  # type: ignore[attr-defined]
 _c = _table.c
@@ -237,6 +239,28 @@ def _valid_id(task_id: int) -> bool:
     return 0 < task_id <= _MAX_ID
 
 
+def _fails_the_block(
+    method: Callable[Concatenate[TaskRepository, _P], _T],
+) -> Callable[Concatenate[TaskRepository, _P], _T]:
+    """Mark the enclosing atomic() block failed when *method* raises, whatever the error.
+
+    A refused argument (``ValidationError``, ``TypeError``, ``ValueError``) fails the
+    block as surely as a database error, even if the caller catches it.
+    """
+
+    @functools.wraps(method)
+    def call(self: TaskRepository, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            info = self._session.info
+            if _ATOMIC in info:
+                info[_ATOMIC] = True
+            raise
+
+    return call
+
+
 class TaskRepository:
     """Create, read, update and delete one user's tasks through a :class:`Session`.
 
@@ -271,8 +295,9 @@ class TaskRepository:
         Single calls outside a block autocommit and cost one round trip; inside, the
         connection opens a real transaction (BEGIN ... COMMIT). Nested blocks, and
         other repositories on the same session, join the outer block. If any call in
-        the block failed, the block rolls back even when the caller caught the error,
-        and raises :class:`TodoBackendError` at its end.
+        the block failed, whatever its error (a refused argument as much as a database
+        error), the block rolls back even when the caller caught the error, and raises
+        :class:`TodoBackendError` at its end.
         """
         info = self._session.info
         if _ATOMIC in info:
@@ -293,11 +318,13 @@ class TaskRepository:
         except DBAPIError as err:
             self._raise_translated(err)
 
+    @_fails_the_block
     def create(self, user_id: str, data: TaskCreate) -> Task:
         """Insert a task for *user_id*; return it with id and both timestamps set."""
         params = _insert_params(validate_user_id(user_id), _checked_content(data), utc_now())
         return self._write(_INSERT, params, _new_row)
 
+    @_fails_the_block
     def create_many(self, user_id: str, items: Sequence[TaskCreate]) -> builtins.list[Task]:
         """Insert all *items* for *user_id* atomically, in batches; return them in order.
 
@@ -320,6 +347,7 @@ class TaskRepository:
             rows = self._write(_INSERT, params, _all_rows)
         return [_to_task(row) for row in rows]
 
+    @_fails_the_block
     def get(self, user_id: str, task_id: int) -> Task | None:
         """Return the task *task_id* if *user_id* owns it, else None."""
         user_id = validate_user_id(user_id)
@@ -327,6 +355,7 @@ class TaskRepository:
             return None
         return self._read(_GET, {"owner": user_id, "task_id": task_id}, _one_task)
 
+    @_fails_the_block
     def list(
         self,
         user_id: str,
@@ -355,6 +384,7 @@ class TaskRepository:
         stmt = _LISTS[complete is not None, before_id is not None]
         return self._read(stmt, params, _all_tasks)
 
+    @_fails_the_block
     def update(self, user_id: str, task_id: int, data: TaskUpdate) -> Task | None:
         """Apply the fields set explicitly in *data*; return the task, or None if not owned.
 
@@ -369,6 +399,7 @@ class TaskRepository:
         params.update(owner=user_id, task_id=task_id, new_updated_at=utc_now())
         return self._write(_UPDATES[frozenset(changes)], params, _one_task)
 
+    @_fails_the_block
     def delete(self, user_id: str, task_id: int) -> bool:
         """Delete task *task_id* if *user_id* owns it; return whether a row was deleted."""
         user_id = validate_user_id(user_id)
@@ -376,6 +407,7 @@ class TaskRepository:
             return False
         return self._write(_DELETE, {"owner": user_id, "task_id": task_id}, _deleted)
 
+    @_fails_the_block
     def count(self, user_id: str, *, complete: bool | None = None) -> int:
         """Count the user's tasks, optionally only complete or only pending ones."""
         user_id = validate_user_id(user_id)

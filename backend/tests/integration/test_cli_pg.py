@@ -157,3 +157,17 @@ def test_demo_on_postgresql(engine: Engine, scratch_url: URL, tmp_path: Path) ->
     assert "ALLOWED" not in result.stdout
     assert result.stdout.count("for user demo-bob") == 5
     assert "afterwards: unchanged" in result.stdout
+
+
+def test_demo_hint_never_shows_the_password_of_its_database_url(
+    engine: Engine, scratch_url: URL, tmp_path: Path
+) -> None:
+    """Given a --database-url with a password, the closing hint mentions the option, not the URL."""
+    url = scratch_url if scratch_url.password else scratch_url.set(password=SENTINEL)
+    given = url.render_as_string(hide_password=False)
+    result = run_cli("demo", "--database-url", given, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert str(url.password) not in result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1].endswith(
+        " list --user demo-alice (with the same --database-url)"
+    )

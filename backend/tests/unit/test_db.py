@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, inspect, text
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.pool import QueuePool, StaticPool
 
 from todo_backend.config import Settings
@@ -20,7 +20,7 @@ from todo_backend.db import (
     is_local_host,
     wait_for_database,
 )
-from todo_backend.errors import DatabaseUnavailableError
+from todo_backend.errors import DatabaseTimeoutError, DatabaseUnavailableError, TodoBackendError
 from todo_backend.models import TaskCreate
 from todo_backend.repository import TaskRepository
 
@@ -232,3 +232,26 @@ def test_wait_for_database_backoff_is_capped(
     finally:
         engine.dispose()
     assert sleeps == [1.0, 2.0, 4.0, 8.0, MAX_BACKOFF_SECONDS]
+
+
+def test_no_free_pooled_connection_is_a_typed_timeout(tmp_path: Path) -> None:
+    """With every pooled connection busy, a call raises DatabaseTimeoutError naming the pool."""
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'pool.db'}", pool_size=1, max_overflow=0, pool_timeout=0.05
+    )
+    init_db(engine)
+    try:
+        repo = TaskRepository(next(get_session(engine)))
+        task = repo.create("alice", TaskCreate(title="kept"))
+        with engine.connect():  # the only connection, checked out
+            with pytest.raises(DatabaseTimeoutError) as single:
+                repo.get("alice", task.id or 0)
+            with pytest.raises(DatabaseTimeoutError), repo.atomic():
+                repo.create("alice", TaskCreate(title="never stored"))
+        assert single.value.bound == "DB_POOL_TIMEOUT"
+        assert "DB_POOL_TIMEOUT" in str(single.value)
+        assert isinstance(single.value, TodoBackendError)
+        assert [t.title for t in repo.list("alice")] == ["kept"]
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()

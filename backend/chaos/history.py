@@ -210,11 +210,15 @@ def _check_creates(
 
 
 def _check_final_states(verdict: Verdict, calls: Sequence[Call], rows: Sequence[Seen]) -> None:
-    # Per task: every write that may have set its title, with the call's interval.
+    # Per task: every write by its owner that may have set its title, with the call's
+    # interval. A write by another user can never be a valid final state.
+    owner = {row.id: row.user for row in rows}
     candidates: dict[int, list[tuple[str, float, float, bool]]] = defaultdict(list)
     token_of_create: dict[str, Call] = {}
+    writer: dict[str, str] = {}
     for call in calls:
         for write in call.writes:
+            writer[write.title] = call.user
             if write.token is not None:
                 token_of_create[write.token] = call
         if not call.applied_maybe:
@@ -225,6 +229,8 @@ def _check_final_states(verdict: Verdict, calls: Sequence[Call], rows: Sequence[
                 continue
             # An acknowledged update that found no task changed nothing.
             if call.ok and write.task_id not in returned:
+                continue
+            if owner.get(write.task_id, call.user) != call.user:
                 continue
             candidates[write.task_id].append((write.title, call.start, call.end, call.ok))
     for row in rows:
@@ -239,7 +245,13 @@ def _check_final_states(verdict: Verdict, calls: Sequence[Call], rows: Sequence[
             for title, _start, end, _ok in options
             if not any(later_start > end for _t, later_start, _e, _o in acknowledged)
         }
-        if row.title not in allowed:
+        if row.title not in allowed and writer.get(row.title, row.user) != row.user:
+            verdict.add(
+                "cross-user",
+                f"task {row.id} of {row.user!r} holds {row.title!r}, "
+                f"written by {writer[row.title]!r}",
+            )
+        elif row.title not in allowed:
             written = {title for title, *_ in options}
             why = (
                 "was never written by a call that may have succeeded"

@@ -175,7 +175,10 @@ def _bound_every_statement(engine: Engine, settings: Settings) -> None:
         _executemany: bool,
     ) -> tuple[str, Any]:
         options = context.execution_options if context else conn.get_execution_options()
-        if options.get(_UNBOUNDED_KEY):
+        # A server-side cursor (stream_results) wraps the statement in DECLARE, which
+        # takes one query only; it runs in a transaction whose earlier statements set
+        # the bounds.
+        if options.get(_UNBOUNDED_KEY) or cursor.name is not None:
             return statement, parameters
         if not cursor.connection.autocommit:
             conn.info[_SENT_AT] = time.monotonic()

@@ -241,3 +241,16 @@ def test_check_reports_the_bounds_the_server_applies(target: Target, made: list[
         "lock_timeout": "250ms",
         "idle_in_transaction_session_timeout": "90s",
     }
+
+
+def test_server_side_cursors_still_work(target: Target, made: list[Engine]) -> None:
+    """Streaming results (a DECLAREd cursor, one query only) runs despite the bounds."""
+    engine = target.engine()
+    made.append(engine)
+    repo = _repo(engine)
+    repo.create(ALICE, TaskCreate(title="streamed"))
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True).execute(
+            text("SELECT title FROM tasks WHERE user_id = :u"), {"u": ALICE}
+        )
+        assert result.scalars().all() == ["streamed"]

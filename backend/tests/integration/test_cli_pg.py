@@ -118,3 +118,19 @@ def test_demo_on_postgresql(engine: Engine, scratch_url: URL, tmp_path: Path) ->
     assert "ALLOWED" not in result.stdout
     assert result.stdout.count("for user demo-bob") == 5
     assert "afterwards: unchanged" in result.stdout
+
+
+def test_check_shows_the_bounds_the_server_applies(scratch_url: URL, tmp_path: Path) -> None:
+    """check prints the statement, lock and idle bounds as the server reports them."""
+    env = cli_env(
+        DATABASE_URL=scratch_url.render_as_string(hide_password=False),
+        DB_STATEMENT_TIMEOUT="12",
+        DB_LOCK_TIMEOUT="0.75",
+        DB_IDLE_IN_TRANSACTION_TIMEOUT="45",
+    )
+    result = run_cli("check", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    report = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert report["bounds"].strip() == (
+        "statement_timeout=12s, lock_timeout=750ms, idle_in_transaction_session_timeout=45s"
+    )

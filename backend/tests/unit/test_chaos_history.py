@@ -141,3 +141,12 @@ def test_undocumented_errors_slow_calls_and_leaks_are_caught() -> None:
     assert rules == ["pool leak", "too slow", "undocumented error"]
     text = report(calls, [pause], verdict, duration=1, bound=BOUND, final_rows=len(final))
     assert "verdict: FAIL (3 violations)" in text
+
+
+def test_a_cross_user_change_is_caught_even_when_its_outcome_was_unknown() -> None:
+    """Another user's write, even one of unknown outcome, must never be a task's state."""
+    calls, final = _history()
+    calls.append(_update("bob", 1, "u:bob", 6.0, error="DatabaseUnavailableError", unknown=True))
+    final[0] = Seen(1, "alice", "u:bob", "a1")
+    violations = check(calls, final, bound=BOUND).violations
+    assert [v for v in violations if v.startswith("cross-user")], violations

@@ -157,13 +157,14 @@ def test_get_session_yields_a_session_that_keeps_objects_loaded() -> None:
 
 
 def test_check_database_reports_sqlite() -> None:
-    """check_database on SQLite is ok, names the SQLite version and has no TLS state."""
+    """check_database on SQLite is ok, names the SQLite version, has no TLS state or bounds."""
     engine = create_db_engine("sqlite://")
     try:
         health = check_database(engine)
         assert health.ok
         assert health.server_version.startswith("SQLite 3.")
         assert health.ssl is None
+        assert health.timeouts == {}
         assert health.latency_ms >= 0
     finally:
         engine.dispose()

@@ -55,6 +55,10 @@ class DatabaseTimeoutError(TodoBackendError):
     setting that was hit; the message says what to do next. Safe to retry.
     """
 
-    def __init__(self, message: str, *, bound: str) -> None:
+    def __init__(self, message: str, *, bound: str = "") -> None:
         super().__init__(message)
         self.bound = bound
+
+    def __reduce__(self) -> tuple[type[DatabaseTimeoutError], tuple[str], dict[str, str]]:
+        # Keeps ``bound`` when the error crosses a process boundary (pickle).
+        return type(self), (str(self),), {"bound": self.bound}

@@ -176,8 +176,8 @@ def _bound_every_statement(engine: Engine, settings: Settings) -> None:
     ) -> tuple[str, Any]:
         options = context.execution_options if context else conn.get_execution_options()
         # A server-side cursor (stream_results) wraps the statement in DECLARE, which
-        # takes one query only; it runs in a transaction whose earlier statements set
-        # the bounds.
+        # takes one query only: it is bounded only if an earlier statement of its
+        # transaction set the bounds. The repository never streams.
         if options.get(_UNBOUNDED_KEY) or cursor.name is not None:
             return statement, parameters
         if not cursor.connection.autocommit:

@@ -113,7 +113,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over the package, tests, benchmark and this noxfile."""
+    """mypy --strict over the package, tests, benchmark, chaos soak and this noxfile."""
     install(session, "typecheck", "bench")
     session.run("mypy")
 
@@ -257,6 +257,13 @@ def demo(session: nox.Session) -> None:
     """Run ``todo-db demo`` on the embedded SQLite default (the main job)."""
     install(session)
     session.run("todo-db", "demo", *session.posargs)
+
+
+@nox.session(default=False)
+def chaos(session: nox.Session) -> None:
+    """Chaos soak on a throwaway cluster and PgBouncer: ``nox -s chaos -- --duration N``."""
+    install(session, "test")
+    session.run("python", "backend/chaos/run.py", *session.posargs)
 
 
 @nox.session(default=False)

@@ -506,12 +506,14 @@ def own_cluster(pg_template: PgTemplate) -> Iterator[PgCluster]:
 
 @dataclass
 class PgBouncer:
-    """One PgBouncer in transaction pool mode on loopback."""
+    """One PgBouncer in transaction pool mode on loopback; it can be restarted."""
 
     base: Path
     host: str
     port: int
-    process: subprocess.Popen[bytes]
+    run_as: ServerAccount
+    binary: str
+    process: subprocess.Popen[bytes] | None = None
 
     def url(self, database: str, *, user: str = "postgres", password: str | None = None) -> URL:
         """A psycopg2 URL reaching *database* through this PgBouncer."""
@@ -529,15 +531,48 @@ class PgBouncer:
         """PgBouncer's log."""
         return self.base / "pgbouncer.log"
 
+    @property
+    def pid(self) -> int:
+        """The process id of the running PgBouncer."""
+        if self.process is None:
+            raise RuntimeError("PgBouncer was not started")
+        return self.process.pid
+
+    def is_running(self) -> bool:
+        """Tell whether the PgBouncer process is alive."""
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        """Start PgBouncer on its port and wait until it accepts connections."""
+        process = self.run_as.popen(
+            [self.binary, str(self.base / "pgbouncer.ini")],
+            cwd=self.base,
+            log=self.base / "stdout.log",
+        )
+        self.process = process
+        _wait_until(
+            lambda: _port_open(self.host, self.port),
+            lambda: process.poll() is not None,
+            what=f"PgBouncer on {self.host}:{self.port}",
+            log=self.logfile,
+        )
+
     def stop(self) -> None:
-        """Stop PgBouncer (SIGTERM, then SIGKILL if it lingers)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        """Stop PgBouncer (SIGTERM, then SIGKILL if it lingers); every client drops."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Stop PgBouncer and start it again on the same port."""
+        self.stop()
+        self.start()
 
     def destroy(self) -> None:
         """Stop PgBouncer and delete its files; idempotent."""
@@ -557,6 +592,7 @@ def start_pgbouncer(
     users: Mapping[str, str] | Sequence[str] = ("postgres",),
     listen: str = LOOPBACK,
     tls: bool = False,
+    settings: Mapping[str, str] | None = None,
 ) -> PgBouncer:
     """Start a PgBouncer in transaction pool mode in front of *target*; ``destroy()`` it.
 
@@ -565,7 +601,7 @@ def start_pgbouncer(
     are trusted; given as a mapping of passwords, clients authenticate with SCRAM and
     PgBouncer logs in to the server with the same password. ``tls`` makes PgBouncer
     require TLS from its clients, as Neon's pooler does, and use it towards a server
-    that offers it.
+    that offers it. *settings* are added to the ``[pgbouncer]`` section as given.
     """
     binary = find_binary("pgbouncer")
     if not (target.host or "").startswith("127.") or not listen.startswith("127."):
@@ -600,17 +636,12 @@ def start_pgbouncer(
             # TLS towards a server that offers it (a server that requires it gets it).
             "server_tls_sslmode = prefer",
         ]
+    lines += [f"{key} = {value}" for key, value in (settings or {}).items()]
     (base / "pgbouncer.ini").write_text("\n".join(lines) + "\n")
     run_as.own(base)
-    process = run_as.popen([binary, str(base / "pgbouncer.ini")], cwd=base, log=base / "stdout.log")
-    bouncer = PgBouncer(base, listen, port, process)
+    bouncer = PgBouncer(base, listen, port, run_as, binary)
     try:
-        _wait_until(
-            lambda: _port_open(listen, port),
-            lambda: process.poll() is not None,
-            what=f"PgBouncer on {listen}:{port}",
-            log=base / "pgbouncer.log",
-        )
+        bouncer.start()
     except BaseException:
         bouncer.destroy()
         raise

@@ -125,7 +125,7 @@ def start() -> StandIn:
         bindir=str(cluster.bindir),
         template_base=str(template.datadir.parent),
         bouncer_base=str(bouncer.base),
-        bouncer_pid=bouncer.process.pid,
+        bouncer_pid=bouncer.pid,
     )
 
 

@@ -310,7 +310,7 @@ def run_init(_args: argparse.Namespace, engine: Engine) -> int:
 
 
 def run_check(_args: argparse.Namespace, engine: Engine) -> int:
-    """Connect once and report reachability, latency, server, TLS and endpoint kind.
+    """Connect once and report reachability, latency, server, TLS, endpoint kind and bounds.
 
     The URL is shown with its password masked. Exits 0 when the database answered,
     otherwise :attr:`ExitCode.UNAVAILABLE` with what to check on stderr.
@@ -335,6 +335,9 @@ def run_check(_args: argparse.Namespace, engine: Engine) -> int:
         "tls": tls,
         "endpoint": describe_endpoint(engine.url),
     }
+    if health.timeouts:
+        # As the server applies them to this connection's statements.
+        report["bounds"] = ", ".join(f"{name}={value}" for name, value in health.timeouts.items())
     for key, value in report.items():
         print(f"{key + ':':<10} {value}")
     if health.ok:

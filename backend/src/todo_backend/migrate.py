@@ -53,7 +53,7 @@ from sqlmodel.sql.sqltypes import AutoString, UTCDateTime
 
 import todo_backend.models  # registers the tables on SQLModel.metadata
 from todo_backend.config import load_settings
-from todo_backend.db import create_db_engine
+from todo_backend.db import UNBOUNDED, create_db_engine
 from todo_backend.errors import TodoBackendError
 
 __all__ = [
@@ -225,7 +225,10 @@ def migration_connection(url_or_engine: UrlOrEngine) -> Iterator[Connection]:
     """
     engine, owned = _engine_for(url_or_engine)
     try:
-        with engine.connect() as connection, connection.begin():
+        # Migrations run without the per-statement bounds: DDL on a big table may
+        # legitimately take longer, and some (CREATE INDEX CONCURRENTLY) refuse to run
+        # in the implicit transaction the bounds put them in.
+        with engine.connect().execution_options(**UNBOUNDED) as connection, connection.begin():
             if connection.dialect.name == "sqlite":
                 dbapi_connection: Any = connection.connection.dbapi_connection
                 if not dbapi_connection.in_transaction:

@@ -42,10 +42,11 @@ from sqlalchemy import (
 )
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import InstanceState, configure_mappers
 from sqlmodel import Session
 
-from todo_backend.db import cannot_connect
+from todo_backend.db import cannot_connect, timeout_error
 from todo_backend.errors import DatabaseUnavailableError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_user_id
 
@@ -56,6 +57,9 @@ _MAX_ID: Final = 2**63 - 1  # BIGINT; a larger id cannot exist, so it matches no
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
+# What a call can raise from the database side: the driver's errors and the pool's
+# checkout timeout. _raise_translated turns each into the package's own errors.
+_DB_ERRORS: Final = (DBAPIError, PoolTimeoutError)
 
 _table = Task.__table__  # type: ignore[attr-defined]
 _c = _table.c
@@ -315,7 +319,7 @@ class TaskRepository:
         del info[_ATOMIC]
         try:
             self._session.commit()
-        except DBAPIError as err:
+        except _DB_ERRORS as err:
             self._raise_translated(err)
 
     @_fails_the_block
@@ -483,14 +487,14 @@ class TaskRepository:
         retryable = not self._atomic and not self._session.in_transaction()
         try:
             return self._run(stmt, params, consume, write=False)
-        except DBAPIError as err:
-            if not (retryable and err.connection_invalidated):
+        except _DB_ERRORS as err:
+            if not (retryable and getattr(err, "connection_invalidated", False)):
                 self._raise_translated(err)
             if self._session.in_transaction():
                 self._session.rollback()
         try:
             return self._run(stmt, params, consume, write=False)
-        except DBAPIError as err:
+        except _DB_ERRORS as err:
             self._raise_translated(err)
 
     def _write(
@@ -498,19 +502,25 @@ class TaskRepository:
     ) -> _T:
         try:
             return self._run(stmt, params, consume, write=True)
-        except DBAPIError as err:
+        except _DB_ERRORS as err:
             self._raise_translated(err)
 
-    def _raise_translated(self, err: DBAPIError) -> NoReturn:
+    def _raise_translated(self, err: DBAPIError | PoolTimeoutError) -> NoReturn:
         """Map a driver error to this package's errors: the one translation boundary.
 
         Inside an atomic block the block is marked failed (it rolls back at its end);
-        otherwise a transaction left open by the failure is rolled back here.
+        otherwise a transaction left open by the failure is rolled back here. A bound
+        that ran out (pool, statement, lock, idle block) is a DatabaseTimeoutError.
         """
         if self._atomic:
             self._session.info[_ATOMIC] = True
         elif self._session.in_transaction():
             self._session.rollback()
+        timeout = timeout_error(err)
+        if timeout is not None:
+            raise timeout from err
+        if not isinstance(err, DBAPIError):  # pragma: no cover - every pool timeout is named
+            raise err
         if err.connection_invalidated:
             # Checked first: a COMMIT lost mid-flight also carries no statement.
             raise DatabaseUnavailableError(

@@ -63,8 +63,9 @@ def test_pgbouncer_stops_and_frees_its_port(
     """A PgBouncer listens on loopback while running and is gone once stopped."""
     bouncer = pgbouncer(pg_cluster().url())
     assert _listening(bouncer.port)
+    assert bouncer.is_running()
     bouncer.stop()
-    assert bouncer.process.poll() is not None
+    assert not bouncer.is_running()
     assert not _listening(bouncer.port)
 
 

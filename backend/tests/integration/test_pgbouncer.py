@@ -168,10 +168,18 @@ def test_concurrent_clients_share_two_server_connections(
 
 # Anything that outlives one transaction on a server connection: PgBouncer's
 # transaction pooling would leak it to other clients or lose it between statements.
+# Checked at the start of every statement of a (multi-statement) query string; SET
+# LOCAL ends with its transaction and is the only SET allowed.
 _SESSION_STATE = re.compile(
-    r"^\s*(SET|RESET|PREPARE|EXECUTE|DEALLOCATE|LISTEN|UNLISTEN|DECLARE|DISCARD|LOAD)\b"
+    r"(^|;)\s*(SET(?!\s+LOCAL\b)|RESET|PREPARE|EXECUTE|DEALLOCATE|LISTEN|UNLISTEN|DECLARE"
+    r"|DISCARD|LOAD)\b"
     r"|pg_advisory_lock|pg_advisory_unlock|\bTEMP(ORARY)?\s+TABLE\b|set_config\s*\(",
     re.IGNORECASE,
+)
+# The engine's bounds, sent in the same query message as each statement.
+_BOUNDS = re.compile(
+    r"^SET LOCAL statement_timeout = \d+; SET LOCAL lock_timeout = \d+; "
+    r"SET LOCAL idle_in_transaction_session_timeout = \d+; "
 )
 _LOG_START = re.compile(r"^@@(?P<app>[^|]*)\|(?P<kind>[A-Z]+):  (?P<message>.*)$")
 
@@ -190,7 +198,7 @@ def _app_log(log: str) -> list[str]:
 
 
 def test_engine_keeps_no_session_state(pg_cluster: ClusterFactory) -> None:
-    """Every statement the engine sends is transaction-scoped and sent as a simple query."""
+    """Every statement the engine sends is bounded, transaction-scoped and a simple query."""
     cluster = pg_cluster(settings={"log_statement": "all", "log_line_prefix": "@@%a|"})
     engine = create_db_engine(_url_text(cluster.url()))
     try:
@@ -212,12 +220,18 @@ def test_engine_keeps_no_session_state(pg_cluster: ClusterFactory) -> None:
     finally:
         engine.dispose()
     messages = _app_log(cluster.log_text())
-    statements = [m.removeprefix("statement: ") for m in messages if m.startswith("statement: ")]
-    # The log really holds the workload (so the checks below can fail)...
+    sent = [m.removeprefix("statement: ") for m in messages if m.startswith("statement: ")]
+    statements = [_BOUNDS.sub("", s) for s in sent]
+    # Every statement on tasks carries the bounds in its own query message...
+    on_tasks = [s for s in sent if re.search(r"\btasks\b", s)]
+    assert on_tasks
+    assert [s for s in on_tasks if not _BOUNDS.match(s)] == []
+    # ...the log really holds the workload (so the checks below can fail)...
     assert any(s.startswith("INSERT INTO tasks") for s in statements)
     assert any(s.startswith("UPDATE tasks") for s in statements)
     assert any(s.startswith("DELETE FROM tasks") for s in statements)
     # ...every message is a simple-protocol statement (no named prepared statements)...
     assert [m for m in messages if not m.startswith("statement: ")] == []
     # ...and none of them leaves state on the server connection.
-    assert [s for s in statements if _SESSION_STATE.search(s)] == []
+    assert [s for s in sent if _SESSION_STATE.search(s)] == []
+    assert _SESSION_STATE.search("SET LOCAL lock_timeout = 1; SET statement_timeout = 1")

@@ -10,6 +10,7 @@ an extra round trip, so these tests fail the day a call starts costing two.
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -26,6 +27,12 @@ from todo_backend.repository import TaskRepository
 
 ALICE = "alice"
 _PROTOCOL_3: int = 196608  # the StartupMessage's protocol version; earlier ones are requests
+# The statement, lock and idle bounds the engine puts in front of each statement, in
+# the same query message: recorded, then stripped so the tests see the statement.
+_BOUNDS = re.compile(
+    r"^SET LOCAL statement_timeout = \d+; SET LOCAL lock_timeout = \d+; "
+    r"SET LOCAL idle_in_transaction_session_timeout = \d+; "
+)
 
 
 @dataclass
@@ -34,6 +41,7 @@ class Recording:
 
     queries: list[str] = field(default_factory=list)
     round_trips: int = 0
+    bounded: int = 0  # queries that carried the engine's SET LOCAL bounds (stripped above)
 
 
 class _ClientMessages:
@@ -145,7 +153,12 @@ class Wire:
             spoke[0] = False
             for kind, payload in parsed:
                 if kind == b"Q":
-                    seen.queries.append(payload.rstrip(b"\0").decode())
+                    query = payload.rstrip(b"\0").decode()
+                    bounded = _BOUNDS.match(query)
+                    if bounded:
+                        seen.bounded += 1
+                        query = query[bounded.end() :]
+                    seen.queries.append(query)
                 elif kind not in (b"X",):  # X: terminate, sent when a connection closes
                     seen.queries.append(f"<protocol message {kind!r}>")
 
@@ -205,6 +218,7 @@ def test_single_task_call_is_one_query_and_one_round_trip(
         call(wired_repo, task)
     assert len(seen.queries) == 1, seen.queries
     assert seen.queries[0].startswith(verb), seen.queries
+    assert seen.bounded == 1  # the bounds ride in the same message
     assert seen.round_trips == 1
 
 
@@ -263,6 +277,7 @@ def test_atomic_block_adds_only_begin_and_commit(wired_repo: TaskRepository, wir
         wired_repo.update(ALICE, task.id or 0, TaskUpdate(title="renamed"))
         wired_repo.create(ALICE, TaskCreate(title="second"))
     assert [q.split()[0] for q in seen.queries] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
+    assert seen.bounded == 2
     assert seen.round_trips == 4
 
 

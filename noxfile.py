@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from xml.etree import ElementTree
 
 import nox
 
@@ -23,7 +24,24 @@ PYTHONS = ["3.11", "3.12", "3.13"]
 ROOT = Path(__file__).parent
 CODE = ["backend", "noxfile.py"]
 WORKFLOWS = sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.yml"))
+
+
+def _shell_scripts() -> list[str]:
+    """Return the shell scripts to lint: ``.ci/run`` and every tracked ``*.sh``."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "--", "*.sh"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.split()
+    return [".ci/run", *tracked]
+
+
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+# One worker per core, each test module on one worker (it owns a scratch database):
+# the console-script and cluster tests wait on process start-up.
+INTEGRATION = ["pytest", "-n", "auto", "--dist", "loadfile", "backend/tests/integration"]
+UNIT = ["pytest", "backend/tests/unit"]
+# On GitHub Actions each pytest run leaves JUnit XML here (uploaded by the workflow)
+# and its counts in the job summary.
+REPORTS = ROOT / "reports"
 
 
 def _expose_pyenv_pythons() -> None:
@@ -74,19 +92,29 @@ def install(session: nox.Session, *groups: str) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Ruff lint and format check; GitHub workflow schema and security audit."""
+    """Ruff lint and format check, shellcheck, GitHub workflow schema and security audit."""
     install(session, "lint")
     session.run("ruff", "check", *CODE)
     session.run("ruff", "format", "--check", *CODE)
+    session.run("shellcheck", *_shell_scripts())
+    github = ROOT / ".github"
     if WORKFLOWS:
         session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *WORKFLOWS)
-        # The auditor persona reports everything; each exception is explained inline.
-        session.run("zizmor", "--offline", "--persona=auditor", *WORKFLOWS)
+    actions = sorted(str(p) for p in github.glob("actions/*/action.yml"))
+    if actions:
+        session.run("check-jsonschema", "--builtin-schema", "vendor.github-actions", *actions)
+    if (github / "dependabot.yml").exists():
+        dependabot = str(github / "dependabot.yml")
+        session.run("check-jsonschema", "--builtin-schema", "vendor.dependabot", dependabot)
+    if github.is_dir():
+        # Workflows, composite actions and the Dependabot config. The auditor persona
+        # reports everything; each exception is explained inline.
+        session.run("zizmor", "--offline", "--persona=auditor", str(github))
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over the package, tests, benchmark and this noxfile."""
+    """mypy --strict over the package, tests, benchmark, chaos soak and this noxfile."""
     install(session, "typecheck", "bench")
     session.run("mypy")
 
@@ -95,31 +123,126 @@ def typecheck(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Unit tests on in-memory SQLite (the 90% branch-coverage floor measured on 3.11)."""
     install(session, "test")
-    # No unit test uses Hypothesis; its plugin would cost every run 0.3 s of imports.
-    pytest = ["pytest", "-p", "no:hypothesispytest", "backend/tests/unit", *session.posargs]
+    pytest = [*UNIT, *session.posargs]
     if session.python != PYTHONS[0]:
         # Branch coverage is a property of the suite, not of the interpreter: tracing
         # doubles a run, so it is measured once, on the oldest supported Python.
-        session.run(*pytest)
+        run_pytest(session, session.name, pytest)
         return
     session.env["COVERAGE_FILE"] = str(ROOT / ".nox" / f".coverage-{session.python}")
     session.run("coverage", "erase")
-    session.run("coverage", "run", "-m", *pytest)
-    session.run("coverage", "report")
+    run_pytest(session, session.name, ["coverage", "run", "-m", *pytest])
+    try:
+        session.run("coverage", "report")
+    finally:
+        if "GITHUB_STEP_SUMMARY" in os.environ:
+            table = session.run(
+                "coverage", "report", "--format=markdown", "--fail-under=0", silent=True
+            )
+            _summary(f"### Branch coverage ({session.name})\n\n{table}\n")
 
 
 @nox.session
 def integration(session: nox.Session) -> None:
     """PostgreSQL tests against TEST_DATABASE_URL (default: the local server).
 
-    With CI=true, a missing or unreachable database fails the session.
+    Any server: this machine's, a service container, a Neon branch (pooled or direct),
+    the Neon stand-in. With CI=true, a missing or unreachable database fails the session.
     """
     install(session, "test")
     session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
-    # One worker per core, each test module on one worker (it owns a scratch
-    # database): the console-script and cluster tests wait on process start-up.
-    workers = ["-n", "auto", "--dist", "loadfile"]
-    session.run("pytest", *workers, "backend/tests/integration", *session.posargs)
+    label = os.environ.get("TEST_DATABASE_LABEL", session.name)
+    run_pytest(session, label, [*INTEGRATION, *session.posargs])
+
+
+@nox.session(default=False)
+def standin(session: nox.Session) -> None:
+    """Run the integration suite through the Neon stand-in's pooled, then direct endpoint.
+
+    The stand-in (backend/tests/neon_standin.py) is started on 127.0.0.2 for the
+    session and stopped afterwards, passed or failed.
+    """
+    install(session, "test")
+    state = Path(session.create_tmp()) / "standin"
+    standin = ["python", "-m", "tests.neon_standin"]
+    session.env["PYTHONPATH"] = str(ROOT / "backend")
+    session.run(*standin, "start", "--dir", str(state))
+    try:
+        for endpoint in ("pooled", "direct"):
+            url = (state / f"{endpoint}.url").read_text().strip()
+            session.log(f"integration suite through the stand-in's {endpoint} endpoint")
+            session.env["TEST_DATABASE_URL"] = url
+            run_pytest(session, f"standin-{endpoint}", [*INTEGRATION, *session.posargs])
+    finally:
+        session.run(*standin, "stop", "--dir", str(state))
+
+
+@nox.session(name="deps-lowest", python=PYTHONS[0], default=False)
+def deps_lowest(session: nox.Session) -> None:
+    """Run the unit suite on the lowest versions pyproject.toml allows (not the lock)."""
+    _unlocked(session, "lowest-direct")
+
+
+@nox.session(name="deps-latest", python=PYTHONS[-1], default=False)
+def deps_latest(session: nox.Session) -> None:
+    """Run the unit suite on the newest releases pyproject.toml allows (not the lock)."""
+    _unlocked(session, "highest")
+
+
+def _unlocked(session: nox.Session, resolution: str) -> None:
+    session.run_install(
+        "uv",
+        "pip",
+        "install",
+        "--upgrade",
+        f"--resolution={resolution}",
+        f"--python={session.virtualenv.location}",
+        "--editable=.[async]",
+        "--group=test",
+        external=True,
+    )
+    session.run("uv", "pip", "list", f"--python={session.virtualenv.location}", external=True)
+    run_pytest(session, session.name, [*UNIT, *session.posargs])
+
+
+def run_pytest(session: nox.Session, label: str, command: list[str]) -> None:
+    """Run *command* (a pytest run); on GitHub Actions also report it as *label*.
+
+    There, pytest writes JUnit XML to ``reports/<label>.xml`` and the job summary
+    gets a line of counts, whether the run passed or not.
+    """
+    if os.environ.get("GITHUB_ACTIONS") != "true":
+        session.run(*command)
+        return
+    junit = REPORTS / f"{label}.xml"
+    junit.unlink(missing_ok=True)
+    try:
+        session.run(*command, f"--junitxml={junit}")
+    finally:
+        _summary(_junit_counts(label, junit))
+
+
+def _junit_counts(label: str, junit: Path) -> str:
+    """One Markdown line with the passed/failed/errors/skipped counts of a JUnit file."""
+    if not junit.is_file():
+        return f"**{label}**: no test report (pytest did not run to the end)\n\n"
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    root = ElementTree.parse(junit).getroot()  # noqa: S314 - the report pytest just wrote
+    for suite in root.iter("testsuite"):
+        for key in totals:
+            totals[key] += int(suite.get(key, "0"))
+    passed = totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]
+    return (
+        f"**{label}**: {passed} passed, {totals['failures']} failed, "
+        f"{totals['errors']} errors, {totals['skipped']} skipped\n\n"
+    )
+
+
+def _summary(markdown: str) -> None:
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(markdown)
 
 
 @nox.session(default=False)
@@ -135,6 +258,13 @@ def demo(session: nox.Session) -> None:
     """Run ``todo-db demo`` on the embedded SQLite default (the main job)."""
     install(session)
     session.run("todo-db", "demo", *session.posargs)
+
+
+@nox.session(default=False)
+def chaos(session: nox.Session) -> None:
+    """Chaos soak on a throwaway cluster and PgBouncer: ``nox -s chaos -- --duration N``."""
+    install(session, "test")
+    session.run("python", "backend/chaos/run.py", *session.posargs)
 
 
 @nox.session(default=False)

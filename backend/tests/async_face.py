@@ -4,7 +4,8 @@ The contract is written as plain calls; :class:`AwaitedRepository` awaits each c
 of an :class:`AsyncTaskRepository` on the test's own event loop, so the very same
 tests check the async face. :class:`AsyncRepositoryContract` swaps the contract's
 fixtures for async ones; a suite subclasses it and provides ``async_url``: the URL
-of a database whose ``tasks`` table exists and is empty.
+of a database whose ``tasks`` table is empty or missing, which a sync engine can
+reach too (raw SQL checks of the schema use one).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tests.repository_contract import RepositoryContract
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine, get_async_session
+from todo_backend.db import create_db_engine
 from todo_backend.models import Task
 
 _T = TypeVar("_T")
@@ -70,6 +72,14 @@ class AwaitedSession:
         """Await the session's exec (SQLModel's name for execute)."""
         return self._runner.run(self.session.exec(statement))
 
+    def add(self, instance: object) -> None:
+        """AsyncSession.add (no I/O)."""
+        self.session.add(instance)
+
+    def commit(self) -> None:
+        """Await AsyncSession.commit."""
+        self._runner.run(self.session.commit())
+
     def rollback(self) -> None:
         """Await AsyncSession.rollback."""
         self._runner.run(self.session.rollback())
@@ -108,6 +118,13 @@ class AsyncRepositoryContract(RepositoryContract):
         runner.run(create_schema(engine))
         yield engine
         runner.run(engine.dispose())
+
+    @pytest.fixture
+    def raw_engine(self, async_engine: AsyncEngine, async_url: str) -> Iterator[Engine]:
+        """A sync engine on the same database (schema made), for raw SQL in the contract."""
+        engine = create_db_engine(async_url)
+        yield engine
+        engine.dispose()
 
     @pytest.fixture
     def engine(self, async_engine: AsyncEngine) -> Engine:

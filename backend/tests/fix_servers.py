@@ -1,9 +1,14 @@
 """Throwaway servers on loopback for the integration suite: PostgreSQL clusters and PgBouncer.
 
 ``pg_cluster`` makes PostgreSQL clusters a test can stop, restart and reconfigure
-without touching the shared server; ``pgbouncer`` puts a PgBouncer in transaction
-pool mode in front of any server. Both listen on loopback only, on ports picked
-free at start, and are stopped and deleted when the test ends, passed or failed.
+without touching the server under test; ``own_cluster`` is one such cluster for the
+whole session, for what a hosted database's role may not do (a PgBouncer of our own
+in front of it, its wire, its statement log); ``pgbouncer`` puts a PgBouncer in
+transaction pool mode in front of a throwaway cluster. All listen on loopback only,
+on ports picked free at start, and are stopped and deleted when the test (or the
+session) ends, passed or failed. The plain functions behind the fixtures
+(``make_cluster``, ``start_pgbouncer``) also build the Neon stand-in
+(``tests/neon_standin.py``).
 
 Clusters are copies of one ``initdb`` made per session, which keeps a cluster's
 start well under a second. PostgreSQL and PgBouncer refuse to run as root, so when
@@ -38,13 +43,20 @@ __all__ = [
     "PgBouncer",
     "PgBouncerFactory",
     "PgCluster",
+    "PgTemplate",
+    "ServerAccount",
     "find_binary",
     "free_port",
     "in_ci",
+    "make_certificate",
+    "make_cluster",
+    "make_template",
+    "own_cluster",
     "pg_cluster",
     "pg_template",
     "pgbouncer",
     "server_account",
+    "start_pgbouncer",
 ]
 
 LOOPBACK: Final = "127.0.0.1"
@@ -113,14 +125,15 @@ def _port_open(host: str, port: int) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class _RunAs:
+class ServerAccount:
     """The account servers run as: None fields mean the current (non-root) user."""
 
     uid: int | None
     gid: int | None
 
     @classmethod
-    def pick(cls) -> _RunAs:
+    def pick(cls) -> ServerAccount:
+        """The current user, or when root the ``postgres`` (else ``nobody``) account."""
         if os.geteuid() != 0:
             return cls(None, None)
         for name in ("postgres", "nobody"):
@@ -181,9 +194,9 @@ class _RunAs:
 
 
 @pytest.fixture(scope="session")
-def server_account() -> _RunAs:
+def server_account() -> ServerAccount:
     """The account throwaway servers run as (the postgres account when we are root)."""
-    return _RunAs.pick()
+    return ServerAccount.pick()
 
 
 def _scratch_parent() -> str | None:
@@ -198,7 +211,7 @@ def _scratch_parent() -> str | None:
     return shm if roomy and os.access(shm, os.W_OK | os.X_OK) else None
 
 
-def _scratch_dir(prefix: str, run_as: _RunAs) -> Path:
+def _scratch_dir(prefix: str, run_as: ServerAccount) -> Path:
     # Not pytest's tmp_path: it sits under a root-only directory the server account
     # cannot enter. A short path also keeps the Unix socket under its 107-byte limit.
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=_scratch_parent()))
@@ -215,18 +228,16 @@ class PgTemplate:
 
     bindir: Path
     datadir: Path
-    run_as: _RunAs
+    run_as: ServerAccount
 
 
-@pytest.fixture(scope="session")
-def pg_template(server_account: _RunAs) -> Iterator[PgTemplate]:
-    """Run initdb once per session (trust auth, UTF-8, C locale); deleted at the end."""
+def make_template(run_as: ServerAccount) -> PgTemplate:
+    """Run initdb once (trust auth, UTF-8, C locale); the caller deletes ``datadir.parent``."""
     initdb = Path(find_binary("initdb"))
     find_binary("pg_ctl")
-    run_as = server_account
     base = _scratch_dir("todo-pgtpl-", run_as)
+    datadir = base / "data"
     try:
-        datadir = base / "data"
         run_as.run(
             [
                 *(str(initdb), "-D", str(datadir), "-A", "trust", "-U", "postgres"),
@@ -234,9 +245,20 @@ def pg_template(server_account: _RunAs) -> Iterator[PgTemplate]:
             ],
             cwd=base,
         )
-        yield PgTemplate(initdb.parent, datadir, run_as)
-    finally:
+    except BaseException:
         shutil.rmtree(base, ignore_errors=True)
+        raise
+    return PgTemplate(initdb.parent, datadir, run_as)
+
+
+@pytest.fixture(scope="session")
+def pg_template(server_account: ServerAccount) -> Iterator[PgTemplate]:
+    """One initdb per session that every throwaway cluster copies; deleted at the end."""
+    template = make_template(server_account)
+    try:
+        yield template
+    finally:
+        shutil.rmtree(template.datadir.parent, ignore_errors=True)
 
 
 @dataclass
@@ -245,7 +267,7 @@ class PgCluster:
 
     base: Path
     bindir: Path
-    run_as: _RunAs
+    run_as: ServerAccount
     port: int
     listen: tuple[str, ...]
     _engines: list[Engine] = field(default_factory=list)
@@ -357,7 +379,7 @@ class ClusterFactory(Protocol):
     ) -> PgCluster: ...
 
 
-def _make_certificate(directory: Path, hosts: Sequence[str]) -> None:
+def make_certificate(directory: Path, hosts: Sequence[str]) -> None:
     """Write a self-signed ``server.crt`` and ``server.key`` for *hosts* with openssl."""
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -383,6 +405,56 @@ def _conf_value(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def make_cluster(
+    template: PgTemplate,
+    *,
+    listen: Sequence[str] = (LOOPBACK,),
+    settings: Mapping[str, str] | None = None,
+    hba: Sequence[str] = _TRUST_HBA,
+    ssl: bool = False,
+    start: bool = True,
+) -> PgCluster:
+    """Copy *template* into a new cluster on loopback; the caller must ``destroy()`` it.
+
+    The arguments are those of :func:`pg_cluster`.
+    """
+    for host in listen:
+        if not host.startswith("127."):
+            raise ValueError(f"throwaway clusters listen on loopback only, not {host}")
+    run_as = template.run_as
+    base = _scratch_dir("todo-pg-", run_as)
+    cluster = PgCluster(base, template.bindir, run_as, free_port(listen[0]), tuple(listen))
+    try:
+        shutil.copytree(template.datadir, cluster.datadir, symlinks=True)
+        conf: dict[str, str] = {
+            "port": str(cluster.port),
+            "listen_addresses": ",".join(listen),
+            "unix_socket_directories": str(base),
+            "max_connections": "40",
+            "shared_buffers": "16MB",
+            # Shared memory segments as files in the data directory: deleted with it,
+            # even after an immediate stop.
+            "dynamic_shared_memory_type": "mmap",
+            # Surviving power loss is not under test; a clean restart keeps every commit.
+            "fsync": "off",
+        }
+        if ssl:
+            make_certificate(cluster.datadir, listen)
+            conf["ssl"] = "on"
+        conf.update(settings or {})
+        with (cluster.datadir / "postgresql.conf").open("a") as out:
+            out.write("\n# throwaway test cluster\n")
+            out.writelines(f"{key} = {_conf_value(value)}\n" for key, value in conf.items())
+        (cluster.datadir / "pg_hba.conf").write_text("\n".join(hba) + "\n")
+        run_as.own(base)
+        if start:
+            cluster.start()
+    except BaseException:
+        cluster.destroy()
+        raise
+    return cluster
+
+
 @pytest.fixture
 def pg_cluster(pg_template: PgTemplate) -> Iterator[ClusterFactory]:
     """Make throwaway clusters for one test; each is stopped and deleted afterwards.
@@ -402,37 +474,10 @@ def pg_cluster(pg_template: PgTemplate) -> Iterator[ClusterFactory]:
         ssl: bool = False,
         start: bool = True,
     ) -> PgCluster:
-        for host in listen:
-            if not host.startswith("127."):
-                raise ValueError(f"throwaway clusters listen on loopback only, not {host}")
-        run_as = pg_template.run_as
-        base = _scratch_dir("todo-pg-", run_as)
-        cluster = PgCluster(base, pg_template.bindir, run_as, free_port(listen[0]), tuple(listen))
+        cluster = make_cluster(
+            pg_template, listen=listen, settings=settings, hba=hba, ssl=ssl, start=start
+        )
         made.append(cluster)
-        shutil.copytree(pg_template.datadir, cluster.datadir, symlinks=True)
-        conf: dict[str, str] = {
-            "port": str(cluster.port),
-            "listen_addresses": ",".join(listen),
-            "unix_socket_directories": str(base),
-            "max_connections": "40",
-            "shared_buffers": "16MB",
-            # Shared memory segments as files in the data directory: deleted with it,
-            # even after an immediate stop.
-            "dynamic_shared_memory_type": "mmap",
-            # Surviving power loss is not under test; a clean restart keeps every commit.
-            "fsync": "off",
-        }
-        if ssl:
-            _make_certificate(cluster.datadir, listen)
-            conf["ssl"] = "on"
-        conf.update(settings or {})
-        with (cluster.datadir / "postgresql.conf").open("a") as out:
-            out.write("\n# throwaway test cluster\n")
-            out.writelines(f"{key} = {_conf_value(value)}\n" for key, value in conf.items())
-        (cluster.datadir / "pg_hba.conf").write_text("\n".join(hba) + "\n")
-        run_as.own(base)
-        if start:
-            cluster.start()
         return cluster
 
     try:
@@ -442,21 +487,43 @@ def pg_cluster(pg_template: PgTemplate) -> Iterator[ClusterFactory]:
             cluster.destroy()
 
 
+@pytest.fixture(scope="session")
+def own_cluster(pg_template: PgTemplate) -> Iterator[PgCluster]:
+    """A throwaway cluster for the whole session (one per xdist worker), superuser and trust.
+
+    For what needs powers a hosted database's role lacks (a PgBouncer of our own in
+    front of it, reading its wire, its statement log), whatever TEST_DATABASE_URL is.
+    """
+    cluster = make_cluster(pg_template)
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
 # -- PgBouncer --------------------------------------------------------------------------
 
 
 @dataclass
 class PgBouncer:
-    """One PgBouncer in transaction pool mode on loopback."""
+    """One PgBouncer in transaction pool mode on loopback; it can be restarted."""
 
     base: Path
+    host: str
     port: int
-    process: subprocess.Popen[bytes]
+    run_as: ServerAccount
+    binary: str
+    process: subprocess.Popen[bytes] | None = None
 
-    def url(self, database: str, *, user: str = "postgres") -> URL:
+    def url(self, database: str, *, user: str = "postgres", password: str | None = None) -> URL:
         """A psycopg2 URL reaching *database* through this PgBouncer."""
         return URL.create(
-            "postgresql+psycopg2", username=user, host=LOOPBACK, port=self.port, database=database
+            "postgresql+psycopg2",
+            username=user,
+            password=password,
+            host=self.host,
+            port=self.port,
+            database=database,
         )
 
     @property
@@ -464,81 +531,163 @@ class PgBouncer:
         """PgBouncer's log."""
         return self.base / "pgbouncer.log"
 
+    @property
+    def pid(self) -> int:
+        """The process id of the running PgBouncer."""
+        if self.process is None:
+            raise RuntimeError("PgBouncer was not started")
+        return self.process.pid
+
+    def is_running(self) -> bool:
+        """Tell whether the PgBouncer process is alive."""
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        """Start PgBouncer on its port and wait until it accepts connections."""
+        process = self.run_as.popen(
+            [self.binary, str(self.base / "pgbouncer.ini")],
+            cwd=self.base,
+            log=self.base / "stdout.log",
+        )
+        self.process = process
+        _wait_until(
+            lambda: _port_open(self.host, self.port),
+            lambda: process.poll() is not None,
+            what=f"PgBouncer on {self.host}:{self.port}",
+            log=self.logfile,
+        )
+
     def stop(self) -> None:
-        """Stop PgBouncer (SIGTERM, then SIGKILL if it lingers)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        """Stop PgBouncer (SIGTERM, then SIGKILL if it lingers); every client drops."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Stop PgBouncer and start it again on the same port."""
+        self.stop()
+        self.start()
+
+    def destroy(self) -> None:
+        """Stop PgBouncer and delete its files; idempotent."""
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _userlist_entry(user: str, password: str) -> str:
+    return '"{}" "{}"\n'.format(user.replace('"', '""'), password.replace('"', '""'))
+
+
+def start_pgbouncer(
+    run_as: ServerAccount,
+    target: URL,
+    *,
+    pool_size: int = 5,
+    users: Mapping[str, str] | Sequence[str] = ("postgres",),
+    listen: str = LOOPBACK,
+    tls: bool = False,
+    settings: Mapping[str, str] | None = None,
+) -> PgBouncer:
+    """Start a PgBouncer in transaction pool mode in front of *target*; ``destroy()`` it.
+
+    Every database name is forwarded to *target*'s host and port, with at most
+    *pool_size* server connections per database and user. *users* given as a list
+    are trusted; given as a mapping of passwords, clients authenticate with SCRAM and
+    PgBouncer logs in to the server with the same password. ``tls`` makes PgBouncer
+    require TLS from its clients, as Neon's pooler does, and use it towards a server
+    that offers it. *settings* are added to the ``[pgbouncer]`` section as given.
+    """
+    binary = find_binary("pgbouncer")
+    if not (target.host or "").startswith("127.") or not listen.startswith("127."):
+        raise ValueError("PgBouncer runs on loopback and targets a loopback server only")
+    base = _scratch_dir("todo-pgb-", run_as)
+    passwords = dict(users) if isinstance(users, Mapping) else dict.fromkeys(users, "")
+    (base / "userlist.txt").write_text(
+        "".join(_userlist_entry(user, password) for user, password in passwords.items())
+    )
+    port = free_port(listen)
+    lines = [
+        "[databases]",
+        f"* = host={target.host} port={target.port or 5432}",
+        "[pgbouncer]",
+        f"listen_addr = {listen}",
+        f"listen_port = {port}",
+        "unix_socket_dir =",
+        f"auth_type = {'scram-sha-256' if isinstance(users, Mapping) else 'trust'}",
+        f"auth_file = {base / 'userlist.txt'}",
+        "pool_mode = transaction",
+        f"default_pool_size = {pool_size}",
+        "max_client_conn = 400",
+        f"logfile = {base / 'pgbouncer.log'}",
+        f"pidfile = {base / 'pgbouncer.pid'}",
+    ]
+    if tls:
+        make_certificate(base, (listen,))
+        lines += [
+            "client_tls_sslmode = require",
+            f"client_tls_key_file = {base / 'server.key'}",
+            f"client_tls_cert_file = {base / 'server.crt'}",
+            # TLS towards a server that offers it (a server that requires it gets it).
+            "server_tls_sslmode = prefer",
+        ]
+    lines += [f"{key} = {value}" for key, value in (settings or {}).items()]
+    (base / "pgbouncer.ini").write_text("\n".join(lines) + "\n")
+    run_as.own(base)
+    bouncer = PgBouncer(base, listen, port, run_as, binary)
+    try:
+        bouncer.start()
+    except BaseException:
+        bouncer.destroy()
+        raise
+    return bouncer
 
 
 class PgBouncerFactory(Protocol):
     """Makes a PgBouncer: see :func:`pgbouncer`."""
 
     def __call__(  # noqa: D102 - documented on pgbouncer
-        self, target: URL, *, pool_size: int = 5, users: Sequence[str] = ("postgres",)
+        self,
+        target: URL,
+        *,
+        pool_size: int = 5,
+        users: Sequence[str] = ("postgres",),
+        tls: bool = False,
     ) -> PgBouncer: ...
 
 
 @pytest.fixture
-def pgbouncer(server_account: _RunAs) -> Iterator[PgBouncerFactory]:
+def pgbouncer(server_account: ServerAccount) -> Iterator[PgBouncerFactory]:
     """Start PgBouncers for one test; each is stopped and its files deleted afterwards.
 
-    ``make(target)`` forwards every database name to *target*'s host and port in
-    transaction pool mode with at most *pool_size* server connections per database
-    and user, ``auth_type = trust`` and an auth_file listing *users*.
+    ``make(target)`` forwards every database name to *target* (a loopback server, e.g.
+    a throwaway cluster) in transaction pool mode with at most *pool_size* server
+    connections per database and user, trusting the listed *users*; ``tls`` makes it
+    require TLS from its clients.
     """
-    binary = find_binary("pgbouncer")
-    run_as = server_account
     made: list[PgBouncer] = []
-    bases: list[Path] = []
 
-    def make(target: URL, *, pool_size: int = 5, users: Sequence[str] = ("postgres",)) -> PgBouncer:
-        if not (target.host or "").startswith("127."):
-            raise ValueError("PgBouncer targets a loopback server only")
-        base = _scratch_dir("todo-pgb-", run_as)
-        bases.append(base)
-        port = free_port()
-        (base / "userlist.txt").write_text("".join(f'"{user}" ""\n' for user in users))
-        (base / "pgbouncer.ini").write_text(
-            "[databases]\n"
-            f"* = host={target.host} port={target.port or 5432}\n"
-            "[pgbouncer]\n"
-            f"listen_addr = {LOOPBACK}\n"
-            f"listen_port = {port}\n"
-            "unix_socket_dir =\n"
-            "auth_type = trust\n"
-            f"auth_file = {base / 'userlist.txt'}\n"
-            "pool_mode = transaction\n"
-            f"default_pool_size = {pool_size}\n"
-            "max_client_conn = 200\n"
-            f"logfile = {base / 'pgbouncer.log'}\n"
-            f"pidfile = {base / 'pgbouncer.pid'}\n"
-        )
-        run_as.own(base)
-        process = run_as.popen(
-            [binary, str(base / "pgbouncer.ini")], cwd=base, log=base / "stdout.log"
-        )
-        bouncer = PgBouncer(base, port, process)
+    def make(
+        target: URL,
+        *,
+        pool_size: int = 5,
+        users: Sequence[str] = ("postgres",),
+        tls: bool = False,
+    ) -> PgBouncer:
+        bouncer = start_pgbouncer(server_account, target, pool_size=pool_size, users=users, tls=tls)
         made.append(bouncer)
-        _wait_until(
-            lambda: _port_open(LOOPBACK, port),
-            lambda: process.poll() is not None,
-            what=f"PgBouncer on port {port}",
-            log=base / "pgbouncer.log",
-        )
         return bouncer
 
     try:
         yield make
     finally:
         for bouncer in made:
-            bouncer.stop()
-        for base in bases:
-            shutil.rmtree(base, ignore_errors=True)
+            bouncer.destroy()
 
 
 class PeakSampler:

@@ -12,19 +12,19 @@ from todo_backend import migrate
 
 
 def scripts_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upgrade_body: str) -> Path:
-    """Point :mod:`todo_backend.migrate` at a copy of its scripts plus a revision 0002.
+    """Point :mod:`todo_backend.migrate` at a copy of its scripts plus a revision 0003.
 
-    The copy lives in *tmp_path*; revision 0002 revises 0001, runs *upgrade_body*
+    The copy lives in *tmp_path*; revision 0003 revises 0002, runs *upgrade_body*
     (Python statements using ``op`` and ``sa``) and downgrades as a no-op. Returns the
     copied script directory; *monkeypatch* undoes the redirection after the test.
     """
     scripts = tmp_path / "migrations"
     shutil.copytree(migrate.MIGRATIONS_DIR, scripts, ignore=shutil.ignore_patterns("__pycache__"))
     body = textwrap.indent(textwrap.dedent(upgrade_body).strip(), "    ")
-    (scripts / "versions" / "0002_test_change.py").write_text(
+    (scripts / "versions" / "0003_test_change.py").write_text(
         '"""A change made by a test."""\n\n'
         "import sqlalchemy as sa\nfrom alembic import op\n\n"
-        'revision = "0002"\ndown_revision = "0001"\n'
+        'revision = "0003"\ndown_revision = "0002"\n'
         "branch_labels = None\ndepends_on = None\n\n\n"
         f"def upgrade() -> None:\n{body}\n\n\n"
         "def downgrade() -> None:\n    pass\n"

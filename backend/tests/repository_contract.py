@@ -9,14 +9,18 @@ The repository and session fixtures come from ``tests/conftest.py``;
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from sqlalchemy import Engine, event, text
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from todo_backend.errors import TodoBackendError
@@ -25,6 +29,48 @@ from todo_backend.repository import MAX_PAGE_SIZE, TaskRepository
 
 ALICE = "alice"
 BOB = "bob"
+
+# Text the character rules refuse in every field: a lone surrogate (UTF-8 cannot
+# encode it), NUL, a C0 escape and a C1 control.
+REFUSED_EVERYWHERE = ["a\ud800b", "a\x00b", "a\x1bb", "a\x85b"]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# Any text, weighted towards what the rules are about: surrogates, controls (NUL
+# included), whitespace and format characters, around ordinary text.
+_awkward = st.characters(categories=["Cs", "Cc", "Zs", "Zl", "Zp", "Cf"])
+_any_text = st.one_of(
+    st.text(st.one_of(_awkward, st.characters()), max_size=12),
+    st.tuples(st.text(_awkward, max_size=3), st.text(min_size=1, max_size=8)).map(
+        lambda parts: parts[0] + parts[1] + parts[0]
+    ),
+)
+# The contract runs once per database and face (several subclasses, one function):
+# each run's examples stand on their own, so differing executors are by design.
+_properties = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.differing_executors,
+    ],
+)
+
+
+def _encodable(text: str) -> bool:
+    return not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
+def _acceptable_title(title: str) -> bool:
+    stripped = title.strip()
+    return _encodable(title) and 1 <= len(stripped) <= 200 and not _CONTROL.search(stripped)
+
+
+_RAW_INSERT = text(
+    "insert into tasks (user_id, title, description, complete, created_at, updated_at) "
+    "values (:user_id, :title, :description, false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+)
+_RAW_VALID = {"user_id": "alice", "title": "fine", "description": None}
 
 
 def _new(repo: TaskRepository, user: str = ALICE, title: str = "write tests", **kw: object) -> Task:
@@ -351,6 +397,218 @@ class RepositoryContract:
         with pytest.raises(TodoBackendError, match="rolled back"):
             block()
         assert [t.title for t in repo.list(ALICE)] == ["already there"]
+
+    @pytest.mark.parametrize(
+        "refused",
+        [
+            pytest.param(lambda repo: repo.get(" alice", 1), id="ValidationError"),
+            pytest.param(
+                lambda repo: repo.create(
+                    ALICE, TaskCreate(title="ok").model_copy(update={"title": "bad\x00"})
+                ),
+                id="ValidationError-bypassed",
+            ),
+            pytest.param(lambda repo: repo.get(ALICE, "1"), id="TypeError"),
+            pytest.param(lambda repo: repo.list(ALICE, limit=0), id="ValueError"),
+        ],
+    )
+    def test_a_refused_call_still_rolls_back_the_whole_block(
+        self, repo: TaskRepository, refused: Callable[[TaskRepository], object]
+    ) -> None:
+        """A call refused before SQL, its error caught, fails the atomic block all the same."""
+        done = _new(repo, title="already there")
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+                with contextlib.suppress(ValidationError, TypeError, ValueError):
+                    refused(repo)
+                repo.update(ALICE, done.id or 0, TaskUpdate(complete=True))
+
+        with pytest.raises(TodoBackendError, match="rolled back"):
+            block()
+        assert [(t.title, t.complete) for t in repo.list(ALICE)] == [("already there", False)]
+
+    @pytest.mark.parametrize("bad", REFUSED_EVERYWHERE)
+    def test_refused_text_in_any_field_never_reaches_sql(
+        self, repo: TaskRepository, engine: Engine, bad: str
+    ) -> None:
+        """Surrogates and control characters are a ValidationError naming the field, unsent."""
+        task = _new(repo)
+        task_id = task.id or 0
+        ok = TaskCreate(title="ok")
+        calls: dict[str, list[Callable[[], object]]] = {
+            "title": [
+                lambda: repo.create(ALICE, TaskCreate(title=bad)),
+                lambda: repo.update(ALICE, task_id, TaskUpdate(title=bad)),
+                lambda: repo.create(ALICE, ok.model_copy(update={"title": bad})),
+                lambda: repo.create_many(ALICE, [ok, ok.model_copy(update={"title": bad})]),
+                lambda: repo.update(
+                    ALICE, task_id, TaskUpdate(title="x").model_copy(update={"title": bad})
+                ),
+            ],
+            "description": [
+                lambda: repo.create(ALICE, TaskCreate(title="ok", description=bad)),
+                lambda: repo.update(ALICE, task_id, TaskUpdate(description=bad)),
+                lambda: repo.update(
+                    ALICE, task_id, TaskUpdate().model_copy(update={"description": bad})
+                ),
+            ],
+            "user_id": [
+                lambda: repo.create(bad, ok),
+                lambda: repo.create_many(bad, [ok]),
+                lambda: repo.get(bad, task_id),
+                lambda: repo.list(bad),
+                lambda: repo.update(bad, task_id, TaskUpdate(complete=True)),
+                lambda: repo.delete(bad, task_id),
+                lambda: repo.count(bad),
+            ],
+        }
+        sent: list[str] = []
+        event.listen(engine, "before_cursor_execute", lambda *a: sent.append(str(a[2])))
+        for field, attempts in calls.items():
+            for attempt in attempts:
+                with pytest.raises(ValidationError) as refused:
+                    attempt()
+                assert field in str(refused.value)
+        assert sent == []
+        assert repo.get(ALICE, task_id) == task
+
+    def test_a_returned_task_cannot_carry_invalid_data_into_a_session(
+        self, repo: TaskRepository, session: Session
+    ) -> None:
+        """Assigning refused text to a task the repository returned raises; nothing is stored."""
+        task = _new(repo)
+        got = repo.get(ALICE, task.id or 0)
+        assert got is not None
+        for field, bad in [
+            ("title", "bad\x00"),
+            ("title", "a\ud800b"),
+            ("title", "   "),
+            ("user_id", "alice\t"),
+            ("user_id", "alice\u3000"),
+            ("description", "\x1b[31m"),
+            ("complete", "yes"),
+        ]:
+            with pytest.raises(ValidationError, match=field):
+                setattr(got, field, bad)
+        assert got == task
+        session.add(got)
+        session.commit()
+        assert repo.get(ALICE, task.id or 0) == task
+        got.title = "  renamed through the session  "  # a valid value, stored validated
+        session.commit()
+        stored = repo.get(ALICE, task.id or 0)
+        assert stored is not None
+        assert stored.title == "renamed through the session"
+
+    @_properties
+    @given(title=_any_text)
+    def test_any_title_is_refused_or_stored_stripped(
+        self, repo: TaskRepository, title: str
+    ) -> None:
+        """Any text as a title, through create() or update(), is refused or read back stripped."""
+        acceptable = _acceptable_title(title)
+        try:
+            created = repo.create(ALICE, TaskCreate(title=title))
+        except ValidationError:
+            assert not acceptable
+        else:
+            assert acceptable
+            assert created.title == title.strip()
+        task = _new(repo, title="before")
+        # update() validates again whatever it is given, TaskUpdate's checks bypassed.
+        updates: tuple[Callable[[], TaskUpdate], ...] = (
+            lambda: TaskUpdate(title=title),
+            lambda: TaskUpdate().model_copy(update={"title": title}),
+        )
+        for data in updates:
+            try:
+                updated = repo.update(ALICE, task.id or 0, data())
+            except ValidationError:
+                assert not acceptable
+                continue
+            assert acceptable
+            got = repo.get(ALICE, task.id or 0)
+            assert updated is not None
+            assert got is not None
+            assert updated.title == got.title == title.strip()
+
+    @_properties
+    @given(description=_any_text)
+    def test_any_description_is_refused_or_stored_as_given(
+        self, repo: TaskRepository, description: str
+    ) -> None:
+        """Any text as a description is refused, or stored unchanged ("" as None)."""
+        layout_free = re.sub(r"[\t\n\r]", "", description)
+        acceptable = _encodable(description) and not _CONTROL.search(layout_free)
+        stored = description or None
+        task = _new(repo, title="described")
+        attempts: tuple[Callable[[], Task | None], ...] = (
+            lambda: repo.create(ALICE, TaskCreate(title="t", description=description)),
+            lambda: repo.update(ALICE, task.id or 0, TaskUpdate(description=description)),
+        )
+        for attempt in attempts:
+            try:
+                result = attempt()
+            except ValidationError:
+                assert not acceptable
+                continue
+            assert acceptable
+            assert isinstance(result, Task)
+            assert result.description == stored
+            assert repo.get(ALICE, result.id or 0) == result
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("title", "a\x01b"),
+            ("title", "two\nlines"),
+            ("title", "tab\tbed"),
+            ("title", "del\x7f"),
+            ("title", "next line\x85"),
+            ("title", "\x9f"),
+            ("user_id", "alice\x1b"),
+            ("user_id", "\talice"),
+            ("user_id", "alice\t"),
+            ("user_id", "alice\n"),
+            ("user_id", "\u00a0alice"),
+            ("user_id", "alice\u3000"),
+            ("user_id", "\u2003alice"),
+            ("user_id", "alice\u2028"),
+            ("description", "\x1b[31mred"),
+            ("description", "vertical\x0btab"),
+            ("description", "form\x0cfeed"),
+            ("description", "c1\x85"),
+        ],
+    )
+    def test_raw_sql_cannot_store_refused_characters(
+        self, raw_engine: Engine, field: str, value: str
+    ) -> None:
+        """A raw INSERT of a control character, or of user_id padded by any whitespace, fails."""
+        with (
+            pytest.raises(IntegrityError, match=f"ck_tasks_{field}_text"),
+            raw_engine.begin() as conn,
+        ):
+            conn.execute(_RAW_INSERT, {**_RAW_VALID, field: value})
+        with raw_engine.connect() as conn:
+            assert conn.execute(text("select count(*) from tasks")).scalar_one() == 0
+
+    def test_raw_sql_stores_the_characters_the_rules_allow(
+        self, repo: TaskRepository, raw_engine: Engine
+    ) -> None:
+        """Layout controls in a description, inner and non-control odd characters all fit."""
+        allowed = [
+            {"description": "line\nline\r\n\ttabbed"},
+            {"user_id": "a\u00a0b", "title": "\U0001f469\u200d\U0001f4bb zwj"},
+            {"user_id": "a b", "description": "\u3000 padded \u00a0"},
+            {"title": "\u2028 line separator inside \u2029"},
+        ]
+        with raw_engine.begin() as conn:
+            for row in allowed:
+                conn.execute(_RAW_INSERT, {**_RAW_VALID, **row})
+        assert repo.count("alice") == 2
+        assert [t.user_id for t in repo.list("a\u00a0b")] == ["a\u00a0b"]
 
     def test_reads_leave_the_callers_transaction_open(
         self, repo: TaskRepository, session: Session

@@ -16,7 +16,12 @@ from todo_backend.db import (
     init_db,
     wait_for_database,
 )
-from todo_backend.errors import ConfigurationError, DatabaseUnavailableError, TodoBackendError
+from todo_backend.errors import (
+    ConfigurationError,
+    DatabaseTimeoutError,
+    DatabaseUnavailableError,
+    TodoBackendError,
+)
 from todo_backend.models import (
     DESCRIPTION_MAX_LENGTH,
     TITLE_MAX_LENGTH,
@@ -34,6 +39,7 @@ __all__ = [
     "USER_ID_MAX_LENGTH",
     "ConfigurationError",
     "DatabaseHealth",
+    "DatabaseTimeoutError",
     "DatabaseUnavailableError",
     "Settings",
     "Task",

@@ -18,6 +18,8 @@ import argparse
 import json
 import os
 import re
+import shlex
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -308,7 +310,7 @@ def run_init(_args: argparse.Namespace, engine: Engine) -> int:
 
 
 def run_check(_args: argparse.Namespace, engine: Engine) -> int:
-    """Connect once and report reachability, latency, server, TLS and endpoint kind.
+    """Connect once and report reachability, latency, server, TLS, endpoint kind and bounds.
 
     The URL is shown with its password masked. Exits 0 when the database answered,
     otherwise :attr:`ExitCode.UNAVAILABLE` with what to check on stderr.
@@ -333,6 +335,9 @@ def run_check(_args: argparse.Namespace, engine: Engine) -> int:
         "tls": tls,
         "endpoint": describe_endpoint(engine.url),
     }
+    if health.timeouts:
+        # As the server applies them to this connection's statements.
+        report["bounds"] = ", ".join(f"{name}={value}" for name, value in health.timeouts.items())
     for key, value in report.items():
         print(f"{key + ':':<10} {value}")
     if health.ok:
@@ -512,8 +517,51 @@ def run_demo(_args: argparse.Namespace, engine: Engine) -> int:
         intact = repo.get(alice, milk.id)
     unchanged = intact is not None and intact.title == milk.title and intact.complete
     print(f"{alice}'s task {milk.id} afterwards: {'unchanged' if unchanged else 'CHANGED'}")
-    print(f"\ndemo finished; try: {PROG} list --user {alice}")
+    print(f"\ndemo finished; try: {_this_program()} list --user {alice}{_same_database(_args)}")
     return ExitCode.OK if refused and unchanged else ExitCode.DATABASE_ERROR
+
+
+def _this_program() -> str:
+    """Return a command line that starts this ``todo-db`` again from the working directory.
+
+    The demo often runs in a tool's environment (``nox -s demo``, ``uv run``) whose
+    bin directory the user's shell does not have on PATH. The bare name is used only
+    when PATH finds this very program and no virtualenv is active around it;
+    otherwise the program's path, relative to the working directory when below it.
+    """
+    program = Path(sys.argv[0]) if sys.argv else Path()
+    if program.name == "__main__.py":  # python -m todo_backend
+        return f"{_shell_path(Path(sys.executable))} -m todo_backend"
+    if program.name != PROG:
+        return PROG  # main() called from Python: the documented name
+    program = program.absolute()
+    found = shutil.which(PROG)
+    virtualenv = os.environ.get("VIRTUAL_ENV")
+    in_virtualenv = virtualenv is not None and program.is_relative_to(Path(virtualenv).absolute())
+    if found is not None and Path(found).absolute() == program and not in_virtualenv:
+        return PROG
+    return _shell_path(program)
+
+
+def _shell_path(path: Path) -> str:
+    absolute = path.absolute()
+    try:
+        shown = str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(absolute)
+    if os.sep not in shown:
+        shown = f".{os.sep}{shown}"  # a bare name would be looked up on PATH
+    return shlex.quote(shown)
+
+
+def _same_database(args: argparse.Namespace) -> str:
+    """Return the ``--database-url`` the demo was given, if any, for the hint; never a password."""
+    given: str | None = getattr(args, "database_url", None)
+    if given is None:
+        return ""  # DATABASE_URL, .env or ./todo.db: the same from the same directory
+    if redact(given) != given or "password" in given.lower():
+        return " (with the same --database-url)"
+    return f" --database-url {shlex.quote(given)}"
 
 
 def _clear_demo_tasks(repo: TaskRepository) -> int:

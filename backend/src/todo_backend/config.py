@@ -95,6 +95,9 @@ class Settings:
     max_overflow: int = 15
     pool_timeout: float = 30
     connect_timeout: int = 10
+    statement_timeout: float = 15
+    lock_timeout: float = 5
+    idle_in_transaction_timeout: float = 30
     echo: bool = False
 
     def __post_init__(self) -> None:
@@ -104,6 +107,13 @@ class Settings:
         _require(self.max_overflow >= 0, "DB_MAX_OVERFLOW", "an integer of at least 0")
         _require(self.pool_timeout > 0, "DB_POOL_TIMEOUT", "a number of seconds above 0")
         _require(self.connect_timeout >= 1, "DB_CONNECT_TIMEOUT", "an integer of at least 1")
+        # PostgreSQL counts these bounds in whole milliseconds; 0 there means "no bound".
+        for name, value in (
+            ("DB_STATEMENT_TIMEOUT", self.statement_timeout),
+            ("DB_LOCK_TIMEOUT", self.lock_timeout),
+            ("DB_IDLE_IN_TRANSACTION_TIMEOUT", self.idle_in_transaction_timeout),
+        ):
+            _require(value >= 0.001, name, "a number of seconds of at least 0.001")
 
     @property
     def url(self) -> URL:
@@ -119,7 +129,9 @@ class Settings:
         return (
             f"Settings(database_url={self.masked_url!r}, pool_size={self.pool_size}, "
             f"max_overflow={self.max_overflow}, pool_timeout={self.pool_timeout}, "
-            f"connect_timeout={self.connect_timeout}, echo={self.echo})"
+            f"connect_timeout={self.connect_timeout}, statement_timeout={self.statement_timeout}, "
+            f"lock_timeout={self.lock_timeout}, "
+            f"idle_in_transaction_timeout={self.idle_in_transaction_timeout}, echo={self.echo})"
         )
 
 
@@ -130,6 +142,7 @@ def load_settings(
 
     Variables: ``DATABASE_URL`` (required unless *database_url* is given),
     ``DB_POOL_SIZE``, ``DB_MAX_OVERFLOW``, ``DB_POOL_TIMEOUT``, ``DB_CONNECT_TIMEOUT``,
+    ``DB_STATEMENT_TIMEOUT``, ``DB_LOCK_TIMEOUT``, ``DB_IDLE_IN_TRANSACTION_TIMEOUT``,
     ``DB_ECHO``. A variable set in the process environment wins over the file; the
     file is optional and is read without touching ``os.environ``. *database_url*
     (a command line's ``--database-url``) replaces ``DATABASE_URL`` while the ``DB_*``
@@ -154,6 +167,9 @@ def load_settings(
         max_overflow=_int(values, "DB_MAX_OVERFLOW", 15),
         pool_timeout=_float(values, "DB_POOL_TIMEOUT", 30.0),
         connect_timeout=_int(values, "DB_CONNECT_TIMEOUT", 10),
+        statement_timeout=_float(values, "DB_STATEMENT_TIMEOUT", 15.0),
+        lock_timeout=_float(values, "DB_LOCK_TIMEOUT", 5.0),
+        idle_in_transaction_timeout=_float(values, "DB_IDLE_IN_TRANSACTION_TIMEOUT", 30.0),
         echo=_bool(values, "DB_ECHO", default=False),
     )
 

@@ -3,8 +3,10 @@
 One engine factory (:func:`create_db_engine`), one session helper
 (:func:`get_session`), one schema initialiser (:func:`init_db`). PostgreSQL engines
 are built for Neon: TLS for remote hosts, a bounded pool recycled before Neon's idle
-timeout, TCP keepalives, nothing that PgBouncer's transaction pooling breaks, and a
-zero-round-trip liveness check that replaces dead pooled connections before use.
+timeout, TCP keepalives, nothing that PgBouncer's transaction pooling breaks, a
+zero-round-trip liveness check that replaces dead pooled connections before use, and
+server-side bounds on every statement (:func:`timeout_error` names the one a failed
+call ran into).
 """
 
 from __future__ import annotations
@@ -14,20 +16,22 @@ import random
 import select
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
-from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import URL
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import URL, ExceptionContext, ExecutionContext
 from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlmodel import Session, SQLModel
 
 from todo_backend.config import Settings, mask_url
-from todo_backend.errors import DatabaseUnavailableError
+from todo_backend.errors import DatabaseTimeoutError, DatabaseUnavailableError
 from todo_backend.models import Task
 
 __all__ = [
+    "UNBOUNDED",
     "DatabaseHealth",
     "as_settings",
     "cannot_connect",
@@ -42,6 +46,7 @@ __all__ = [
     "reject_dead_connection",
     "sqlite_engine_options",
     "sqlite_on_connect",
+    "timeout_error",
     "url_host",
     "wait_for_database",
 ]
@@ -102,6 +107,7 @@ def _create_postgres_engine(url: URL, settings: Settings) -> Engine:
     engine = create_engine(url, **postgres_engine_options(url, settings))
     event.listen(engine, "checkout", reject_dead_connection)
     _switch_isolation_without_round_trips(engine)
+    _bound_every_statement(engine, settings)
     return engine
 
 
@@ -136,6 +142,143 @@ def postgres_engine_options(url: URL, settings: Settings) -> dict[str, Any]:
         "echo": settings.echo,
         "connect_args": connect_args,
     }
+
+
+# Execution option that sends statements without the bounds (see _bound_every_statement).
+UNBOUNDED: Final = {"todo_backend_unbounded": True}
+_UNBOUNDED_KEY: Final = "todo_backend_unbounded"
+# Connection.info keys: when the transaction's last statement returned, when the
+# next message (statement or COMMIT) was sent.
+_IDLE_SINCE: Final = "todo_backend.idle_since"
+_SENT_AT: Final = "todo_backend.sent_at"
+# Set on a disconnect error that the idle-in-transaction bound explains.
+_IDLE_EXPIRED: Final = "_todo_backend_idle_expired"
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _bound_every_statement(engine: Engine, settings: Settings) -> None:
+    """Apply the statement, lock and idle-in-transaction bounds to every statement sent.
+
+    Each statement goes out as ``SET LOCAL statement_timeout = ...; SET LOCAL
+    lock_timeout = ...; SET LOCAL idle_in_transaction_session_timeout = ...;
+    <statement>`` in ONE simple-protocol query message: no extra round trip, and no
+    session state. In autocommit the server runs such a message as one implicit
+    transaction, so the bounds cover exactly that statement; inside a transaction
+    (``atomic()``) ``SET LOCAL`` lasts to its end. The server answers with the last
+    statement's result (rows, ``RETURNING``, rowcount). Session-level ways to set
+    these (the libpq ``options`` startup parameter, ``ALTER ROLE ... SET``) do not
+    survive PgBouncer's transaction pooling or are not per engine: see research.md.
+
+    The server closes a connection idle in a transaction past its bound; the client
+    only sees a dropped connection, so the time the transaction sat idle before its
+    next message was sent is kept here to tell that apart from a lost connection.
+    """
+    prefix = (
+        f"SET LOCAL statement_timeout = {_milliseconds(settings.statement_timeout)}; "
+        f"SET LOCAL lock_timeout = {_milliseconds(settings.lock_timeout)}; "
+        "SET LOCAL idle_in_transaction_session_timeout = "
+        f"{_milliseconds(settings.idle_in_transaction_timeout)}; "
+    )
+    idle_bound = settings.idle_in_transaction_timeout
+
+    def before(
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: ExecutionContext | None,
+        _executemany: bool,
+    ) -> tuple[str, Any]:
+        options = context.execution_options if context else conn.get_execution_options()
+        # A server-side cursor (stream_results) wraps the statement in DECLARE, which
+        # takes one query only: it is bounded only if an earlier statement of its
+        # transaction set the bounds. The repository never streams.
+        if options.get(_UNBOUNDED_KEY) or cursor.name is not None:
+            return statement, parameters
+        if not cursor.connection.autocommit:
+            conn.info[_SENT_AT] = time.monotonic()
+        return prefix + statement, parameters
+
+    def after(conn: Connection, cursor: Any, *_args: Any) -> None:
+        if not cursor.connection.autocommit:
+            conn.info[_IDLE_SINCE] = time.monotonic()
+
+    def begin(conn: Connection) -> None:
+        conn.info.pop(_IDLE_SINCE, None)
+
+    def commit(conn: Connection) -> None:
+        conn.info[_SENT_AT] = time.monotonic()
+
+    def handle_error(context: ExceptionContext) -> None:
+        conn = context.connection
+        if not context.is_disconnect or conn is None:
+            return
+        try:
+            info = conn.info
+        except SQLAlchemyError:  # pragma: no cover - already invalidated
+            return
+        idle_since, sent_at = info.get(_IDLE_SINCE), info.get(_SENT_AT)
+        if idle_since is not None and sent_at is not None and sent_at - idle_since > idle_bound:
+            # The server had ended the transaction before this message reached it.
+            setattr(context.sqlalchemy_exception, _IDLE_EXPIRED, True)
+
+    event.listen(engine, "before_cursor_execute", before, retval=True)
+    event.listen(engine, "after_cursor_execute", after)
+    event.listen(engine, "begin", begin)
+    event.listen(engine, "commit", commit)
+    event.listen(engine, "handle_error", handle_error)
+
+
+# SQLSTATEs of the server's bounds: query_canceled, lock_not_available,
+# idle_in_transaction_session_timeout.
+_STATEMENT_CANCELED: Final = "57014"
+_LOCK_NOT_AVAILABLE: Final = "55P03"
+_IDLE_TIMEOUT: Final = "25P03"
+
+
+def timeout_error(err: BaseException) -> DatabaseTimeoutError | None:
+    """Return the :class:`DatabaseTimeoutError` that explains *err*, or None.
+
+    Recognises the pool's checkout timeout and the server's statement, lock and
+    idle-in-transaction bounds. In every case nothing of the call was stored: the pool
+    sent nothing, and the server rolled back what the statement or block had done.
+    """
+    if isinstance(err, PoolTimeoutError):
+        return DatabaseTimeoutError(
+            "no pooled database connection became free within DB_POOL_TIMEOUT: every "
+            "connection is busy, and nothing was sent. Retry later; if it persists, look for "
+            "long atomic() blocks holding connections or raise DB_POOL_SIZE / DB_MAX_OVERFLOW.",
+            bound="DB_POOL_TIMEOUT",
+        )
+    orig = getattr(err, "orig", None)
+    # psycopg2 names the SQLSTATE pgcode, psycopg 3 (the async engine) sqlstate.
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    if code == _LOCK_NOT_AVAILABLE:
+        return DatabaseTimeoutError(
+            "the task is locked by another transaction that did not finish within "
+            "DB_LOCK_TIMEOUT; nothing was changed. Retry the call; if it keeps happening, "
+            "look for a long-running transaction or admin session holding the row.",
+            bound="DB_LOCK_TIMEOUT",
+        )
+    if code == _STATEMENT_CANCELED:
+        return DatabaseTimeoutError(
+            "the server cancelled the statement: it ran longer than DB_STATEMENT_TIMEOUT "
+            "(or an administrator cancelled it); nothing of it was applied. Retry later, or "
+            "raise DB_STATEMENT_TIMEOUT if this work is legitimately slow.",
+            bound="DB_STATEMENT_TIMEOUT",
+        )
+    if code == _IDLE_TIMEOUT or getattr(err, _IDLE_EXPIRED, False):
+        return DatabaseTimeoutError(
+            "the server ended the transaction: the atomic() block sat idle between its "
+            "statements longer than DB_IDLE_IN_TRANSACTION_TIMEOUT, and nothing of the block "
+            "was stored. Keep slow work (network calls) outside atomic() blocks, then repeat "
+            "the block.",
+            bound="DB_IDLE_IN_TRANSACTION_TIMEOUT",
+        )
+    return None
 
 
 def _switch_isolation_without_round_trips(engine: Engine) -> None:
@@ -256,14 +399,19 @@ class DatabaseHealth:
     server_version: str
     ssl: bool | None
     detail: str
+    timeouts: dict[str, str] = field(default_factory=dict)
 
 
 def check_database(engine: Engine) -> DatabaseHealth:
     """Connect, run one query, and report; never raises for an unreachable database.
 
-    ``ssl`` is None when the server cannot say (SQLite, or a role not allowed to read
-    ``pg_stat_ssl``). The answer comes within the engine's connect timeout. ``detail``
-    names the host (password masked) and, on failure, what to check.
+    ``ssl`` tells whether this client's own connection is encrypted, as the driver
+    sees it: behind a pooler (Neon's pooled endpoint) that is the hop that leaves the
+    machine, while the server only sees the pooler's connection. It is None for
+    SQLite. The answer comes within the engine's connect timeout. ``detail``
+    names the host (password masked) and, on failure, what to check. ``timeouts``
+    holds the statement, lock and idle-in-transaction bounds as the server reports
+    them for the check's own statement (empty for SQLite).
     """
     started = time.perf_counter()
     where = mask_url(engine.url)
@@ -272,10 +420,12 @@ def check_database(engine: Engine) -> DatabaseHealth:
             if engine.dialect.name == "sqlite":
                 version = "SQLite " + str(conn.exec_driver_sql("select sqlite_version()").scalar())
                 ssl: bool | None = None
+                timeouts: dict[str, str] = {}
             else:
                 row = conn.execute(_PG_HEALTH).one()
                 version = str(row.version)
-                ssl = row.ssl
+                ssl = bool(conn.connection.dbapi_connection.info.ssl_in_use)  # type: ignore[union-attr]
+                timeouts = {name: str(getattr(row, name)) for name in _BOUNDS}
     except (SQLAlchemyError, OSError) as err:
         latency = (time.perf_counter() - started) * 1000
         return DatabaseHealth(
@@ -287,14 +437,24 @@ def check_database(engine: Engine) -> DatabaseHealth:
         )
     latency = (time.perf_counter() - started) * 1000
     return DatabaseHealth(
-        ok=True, latency_ms=latency, server_version=version, ssl=ssl, detail=f"connected to {where}"
+        ok=True,
+        latency_ms=latency,
+        server_version=version,
+        ssl=ssl,
+        detail=f"connected to {where}",
+        timeouts=timeouts,
     )
 
 
-# One round trip: version, and TLS state of this very backend when visible.
+_BOUNDS: Final = ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")
+# One round trip: version and the bounds the server applies to this statement's
+# transaction. Whether TLS is on is the driver's to say, not the server's.
 _PG_HEALTH: Final = text(
     "select current_setting('server_version') as version, "
-    "(select s.ssl from pg_stat_ssl s where s.pid = pg_backend_pid()) as ssl"
+    "current_setting('statement_timeout') as statement_timeout, "
+    "current_setting('lock_timeout') as lock_timeout, "
+    "current_setting('idle_in_transaction_session_timeout') "
+    "as idle_in_transaction_session_timeout"
 )
 
 

@@ -6,6 +6,7 @@ catch the whole family at once::
     TodoBackendError
     ├── ConfigurationError        settings are missing or malformed; fix the environment
     ├── DatabaseUnavailableError  the database cannot be reached; check the URL, TLS, network
+    ├── DatabaseTimeoutError      a bounded wait ran out (pool, statement, lock, idle block)
     └── migrate.MigrationError    a migration cannot run as asked; nothing was changed
 
 A failed call inside ``TaskRepository.atomic()`` makes the block raise
@@ -17,7 +18,12 @@ any SQL is sent. Messages never contain a password.
 
 from __future__ import annotations
 
-__all__ = ["ConfigurationError", "DatabaseUnavailableError", "TodoBackendError"]
+__all__ = [
+    "ConfigurationError",
+    "DatabaseTimeoutError",
+    "DatabaseUnavailableError",
+    "TodoBackendError",
+]
 
 
 class TodoBackendError(Exception):
@@ -37,3 +43,22 @@ class DatabaseUnavailableError(TodoBackendError):
     The message names the host and port (never the password) and lists what to check:
     the URL, ``sslmode``, a suspended Neon compute still waking up, the network.
     """
+
+
+class DatabaseTimeoutError(TodoBackendError):
+    """A call ran into one of the engine's bounds on waiting, and nothing of it was stored.
+
+    Raised when no pooled connection became free within ``DB_POOL_TIMEOUT`` (nothing
+    was sent), or when the server cancelled the statement at ``DB_STATEMENT_TIMEOUT``
+    or ``DB_LOCK_TIMEOUT``, or ended an ``atomic()`` block left idle longer than
+    ``DB_IDLE_IN_TRANSACTION_TIMEOUT`` (the server rolled it back). ``bound`` names the
+    setting that was hit; the message says what to do next. Safe to retry.
+    """
+
+    def __init__(self, message: str, *, bound: str = "") -> None:
+        super().__init__(message)
+        self.bound = bound
+
+    def __reduce__(self) -> tuple[type[DatabaseTimeoutError], tuple[str], dict[str, str]]:
+        # Keeps ``bound`` when the error crosses a process boundary (pickle).
+        return type(self), (str(self),), {"bound": self.bound}

@@ -45,7 +45,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import CheckConstraint, Connection, Engine, String, Table, inspect
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.schema import SchemaItem
 from sqlmodel import SQLModel
 from sqlmodel.main import default_registry
@@ -53,7 +53,7 @@ from sqlmodel.sql.sqltypes import AutoString, UTCDateTime
 
 import todo_backend.models  # registers the tables on SQLModel.metadata
 from todo_backend.config import load_settings
-from todo_backend.db import create_db_engine
+from todo_backend.db import UNBOUNDED, create_db_engine
 from todo_backend.errors import TodoBackendError
 
 __all__ = [
@@ -225,7 +225,10 @@ def migration_connection(url_or_engine: UrlOrEngine) -> Iterator[Connection]:
     """
     engine, owned = _engine_for(url_or_engine)
     try:
-        with engine.connect() as connection, connection.begin():
+        # Migrations run without the per-statement bounds: DDL on a big table may
+        # legitimately take longer, and some (CREATE INDEX CONCURRENTLY) refuse to run
+        # in the implicit transaction the bounds put them in.
+        with engine.connect().execution_options(**UNBOUNDED) as connection, connection.begin():
             if connection.dialect.name == "sqlite":
                 dbapi_connection: Any = connection.connection.dbapi_connection
                 if not dbapi_connection.in_transaction:
@@ -393,7 +396,7 @@ def _check_constraint_differences(connection: Connection) -> list[str]:
     for table in package_tables():
         if not inspector.has_table(table.name, table.schema):
             continue  # reported by compare_metadata already
-        models = _model_checks(table)
+        models = _model_checks(table, connection.dialect)
         database = {
             str(ck["name"]): _normalise_sql(ck["sqltext"])
             for ck in inspector.get_check_constraints(table.name, table.schema)
@@ -418,9 +421,10 @@ def _check_constraint_differences(connection: Connection) -> list[str]:
     return found
 
 
-def _model_checks(table: Table) -> dict[str, str]:
+def _model_checks(table: Table, dialect: Dialect) -> dict[str, str]:
+    # Compiled for the database's dialect: a condition may differ per database.
     return {
-        str(constraint.name): _normalise_sql(str(constraint.sqltext))
+        str(constraint.name): _normalise_sql(str(constraint.sqltext.compile(dialect=dialect)))
         for constraint in table.constraints
         if isinstance(constraint, CheckConstraint) and isinstance(constraint.name, str)
     }

@@ -4,39 +4,48 @@ Field rules live once, as annotated types, and are shared by the table model and
 ``TaskCreate`` / ``TaskUpdate`` / ``TaskRead`` schemas. Every rule is enforced by
 pydantic before any SQL is sent (the repository validates its input again, so neither
 a subclass nor ``model_copy(update=...)`` slips past). CHECK constraints keep even raw
-SQL from storing an empty title or user_id, and bound the lengths; PostgreSQL's
-VARCHAR limits bound the raw lengths too, while on SQLite the title check bounds the
-trimmed length.
+SQL from storing an empty title or user_id, a control character or a padded user_id,
+and bound the lengths; PostgreSQL's VARCHAR limits bound the raw lengths too, while on
+SQLite the title check bounds the trimmed length. Tasks validate every assignment to
+a field as well, so a task the repository returned cannot carry bad data into a
+session either.
 """
 
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Self
 
 from pydantic import (
     AfterValidator,
     AwareDatetime,
     BeforeValidator,
+    ConfigDict,
     StrictBool,
     StringConstraints,
     TypeAdapter,
     field_validator,
 )
-from sqlalchemy import BigInteger, CheckConstraint, Index, Integer
+from sqlalchemy import BigInteger, CheckConstraint, ColumnElement, Index, Integer
+from sqlalchemy.ext.compiler import compiles
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig, finish_init
 
 __all__ = [
+    "CONTROL_RANGES",
     "DESCRIPTION_MAX_LENGTH",
+    "LAYOUT_CONTROLS",
     "TITLE_MAX_LENGTH",
     "USER_ID_MAX_LENGTH",
+    "WHITESPACE_RANGES",
     "Description",
     "Task",
     "TaskCreate",
     "TaskRead",
     "TaskUpdate",
+    "TextCheck",
     "Title",
     "UserId",
     "utc_now",
@@ -47,13 +56,130 @@ TITLE_MAX_LENGTH: Final = 200
 DESCRIPTION_MAX_LENGTH: Final = 1000
 USER_ID_MAX_LENGTH: Final = 255
 
-# C0 controls, DEL and C1 controls (Unicode category Cc). Emoji joiners and other
-# format characters (Cf) are legitimate text and stay allowed.
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# Descriptions are multi-line text: tab, newline and carriage return are kept.
-_CONTROL_EXCEPT_LAYOUT: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_NO_CONTROL_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]*$"
-_NO_CONTROL_EXCEPT_LAYOUT_PATTERN: Final = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"
+# The character rules, stated once for every text field and every model (and repeated
+# for raw SQL by the table's CHECK constraints, see TextCheck):
+# - text must be encodable as UTF-8: a lone surrogate (U+D800..U+DFFF, which Python
+#   strings can hold, e.g. from undecodable command-line bytes) is refused;
+# - no control character (Unicode category Cc: C0 controls, DEL, C1 controls) in
+#   user_id or title; a description may hold the layout controls tab, LF and CR.
+#   Format characters (Cf, such as the emoji zero-width joiner) are legitimate text.
+# - user_id must not start or end with whitespace of any kind (str.strip()'s set).
+CONTROL_RANGES: Final = ((0x00, 0x1F), (0x7F, 0x9F))
+LAYOUT_CONTROLS: Final = "\t\n\r"
+# The characters str.isspace() accepts that are not controls (the controls among
+# Python's whitespace are refused anywhere already); test_models.py pins the set.
+WHITESPACE_RANGES: Final = (
+    (0x20, 0x20),
+    (0xA0, 0xA0),
+    (0x1680, 0x1680),
+    (0x2000, 0x200A),
+    (0x2028, 0x2029),
+    (0x202F, 0x202F),
+    (0x205F, 0x205F),
+    (0x3000, 0x3000),
+)
+
+
+def _runs(ranges: tuple[tuple[int, int], ...], *, keep: str = "") -> tuple[tuple[int, int], ...]:
+    """Return the code points of *ranges* minus those in *keep* as sorted inclusive runs."""
+    kept = {ord(c) for c in keep}
+    points = sorted(cp for low, high in ranges for cp in range(low, high + 1) if cp not in kept)
+    runs: list[tuple[int, int]] = []
+    for cp in points:
+        if runs and runs[-1][1] == cp - 1:
+            runs[-1] = (runs[-1][0], cp)
+        else:
+            runs.append((cp, cp))
+    return tuple(runs)
+
+
+def _regex_class(runs: tuple[tuple[int, int], ...]) -> str:
+    """Return the body of a regular-expression class matching the code points of *runs*."""
+    return "".join(
+        f"\\x{low:02x}-\\x{high:02x}"
+        if high > low + 1
+        else "".join(f"\\x{cp:02x}" for cp in range(low, high + 1))
+        for low, high in runs
+    )
+
+
+_CONTROLS: Final = _runs(CONTROL_RANGES)
+_CONTROLS_EXCEPT_LAYOUT: Final = _runs(CONTROL_RANGES, keep=LAYOUT_CONTROLS)
+_WHITESPACE: Final = _runs(WHITESPACE_RANGES)
+_CONTROL: Final = re.compile(f"[{_regex_class(_CONTROLS)}]")
+_CONTROL_EXCEPT_LAYOUT: Final = re.compile(f"[{_regex_class(_CONTROLS_EXCEPT_LAYOUT)}]")
+
+
+class TextCheck(ColumnElement[bool]):
+    r"""A CHECK condition keeping a text column to the character rules, per database.
+
+    Raw SQL must not store what the validators refuse, so the table repeats their
+    rules: none of the *forbidden* code-point runs anywhere in *column*, and none of
+    the *edges* runs at either end. SQLite has no regular expressions without an
+    extension and PostgreSQL has no GLOB, so the condition compiles per dialect from
+    the same runs the validators use (specs/002-database-setup/research.md): GLOB
+    with a character class built by ``char()``, a NUL test on the bytes and
+    ``trim()`` for the ends on SQLite; a regular expression with ``\u`` escapes on
+    PostgreSQL (whose text can never hold NUL). A NULL value passes, as in every
+    CHECK constraint.
+    """
+
+    inherit_cache = False
+
+    def __init__(
+        self,
+        column: str,
+        forbidden: tuple[tuple[int, int], ...],
+        *,
+        edges: tuple[tuple[int, int], ...] = (),
+    ) -> None:
+        self.column = column
+        # NUL is tested separately on SQLite and cannot occur on PostgreSQL.
+        self.forbidden = tuple((max(low, 1), high) for low, high in forbidden if high >= 1)
+        self.edges = edges
+
+
+def _sqlite_class(runs: tuple[tuple[int, int], ...]) -> str:
+    return " || ".join(
+        f"char({low})" if low == high else f"char({low}) || '-' || char({high})"
+        for low, high in runs
+    )
+
+
+def _postgresql_class(runs: tuple[tuple[int, int], ...]) -> str:
+    return "".join(
+        f"\\u{low:04x}" if low == high else f"\\u{low:04x}-\\u{high:04x}" for low, high in runs
+    )
+
+
+@compiles(TextCheck, "sqlite")
+def _text_check_on_sqlite(element: TextCheck, _compiler: Any, **_kw: Any) -> str:
+    column = element.column
+    anywhere = _sqlite_class(element.forbidden)
+    conditions = [
+        f"instr(CAST({column} AS BLOB), x'00') = 0",
+        f"{column} NOT GLOB ('*[' || {anywhere} || ']*')",
+    ]
+    if element.edges:
+        edge = ", ".join(str(cp) for low, high in element.edges for cp in range(low, high + 1))
+        conditions.append(f"{column} = trim({column}, char({edge}))")
+    return " AND ".join(conditions)
+
+
+@compiles(TextCheck, "postgresql")
+@compiles(TextCheck)  # the production database's form, e.g. for str() and rendered code
+def _text_check_on_postgresql(element: TextCheck, _compiler: Any, **_kw: Any) -> str:
+    column = element.column
+    conditions = [f"{column} !~ '[{_postgresql_class(element.forbidden)}]'"]
+    if element.edges:
+        edge = _postgresql_class(element.edges)
+        conditions.append(f"{column} !~ '^[{edge}]|[{edge}]$'")
+    return " AND ".join(conditions)
+
+
+# The same rules as JSON Schema patterns for TaskRead's schema (data contract v1.0.0).
+_NO_CONTROL_PATTERN: Final = f"^[^{_regex_class(_CONTROLS)}]*$"
+_NO_CONTROL_EXCEPT_LAYOUT_PATTERN: Final = f"^[^{_regex_class(_CONTROLS_EXCEPT_LAYOUT)}]*$"
 
 
 def utc_now() -> datetime:
@@ -61,23 +187,37 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _reject(pattern: re.Pattern[str], what: str) -> Any:
-    def check(value: str) -> str:
-        found = pattern.search(value)
+def _text_rule(field: str, forbidden: re.Pattern[str], *, strip: bool = False) -> Any:
+    """Build the character rule of *field*, run before pydantic's own string checks.
+
+    Refuses text that UTF-8 cannot encode and any character *forbidden* matches,
+    naming the character and its position; with *strip*, ``str.strip()`` comes first.
+    Non-strings pass through untouched for the strict type check to refuse.
+    """
+
+    def check(value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"{field} must be text that UTF-8 can encode (found the lone surrogate "
+                f"U+{ord(value[err.start]):04X} at position {err.start})"
+            ) from None
+        if strip:
+            # str.strip() semantics, as the contract promises; pydantic's own strip
+            # differs (it keeps U+001C..U+001F, which Python counts as whitespace).
+            value = value.strip()
+        found = forbidden.search(value)
         if found is not None:
             raise ValueError(
-                f"{what} must not contain control characters "
+                f"{field} must not contain control characters "
                 f"(found U+{ord(found.group()):04X} at position {found.start()})"
             )
         return value
 
-    return check
-
-
-def _strip(value: object) -> object:
-    # str.strip() semantics, as the contract promises; pydantic's own strip differs
-    # (it keeps U+001C..U+001F, which Python counts as whitespace).
-    return value.strip() if isinstance(value, str) else value
+    return BeforeValidator(check)
 
 
 def _empty_to_none(value: object) -> object:
@@ -92,30 +232,29 @@ def _no_surrounding_space(value: str) -> str:
 
 UserId = Annotated[
     str,
-    StringConstraints(
-        strict=True, min_length=1, max_length=USER_ID_MAX_LENGTH, pattern=_NO_CONTROL_PATTERN
-    ),
+    StringConstraints(strict=True, min_length=1, max_length=USER_ID_MAX_LENGTH),
+    _text_rule("user_id", _CONTROL),
     AfterValidator(_no_surrounding_space),
 ]
 """An owner id: 1..255 code points, no control characters, no surrounding whitespace."""
 
 Title = Annotated[
     str,
-    BeforeValidator(_strip),
     StringConstraints(strict=True, min_length=1, max_length=TITLE_MAX_LENGTH),
-    AfterValidator(_reject(_CONTROL, "title")),
+    _text_rule("title", _CONTROL, strip=True),
 ]
 """A task title: stripped, then 1..200 code points, no control characters."""
 
 _DescriptionText = Annotated[
     str,
     StringConstraints(strict=True, max_length=DESCRIPTION_MAX_LENGTH),
-    AfterValidator(_reject(_CONTROL_EXCEPT_LAYOUT, "description")),
+    _text_rule("description", _CONTROL_EXCEPT_LAYOUT),
 ]
 Description = Annotated[_DescriptionText | None, BeforeValidator(_empty_to_none)]
 """An optional description: up to 1000 code points; tab, CR and LF allowed; "" means None."""
 
-_user_id_adapter: Final[TypeAdapter[str]] = TypeAdapter(UserId)
+# Titled, so that an error names the field: "1 validation error for user_id".
+_user_id_adapter: Final[TypeAdapter[str]] = TypeAdapter(UserId, config=ConfigDict(title="user_id"))
 
 
 def validate_user_id(user_id: object) -> str:
@@ -140,7 +279,10 @@ def _description_field() -> Any:
 
 
 def _user_id_field() -> Any:
-    return Field(max_length=USER_ID_MAX_LENGTH)
+    return Field(
+        max_length=USER_ID_MAX_LENGTH,
+        schema_extra={"json_schema_extra": {"pattern": _NO_CONTROL_PATTERN}},
+    )
 
 
 # Assignments are validated too: `task_create.title = "\x00"` raises like the constructor.
@@ -168,12 +310,24 @@ class TaskFields(SQLModel):
     updated_at: AwareDatetime = Field(default_factory=utc_now)
 
 
+_FIELD_NAMES: Final = frozenset(TaskFields.model_fields)
+_BUILDING: Final[ContextVar[bool]] = ContextVar("todo_backend_task_building", default=False)
+
+
+def _validated_field(name: str, value: object) -> Any:
+    # Validated on a throwaway TaskFields, so the error names the field like Task(...).
+    probe = TaskFields.model_construct()
+    TaskFields.__pydantic_validator__.validate_assignment(probe, name, value)
+    return probe.__dict__[name]
+
+
 class Task(TaskFields, table=True):
     """A todo item owned by one user: the ``tasks`` table.
 
     Unlike a plain SQLModel table model, ``Task(...)`` validates its input (sqlmodel
-    skips validation for ``table=True`` models) and raises ``ValidationError`` on bad
-    data, so an invalid task can never reach a session. Timestamps are aware UTC
+    skips validation for ``table=True`` models) and so does every assignment to a
+    field, on new tasks and on those the repository returns alike: bad data raises
+    ``ValidationError``, so an invalid task can never reach a session. Timestamps are aware UTC
     datetimes on PostgreSQL and SQLite alike.
     """
 
@@ -195,6 +349,14 @@ class Task(TaskFields, table=True):
             f"description IS NULL OR length(description) BETWEEN 1 AND {DESCRIPTION_MAX_LENGTH}",
             name="ck_tasks_description_valid",
         ),
+        # The character rules of the validators above, for raw SQL (TextCheck).
+        CheckConstraint(
+            TextCheck("user_id", _CONTROLS, edges=_WHITESPACE), name="ck_tasks_user_id_text"
+        ),
+        CheckConstraint(TextCheck("title", _CONTROLS), name="ck_tasks_title_text"),
+        CheckConstraint(
+            TextCheck("description", _CONTROLS_EXCEPT_LAYOUT), name="ck_tasks_description_text"
+        ),
     )
 
     id: int | None = Field(
@@ -209,7 +371,32 @@ class Task(TaskFields, table=True):
             # sqlmodel's model_validate() calls __init__ with finish_init unset after
             # validating; every other call validates here first.
             data = TaskFields.model_validate(data).model_dump()
-        super().__init__(**data)
+        building = _BUILDING.set(True)  # the values are validated: skip __setattr__'s check
+        try:
+            super().__init__(**data)
+        finally:
+            _BUILDING.reset(building)
+
+    @classmethod
+    def model_validate(cls, *args: Any, **kwargs: Any) -> Self:
+        """Validate like ``TaskFields`` (sqlmodel's path), then set the values unchecked."""
+        building = _BUILDING.set(True)  # sqlmodel assigns the values it just validated
+        try:
+            return super().model_validate(*args, **kwargs)
+        finally:
+            _BUILDING.reset(building)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        r"""Validate an assignment to a field before SQLAlchemy or pydantic store it.
+
+        SQLModel's own ``validate_assignment`` hands the value to SQLAlchemy first and
+        validates afterwards, so a refused value would still reach the session; here
+        ``task.title = "bad\x00"`` raises ``ValidationError`` and leaves the task,
+        and its pending changes, as they were.
+        """
+        if name in _FIELD_NAMES and not _BUILDING.get():
+            value = _validated_field(name, value)
+        super().__setattr__(name, value)
 
 
 class TaskCreate(TaskContent):

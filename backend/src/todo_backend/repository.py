@@ -66,8 +66,9 @@ class TaskRepository:
         Single calls outside a block autocommit and cost one round trip; inside, the
         connection opens a real transaction (BEGIN ... COMMIT). Nested blocks, and
         other repositories on the same session, join the outer block. If any call in
-        the block failed, the block rolls back even when the caller caught the error,
-        and raises :class:`TodoBackendError` at its end.
+        the block failed, whatever its error (a refused argument as much as a database
+        error), the block rolls back even when the caller caught the error, and raises
+        :class:`TodoBackendError` at its end.
         """
         block = core.Block(self._session)
         try:

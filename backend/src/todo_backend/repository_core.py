@@ -41,9 +41,10 @@ from sqlalchemy import (
 )
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import InstanceState, Session, configure_mappers
 
-from todo_backend.db import cannot_connect
+from todo_backend.db import cannot_connect, timeout_error
 from todo_backend.errors import DatabaseUnavailableError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_user_id
 
@@ -75,6 +76,9 @@ _MAX_ID: Final = 2**63 - 1  # BIGINT; a larger id cannot exist, so it matches no
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+# What a call can raise from the database side: the driver's errors and the pool's
+# checkout timeout. translate() turns each into the package's own errors.
+_DB_ERRORS: Final = (DBAPIError, PoolTimeoutError)
 _P = ParamSpec("_P")
 
 _table = Task.__table__  # type: ignore[attr-defined]
@@ -551,15 +555,15 @@ def _fail(session: Session, err: Exception) -> Generator[Step | Run, Any, NoRetu
 
     The one place where a failed call marks the session, in both faces: whatever a
     call raises (its argument checks, sending the statement, reading the result,
-    committing) comes here. A driver error inside an atomic block marks the block
-    failed (it rolls back at its end); otherwise a transaction left open by the
-    failure is rolled back here. The error is then raised as :func:`translate` maps it.
+    committing) comes here. Inside an atomic block any error marks the block failed
+    (a refused argument as much as a database error; it rolls back at its end);
+    otherwise a transaction a database error left open is rolled back here. The error
+    is then raised as :func:`translate` maps it.
     """
-    if isinstance(err, DBAPIError):
-        if _ATOMIC in session.info:
-            session.info[_ATOMIC] = True
-        elif session.in_transaction():
-            yield Step.ROLLBACK
+    if _ATOMIC in session.info:
+        session.info[_ATOMIC] = True
+    elif isinstance(err, _DB_ERRORS) and session.in_transaction():
+        yield Step.ROLLBACK
     translated = translate(err)
     if translated is err:
         raise err
@@ -569,8 +573,12 @@ def _fail(session: Session, err: Exception) -> Generator[Step | Run, Any, NoRetu
 def translate(err: Exception) -> Exception:
     """Map a driver error to this package's errors: the one translation boundary.
 
-    Returns *err* itself when it is not the package's to translate.
+    Returns *err* itself when it is not the package's to translate. A bound that ran
+    out (pool, statement, lock, idle block) is a DatabaseTimeoutError.
     """
+    timeout = timeout_error(err)
+    if timeout is not None:
+        return timeout
     if not isinstance(err, DBAPIError):
         return err
     if err.connection_invalidated:

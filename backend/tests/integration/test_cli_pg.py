@@ -11,6 +11,8 @@ from sqlalchemy.engine import URL
 
 from tests.cli_runner import SENTINEL, Call, cli_env, error_lines, run_all, run_cli, run_json
 from todo_backend.cli import ExitCode, main
+from todo_backend.config import mask_url
+from todo_backend.db import create_db_engine
 
 
 def _env(url: URL) -> dict[str, str]:
@@ -30,7 +32,7 @@ def test_init_creates_the_schema_once(
     _drop_tasks(module_engine)
     first = run_cli("init", cwd=tmp_path, env=_env(scratch_url))
     assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith("table tasks created on postgresql+psycopg2://postgres@")
+    assert first.stdout == f"table tasks created on {mask_url(scratch_url)}\n"
     second = run_cli("init", cwd=tmp_path, env=_env(scratch_url))
     assert second.returncode == 0, second.stderr
     assert second.stdout.startswith("table tasks already present, nothing to do")
@@ -43,6 +45,23 @@ def test_list_on_a_fresh_database_creates_the_schema(
     _drop_tasks(module_engine)
     assert run_json("list", "--user", "alice", "--json", cwd=tmp_path, env=_env(scratch_url)) == []
     assert inspect(module_engine).has_table("tasks")
+
+
+def test_migrate_then_migrate_check(
+    module_engine: Engine, scratch_url: URL, tmp_path: Path
+) -> None:
+    """migrate builds the schema on an empty database; migrate --check then finds it current."""
+    _drop_tasks(module_engine)
+    env = _env(scratch_url)
+    behind = run_cli("migrate", "--check", cwd=tmp_path, env=env)
+    assert behind.returncode == ExitCode.MIGRATION_NEEDED, behind.stdout + behind.stderr
+    migrated = run_cli("migrate", cwd=tmp_path, env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert inspect(module_engine).has_table("tasks")
+    current = run_cli("migrate", "--check", cwd=tmp_path, env=env)
+    assert current.returncode == 0, current.stdout + current.stderr
+    again = run_cli("migrate", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
 
 
 def test_lifecycle_and_isolation(
@@ -95,18 +114,38 @@ def test_lifecycle_and_isolation(
 def test_check_reports_postgresql_with_the_password_masked(
     scratch_url: URL, tmp_path: Path
 ) -> None:
-    """check on the local server: reachable, PostgreSQL version, TLS off, direct, password ***."""
-    # The local server trusts 127.0.0.1, so the password is never even asked for.
-    url = scratch_url.set(password=SENTINEL).render_as_string(hide_password=False)
-    result = run_cli("check", "--database-url", url, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert SENTINEL not in result.stdout + result.stderr
-    report = dict(line.split(":", 1) for line in result.stdout.splitlines())
-    assert report["database"].strip().startswith("postgresql+psycopg2://postgres:***@127.0.0.1")
-    assert report["reachable"].strip() == "yes"
-    assert report["server"].strip().startswith("PostgreSQL ")
-    assert report["tls"].strip() == "off"
-    assert report["endpoint"].strip() == "direct"
+    """check on the server under test: reachable, its version and TLS state, password ***."""
+    # A server that asks for no password (trust) gets a sentinel one it never checks.
+    url = scratch_url if scratch_url.password else scratch_url.set(password=SENTINEL)
+    secret = str(url.password)
+    result = run_cli(
+        "check", "--database-url", url.render_as_string(hide_password=False), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr.replace(secret, "<the password>")
+    assert result.stderr == ""
+    lines = (line.split(":", 1) for line in result.stdout.splitlines())
+    report = {key: value.strip() for key, value in lines}
+    # The URL shown is the masked one (a password equal to the user name, as in
+    # GitHub's service container, cannot be told apart by a search of the text).
+    assert report.pop("database") == mask_url(url)
+    assert ":***@" in mask_url(url)
+    assert all(secret not in value for value in report.values())
+    assert report["reachable"] == "yes"
+    assert report["server"].startswith("PostgreSQL ")
+    assert report["tls"] == ("on" if _driver_uses_tls(url) else "off")
+    assert report["endpoint"].startswith(("direct", "pooled"))
+
+
+def _driver_uses_tls(url: URL) -> bool:
+    """Whether the package's own engine reaches *url* over TLS, as psycopg2 sees it."""
+    engine = create_db_engine(url.render_as_string(hide_password=False))
+    try:
+        with engine.connect() as conn:
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            return bool(dbapi.info.ssl_in_use)
+    finally:
+        engine.dispose()
 
 
 def test_demo_on_postgresql(engine: Engine, scratch_url: URL, tmp_path: Path) -> None:
@@ -114,7 +153,41 @@ def test_demo_on_postgresql(engine: Engine, scratch_url: URL, tmp_path: Path) ->
     result = run_cli("demo", cwd=tmp_path, env=_env(scratch_url))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    assert result.stdout.startswith("todo-db demo on postgresql+psycopg2://postgres@127.0.0.1")
+    assert result.stdout.startswith(f"todo-db demo on {mask_url(scratch_url)}\n")
     assert "ALLOWED" not in result.stdout
     assert result.stdout.count("for user demo-bob") == 5
     assert "afterwards: unchanged" in result.stdout
+
+
+def test_demo_hint_never_shows_the_password_of_its_database_url(
+    engine: Engine, scratch_url: URL, tmp_path: Path
+) -> None:
+    """Given a --database-url with a password, the closing hint mentions the option, not the URL."""
+    url = scratch_url if scratch_url.password else scratch_url.set(password=SENTINEL)
+    given = url.render_as_string(hide_password=False)
+    result = run_cli("demo", "--database-url", given, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    # Not a plain search for the password: GitHub's service container uses the user
+    # name as password, and "postgres" is also the start of the scheme.
+    assert given not in output
+    assert f":{url.password}@" not in output
+    assert result.stdout.splitlines()[-1].endswith(
+        " list --user demo-alice (with the same --database-url)"
+    )
+
+
+def test_check_shows_the_bounds_the_server_applies(scratch_url: URL, tmp_path: Path) -> None:
+    """check prints the statement, lock and idle bounds as the server reports them."""
+    env = cli_env(
+        DATABASE_URL=scratch_url.render_as_string(hide_password=False),
+        DB_STATEMENT_TIMEOUT="12",
+        DB_LOCK_TIMEOUT="0.75",
+        DB_IDLE_IN_TRANSACTION_TIMEOUT="45",
+    )
+    result = run_cli("check", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    report = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert report["bounds"].strip() == (
+        "statement_timeout=12s, lock_timeout=750ms, idle_in_transaction_session_timeout=45s"
+    )

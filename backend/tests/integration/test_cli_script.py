@@ -7,6 +7,8 @@ These run in the integration session: a process start costs most of a second
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -57,6 +59,26 @@ def test_demo_runs_on_the_fallback_file_and_leaves_it_usable(
     assert (workdir / "todo.db").is_file()
     tasks = cli_json(capsys, "list", "--user", "demo-alice", "--json")
     assert [(t["id"], t["title"], t["complete"]) for t in tasks] == [(1, "Buy oat milk", True)]
+
+
+def test_the_demos_closing_hint_works_from_where_the_demo_ran(workdir: Path) -> None:
+    """The hint is a command line that runs, in a shell without the tool's bin on PATH."""
+    shell = cli_env(PATH="/usr/bin:/bin")
+    shell.pop("VIRTUAL_ENV", None)
+    demo = run_cli("demo", cwd=workdir, env=shell)
+    assert demo.returncode == 0, demo.stderr
+    hint = demo.stdout.splitlines()[-1].removeprefix("demo finished; try: ")
+    assert hint.endswith(" list --user demo-alice")
+    listed = subprocess.run(
+        [*shlex.split(hint), "--json"],
+        cwd=workdir,
+        env=shell,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [task["title"] for task in json.loads(listed.stdout)] == ["Buy oat milk"]
 
 
 def test_task_lifecycle_with_database_url_from_dotenv(workdir: Path) -> None:

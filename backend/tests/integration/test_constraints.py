@@ -50,6 +50,10 @@ def _rows(engine: Engine) -> int:
         ({"user_id": "u" * 256}, {_TOO_LONG, _CHECK_VIOLATION}),
         ({"description": ""}, {_CHECK_VIOLATION}),
         ({"description": "d" * 1001}, {_TOO_LONG, _CHECK_VIOLATION}),
+        ({"user_id": "\talice"}, {_CHECK_VIOLATION}),
+        ({"user_id": "alice\u00a0"}, {_CHECK_VIOLATION}),
+        ({"title": "bell\x07"}, {_CHECK_VIOLATION}),
+        ({"description": "\x1b[31m"}, {_CHECK_VIOLATION}),
     ],
     ids=[
         "empty title",
@@ -62,12 +66,16 @@ def _rows(engine: Engine) -> int:
         "user_id 256",
         "empty description",
         "description 1001",
+        "user_id tab-padded",
+        "user_id padded by no-break space",
+        "title control character",
+        "description escape sequence",
     ],
 )
 def test_raw_sql_cannot_store_an_invalid_row(
     engine: Engine, row: dict[str, object], codes: set[str]
 ) -> None:
-    """A raw INSERT of an empty, blank, padded or over-long field is refused by PostgreSQL."""
+    """A raw INSERT of an empty, blank, padded, over-long or control-laden field is refused."""
     with pytest.raises((IntegrityError, DataError)) as refused:
         _insert(engine, **row)
     assert isinstance(refused.value, DBAPIError)
@@ -98,3 +106,10 @@ def test_unvalidated_input_is_refused_before_the_database(engine: Engine) -> Non
     assert sent == []
     assert _rows(engine) == 0
     assert repo.count("alice") == 0
+
+
+def test_postgresql_text_cannot_hold_nul_at_all(engine: Engine) -> None:
+    """NUL never reaches the server (the driver refuses it), so no CHECK needs to test for it."""
+    with pytest.raises(ValueError, match="NUL"):
+        _insert(engine, title="bad\x00")
+    assert _rows(engine) == 0

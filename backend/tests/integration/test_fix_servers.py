@@ -5,7 +5,11 @@ Loopback only, stopped and deleted afterwards, and never a silent skip in CI.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +63,28 @@ def test_pgbouncer_stops_and_frees_its_port(
     """A PgBouncer listens on loopback while running and is gone once stopped."""
     bouncer = pgbouncer(pg_cluster().url())
     assert _listening(bouncer.port)
+    assert bouncer.is_running()
     bouncer.stop()
-    assert bouncer.process.poll() is not None
+    assert not bouncer.is_running()
     assert not _listening(bouncer.port)
+
+
+@pytest.mark.parametrize(("ci", "exit_code"), [("true", 1), ("", 0)])
+def test_a_skipped_test_fails_the_run_only_in_ci(tmp_path: Path, ci: str, exit_code: int) -> None:
+    """With CI=true a run that skipped a test exits non-zero; locally a skip stays a skip."""
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n\n\ndef test_skips() -> None:\n    pytest.skip('a piece is missing')\n"
+    )
+    root = Path(__file__).parents[3]
+    config = ["-c", str(root / "pyproject.toml"), "-p", "tests.conftest", "-p", "no:xdist"]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", *config, str(tmp_path / "test_skips.py")],
+        cwd=root,
+        env={**os.environ, "CI": ci},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert "1 skipped" in run.stdout
+    assert run.returncode == exit_code, run.stdout

@@ -17,7 +17,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlmodel import SQLModel
 
 from tests.fix_servers import PgBouncer, PgBouncerFactory
@@ -49,12 +49,22 @@ _CATALOG = text(
 @pytest.fixture
 def url(scratch_url: URL) -> str:
     """The module's scratch database with an empty public schema for each test."""
-    admin = create_engine(scratch_url, isolation_level="AUTOCOMMIT")
+    return _emptied_schema(scratch_url)
+
+
+def _emptied_schema(database: URL) -> str:
+    admin = create_engine(database, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE"))
         conn.execute(text("CREATE SCHEMA public"))
     admin.dispose()
-    return scratch_url.render_as_string(hide_password=False)
+    return database.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def own_url(own_scratch_url: URL) -> str:
+    """A database on our own cluster (for a PgBouncer of our own), its schema emptied."""
+    return _emptied_schema(own_scratch_url)
 
 
 @pytest.fixture
@@ -96,6 +106,9 @@ def test_head_on_an_empty_database_is_exactly_the_models(url: str, engine: Engin
         "ck_tasks_user_id_valid",
         "ck_tasks_title_valid",
         "ck_tasks_description_valid",
+        "ck_tasks_user_id_text",
+        "ck_tasks_title_text",
+        "ck_tasks_description_text",
     }
 
 
@@ -114,11 +127,11 @@ def test_head_builds_the_same_catalog_as_init_db_which_can_be_stamped(
     assert "tables but no migration history" in migrate.check(url).problems[0]
     with pytest.raises(migrate.MigrationError):
         migrate.upgrade(url)
-    migrate.stamp(url, "0001")
+    migrate.stamp(url, "0002")
     migrate.upgrade(url)
     result = migrate.check(url)
     assert result.ok, result.problems
-    assert result.current == "0001"
+    assert result.current == "0002"
 
 
 def test_round_trip_keeps_working_with_data(url: str, engine: Engine) -> None:
@@ -138,9 +151,69 @@ def test_round_trip_keeps_working_with_data(url: str, engine: Engine) -> None:
     assert migrate.check(engine).ok
 
 
+_RAW_INSERT = text(
+    "insert into tasks (user_id, title, description, complete, created_at, updated_at) "
+    "values (:user_id, :title, :description, false, now(), now())"
+)
+_VALIDATED = text(
+    "select conname, convalidated from pg_constraint "
+    "where conrelid = to_regclass('public.tasks') and conname like '%\\_text' order by conname"
+)
+
+
+def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
+    url: str, engine: Engine
+) -> None:
+    """Rows breaking the character rules stop 0002, by id, changing nothing; then it applies.
+
+    Among them the tab-padded user_id that 0001's trim() check let through.
+    """
+    migrate.upgrade(url, "0001")
+    repo = TaskRepository(next(get_session(engine)))
+    kept = repo.create_many("alice", [TaskCreate(title="one", description="a\tb\r\n")])
+    broken: list[dict[str, str | None]] = [
+        {"user_id": "\tbob", "title": "ok", "description": None},  # id 2
+        {"user_id": "carol\u00a0", "title": "ok", "description": None},  # id 3
+        {"user_id": "dave", "title": "ok", "description": "\x0b"},  # id 4
+        *({"user_id": "erin", "title": f"bell\x07{i}", "description": None} for i in range(25)),
+    ]
+    with engine.begin() as conn:
+        conn.execute(_RAW_INSERT, broken)
+    before = _catalog(engine)
+
+    with pytest.raises(migrate.MigrationError) as refused:
+        migrate.upgrade(url)
+    message = str(refused.value)
+    assert "user_id (ck_tasks_user_id_text): task ids 2, 3;" in message
+    shown = ", ".join(str(i) for i in range(5, 25))
+    assert f"title (ck_tasks_title_text): task ids {shown} and 5 more;" in message
+    assert "description (ck_tasks_description_text): task id 4." in message
+    assert migrate.current_revision(url) == "0001"
+    assert _catalog(engine) == before
+
+    with engine.begin() as conn:
+        conn.execute(text("delete from tasks where id > 1"))
+    assert migrate.upgrade(url) == ("0001", "0002")
+    result = migrate.check(url)
+    assert result.ok, result.problems
+    assert repo.list("alice") == kept
+    with engine.connect() as conn:
+        assert conn.execute(_VALIDATED).all() == [
+            ("ck_tasks_description_text", True),
+            ("ck_tasks_title_text", True),
+            ("ck_tasks_user_id_text", True),
+        ]
+    with pytest.raises(IntegrityError, match="ck_tasks_user_id_text"), engine.begin() as conn:
+        conn.execute(_RAW_INSERT, broken[0])
+
+    migrate.downgrade(url, "0001")
+    assert _catalog(engine) == before
+    assert repo.list("alice") == kept
+
+
 @pytest.mark.pgbouncer
 def test_migrations_run_through_pgbouncer_in_transaction_mode(
-    url: str, admin_url: URL, pgbouncer: PgBouncerFactory
+    own_url: str, own_scratch_url: URL, pgbouncer: PgBouncerFactory
 ) -> None:
     """Upgrade, check, use, downgrade and re-upgrade through a one-connection transaction pool.
 
@@ -148,8 +221,8 @@ def test_migrations_run_through_pgbouncer_in_transaction_mode(
     that only works because PgBouncer hands it out per transaction and the migration
     keeps nothing on the server session between its transactions.
     """
-    bouncer = pgbouncer(admin_url, pool_size=1)
-    pooled = _through(bouncer, url)
+    bouncer = pgbouncer(own_scratch_url, pool_size=1)
+    pooled = _through(bouncer, own_url)
     bystander = create_engine(pooled)
     with bystander.connect() as idle:
         idle.execute(text("select 1"))
@@ -164,23 +237,23 @@ def test_migrations_run_through_pgbouncer_in_transaction_mode(
         migrate.downgrade(pooled, "base")
         assert migrate.current_revision(pooled) is None
         migrate.upgrade(pooled)
-        assert migrate.current_revision(pooled) == "0001"
+        assert migrate.current_revision(pooled) == "0002"
         assert idle.execute(text("select count(*) from tasks")).scalar_one() == 0
     bystander.dispose()
 
 
 @pytest.mark.pgbouncer
 def test_a_failing_revision_through_pgbouncer_leaves_nothing_behind(
-    url: str,
-    admin_url: URL,
+    own_url: str,
+    own_scratch_url: URL,
     pgbouncer: PgBouncerFactory,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The whole upgrade is one transaction: a failing revision rolls back its DDL too."""
-    bouncer = pgbouncer(admin_url, pool_size=1)
-    pooled = _through(bouncer, url)
-    migrate.upgrade(pooled, "0001")
+    bouncer = pgbouncer(own_scratch_url, pool_size=1)
+    pooled = _through(bouncer, own_url)
+    migrate.upgrade(pooled, "0002")
     scripts_with(
         tmp_path,
         monkeypatch,
@@ -192,11 +265,11 @@ def test_a_failing_revision_through_pgbouncer_leaves_nothing_behind(
     )
     with pytest.raises(ProgrammingError, match="no_such_function"):
         migrate.upgrade(pooled)
-    engine = create_db_engine(url)
+    engine = create_db_engine(own_url)
     assert "half_done" not in inspect(engine).get_table_names()
     assert "priority" not in {c["name"] for c in inspect(engine).get_columns("tasks")}
     engine.dispose()
-    assert migrate.current_revision(pooled) == "0001"
+    assert migrate.current_revision(pooled) == "0002"
 
 
 def test_tables_the_package_does_not_declare_are_left_alone(
@@ -217,11 +290,11 @@ def test_tables_the_package_does_not_declare_are_left_alone(
         with engine.begin() as conn:
             conn.execute(text("CREATE TABLE users (id integer PRIMARY KEY)"))
             conn.execute(text("CREATE TABLE legacy_audit (id bigserial PRIMARY KEY, note text)"))
-        assert migrate.upgrade(url) == (None, "0001")
+        assert migrate.upgrade(url) == (None, "0002")
         result = migrate.check(url)
         assert result.ok, result.problems
         scripts_with(tmp_path, monkeypatch, "pass")
-        assert migrate.upgrade(url) == ("0001", "0002")
+        assert migrate.upgrade(url) == ("0002", "0003")
         source = migrate.revision("nothing to do", url_or_engine=url).read_text()
         assert "drop_table" not in source
         assert "create_table" not in source

@@ -3,7 +3,8 @@
 Transaction pooling hands each transaction (in autocommit: each statement) to any free
 server connection, so nothing may rely on session state: no session-level SET, no
 server-side prepared statements, no LISTEN, no advisory locks or cursors held across
-transactions. The repository contract runs through a PgBouncer; a concurrency test
+transactions. The repository contract runs through a PgBouncer of our own (in front
+of a throwaway cluster, whatever server TEST_DATABASE_URL names); a concurrency test
 squeezes many clients through two server connections; and the server's own statement
 log shows the engine never sends anything session-scoped.
 """
@@ -19,7 +20,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
-from tests.fix_servers import ClusterFactory, PeakSampler, PgBouncerFactory
+from tests.fix_servers import ClusterFactory, PeakSampler, PgBouncerFactory, PgCluster
 from tests.repository_contract import RepositoryContract
 from todo_backend.db import check_database, create_db_engine, get_session, init_db
 from todo_backend.db import wait_for_database as wait_for_database_
@@ -35,13 +36,11 @@ def _url_text(url: URL) -> str:
 
 @pytest.fixture
 def engine(
-    module_engine: Engine, scratch_url: URL, pgbouncer: PgBouncerFactory
+    own_engine: Engine, own_scratch_url: URL, pgbouncer: PgBouncerFactory
 ) -> Iterator[Engine]:
-    """The package's engine on the scratch database, through a fresh PgBouncer."""
-    with module_engine.begin() as conn:
-        conn.execute(text("TRUNCATE tasks RESTART IDENTITY"))
-    bouncer = pgbouncer(scratch_url)
-    bounced = create_db_engine(_url_text(bouncer.url(scratch_url.database or "")))
+    """The package's engine on a database of our own cluster, through a fresh PgBouncer."""
+    bouncer = pgbouncer(own_scratch_url)
+    bounced = create_db_engine(_url_text(bouncer.url(own_scratch_url.database or "")))
     yield bounced
     bounced.dispose()
 
@@ -101,22 +100,49 @@ class _Client:
         assert all(t.user_id == self.user for t in repo.list(self.user, limit=100))
 
 
+def test_health_reports_the_clients_own_tls_behind_a_pooler(
+    own_scratch_url: URL, own_cluster: PgCluster, pgbouncer: PgBouncerFactory
+) -> None:
+    """Behind a TLS pooler whose server hop is plain, check_database reports TLS on.
+
+    That is Neon's pooled endpoint: the pooler sits next to the server, so the server
+    sees a plain-text connection while the one leaving the client's machine is
+    encrypted, and that one is what the health check must tell about.
+    """
+    bouncer = pgbouncer(own_scratch_url, tls=True)
+    url = bouncer.url(own_scratch_url.database or "").update_query_dict({"sslmode": "require"})
+    engine = create_db_engine(_url_text(url))
+    try:
+        health = check_database(engine)
+        with own_cluster.admin_engine().connect() as conn:
+            server_side = conn.execute(
+                text(
+                    "select bool_or(s.ssl) from pg_stat_ssl s join pg_stat_activity a using (pid)"
+                    " where a.datname = :db"
+                ),
+                {"db": own_scratch_url.database},
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert health.ok, health.detail
+    assert health.ssl is True
+    assert server_side is False  # the pooler's own connection to the server is plain
+
+
 def test_concurrent_clients_share_two_server_connections(
-    module_engine: Engine, admin_engine: Engine, scratch_url: URL, pgbouncer: PgBouncerFactory
+    own_engine: Engine, own_cluster: PgCluster, own_scratch_url: URL, pgbouncer: PgBouncerFactory
 ) -> None:
     """Sixteen concurrent clients through a 2-connection PgBouncer pool get exact results."""
-    with module_engine.begin() as conn:
-        conn.execute(text("TRUNCATE tasks RESTART IDENTITY"))
-    module_engine.dispose()  # from here on, every backend of the database is PgBouncer's
-    database = scratch_url.database or ""
-    bouncer = pgbouncer(scratch_url, pool_size=2)
+    own_engine.dispose()  # from here on, every backend of the database is PgBouncer's
+    database = own_scratch_url.database or ""
+    bouncer = pgbouncer(own_scratch_url, pool_size=2)
     engine = create_db_engine(_url_text(bouncer.url(database)))
     clients = [_Client(engine, f"user{i % 8}") for i in range(16)]
     barrier = threading.Barrier(len(clients))
     threads = [threading.Thread(target=c.run, args=(barrier,), daemon=True) for c in clients]
     try:
         with PeakSampler(
-            admin_engine,
+            own_cluster.admin_engine(),
             "select count(*) from pg_stat_activity where datname = :db",
             {"db": database},
         ) as servers:
@@ -142,10 +168,18 @@ def test_concurrent_clients_share_two_server_connections(
 
 # Anything that outlives one transaction on a server connection: PgBouncer's
 # transaction pooling would leak it to other clients or lose it between statements.
+# Checked at the start of every statement of a (multi-statement) query string; SET
+# LOCAL ends with its transaction and is the only SET allowed.
 _SESSION_STATE = re.compile(
-    r"^\s*(SET|RESET|PREPARE|EXECUTE|DEALLOCATE|LISTEN|UNLISTEN|DECLARE|DISCARD|LOAD)\b"
+    r"(^|;)\s*(SET(?!\s+LOCAL\b)|RESET|PREPARE|EXECUTE|DEALLOCATE|LISTEN|UNLISTEN|DECLARE"
+    r"|DISCARD|LOAD)\b"
     r"|pg_advisory_lock|pg_advisory_unlock|\bTEMP(ORARY)?\s+TABLE\b|set_config\s*\(",
     re.IGNORECASE,
+)
+# The engine's bounds, sent in the same query message as each statement.
+_BOUNDS = re.compile(
+    r"^SET LOCAL statement_timeout = \d+; SET LOCAL lock_timeout = \d+; "
+    r"SET LOCAL idle_in_transaction_session_timeout = \d+; "
 )
 _LOG_START = re.compile(r"^@@(?P<app>[^|]*)\|(?P<kind>[A-Z]+):  (?P<message>.*)$")
 
@@ -164,7 +198,7 @@ def _app_log(log: str) -> list[str]:
 
 
 def test_engine_keeps_no_session_state(pg_cluster: ClusterFactory) -> None:
-    """Every statement the engine sends is transaction-scoped and sent as a simple query."""
+    """Every statement the engine sends is bounded, transaction-scoped and a simple query."""
     cluster = pg_cluster(settings={"log_statement": "all", "log_line_prefix": "@@%a|"})
     engine = create_db_engine(_url_text(cluster.url()))
     try:
@@ -186,12 +220,18 @@ def test_engine_keeps_no_session_state(pg_cluster: ClusterFactory) -> None:
     finally:
         engine.dispose()
     messages = _app_log(cluster.log_text())
-    statements = [m.removeprefix("statement: ") for m in messages if m.startswith("statement: ")]
-    # The log really holds the workload (so the checks below can fail)...
+    sent = [m.removeprefix("statement: ") for m in messages if m.startswith("statement: ")]
+    statements = [_BOUNDS.sub("", s) for s in sent]
+    # Every statement on tasks carries the bounds in its own query message...
+    on_tasks = [s for s in sent if re.search(r"\btasks\b", s)]
+    assert on_tasks
+    assert [s for s in on_tasks if not _BOUNDS.match(s)] == []
+    # ...the log really holds the workload (so the checks below can fail)...
     assert any(s.startswith("INSERT INTO tasks") for s in statements)
     assert any(s.startswith("UPDATE tasks") for s in statements)
     assert any(s.startswith("DELETE FROM tasks") for s in statements)
     # ...every message is a simple-protocol statement (no named prepared statements)...
     assert [m for m in messages if not m.startswith("statement: ")] == []
     # ...and none of them leaves state on the server connection.
-    assert [s for s in statements if _SESSION_STATE.search(s)] == []
+    assert [s for s in sent if _SESSION_STATE.search(s)] == []
+    assert _SESSION_STATE.search("SET LOCAL lock_timeout = 1; SET statement_timeout = 1")

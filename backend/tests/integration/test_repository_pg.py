@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlalchemy import DateTime, Engine, inspect, text
+from sqlalchemy.engine import URL
 from sqlmodel import Session
 
+from tests.integration.databases import engine_with_schema, fresh_database
 from tests.repository_contract import RepositoryContract
 from todo_backend.db import get_session
 from todo_backend.models import TaskCreate
@@ -17,14 +19,12 @@ class TestRepositoryOnPostgreSQL(RepositoryContract):
     """The shared repository contract, on PostgreSQL."""
 
 
-def test_timestamps_are_utc_whatever_the_session_timezone(engine: Engine) -> None:
-    """A server or role TimeZone other than UTC still yields UTC-offset timestamps."""
-    with engine.connect() as conn:
-        database = conn.execute(text("select current_database()")).scalar_one()
-        conn.execute(text(f"ALTER DATABASE \"{database}\" SET timezone TO 'Asia/Kolkata'"))
-        conn.commit()
-    engine.dispose()  # new connections pick up the database's TimeZone
-    try:
+def test_timestamps_are_utc_whatever_the_session_timezone(admin_url: URL) -> None:
+    """A database whose TimeZone is not UTC still yields UTC-offset timestamps."""
+    with (
+        fresh_database(admin_url, settings={"timezone": "Asia/Kolkata"}) as url,
+        engine_with_schema(url) as engine,
+    ):
         repo = TaskRepository(next(get_session(engine)))
         task = repo.create("alice", TaskCreate(title="tz"))
         with engine.connect() as conn:
@@ -34,11 +34,6 @@ def test_timestamps_are_utc_whatever_the_session_timezone(engine: Engine) -> Non
         assert got.created_at == task.created_at
         assert got.created_at.utcoffset() == timedelta(0)
         assert [t.created_at.utcoffset() for t in repo.list("alice")] == [timedelta(0)]
-    finally:
-        with engine.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{database}" RESET timezone'))
-            conn.commit()
-        engine.dispose()
 
 
 def test_schema_is_as_the_contract_states(engine: Engine) -> None:

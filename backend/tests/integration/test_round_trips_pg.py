@@ -1,9 +1,11 @@
 """One network round trip per repository call, seen on the wire to PostgreSQL.
 
-Every test on ``wired_repo`` runs on both faces: TaskRepository (psycopg2) and
-AsyncTaskRepository (psycopg 3, extended protocol: Parse, Bind, Execute, Sync).
+Every test on ``wired_repo`` runs on both faces: TaskRepository (psycopg2, simple
+query protocol) and AsyncTaskRepository (psycopg 3, extended protocol: Parse, Bind,
+Execute, Sync; without the engine's SET LOCAL bounds, which need one message).
 
-A small proxy on loopback sits between the package's engine and the server. It reads
+A small proxy on loopback sits between the package's engine and a throwaway cluster of
+our own (the wire to a hosted server is encrypted, so it is read here). It reads
 the PostgreSQL protocol the client sends, records the SQL of every query message,
 and counts round trips: a client-to-server burst after the server has spoken. A
 hidden ``BEGIN``, ``COMMIT``, ``ROLLBACK`` or ``SET`` shows up as an extra query and
@@ -13,6 +15,7 @@ an extra round trip, so these tests fail the day a call starts costing two.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -25,7 +28,7 @@ from sqlalchemy.engine import URL
 
 from tests.async_face import AwaitedRepository, open_session
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
-from todo_backend.db import create_db_engine, get_session, is_local_host
+from todo_backend.db import create_db_engine, get_session
 from todo_backend.models import Task, TaskCreate, TaskUpdate
 from todo_backend.repository import TaskRepository
 
@@ -34,6 +37,12 @@ _PROTOCOL_3: int = 196608  # the StartupMessage's protocol version; earlier ones
 # Bind, Describe, Execute, Sync follow a Parse in one extended-protocol query; X
 # (Terminate) is sent when a connection closes.
 _PARTS_OF_A_QUERY = frozenset({b"B", b"D", b"E", b"S", b"X"})
+# The statement, lock and idle bounds the engine puts in front of each statement, in
+# the same query message: recorded, then stripped so the tests see the statement.
+_BOUNDS = re.compile(
+    r"^SET LOCAL statement_timeout = \d+; SET LOCAL lock_timeout = \d+; "
+    r"SET LOCAL idle_in_transaction_session_timeout = \d+; "
+)
 
 
 @dataclass
@@ -42,6 +51,7 @@ class Recording:
 
     queries: list[str] = field(default_factory=list)
     round_trips: int = 0
+    bounded: int = 0  # queries that carried the engine's SET LOCAL bounds (stripped above)
     prepared: list[str] = field(default_factory=list)  # names of server-side prepared statements
 
 
@@ -154,7 +164,12 @@ class Wire:
             spoke[0] = False
             for kind, payload in parsed:
                 if kind == b"Q":
-                    seen.queries.append(payload.rstrip(b"\0").decode())
+                    query = payload.rstrip(b"\0").decode()
+                    bounded = _BOUNDS.match(query)
+                    if bounded:
+                        seen.bounded += 1
+                        query = query[bounded.end() :]
+                    seen.queries.append(query)
                 elif kind == b"P":  # extended protocol (psycopg 3): Parse names the SQL
                     name, sql = payload.split(b"\0")[:2]
                     seen.queries.append(sql.decode())
@@ -165,19 +180,18 @@ class Wire:
 
 
 @pytest.fixture(scope="module")
-def wire(scratch_url: URL) -> Iterator[Wire]:
-    """A counting proxy in front of the module's scratch database's server."""
-    if not is_local_host(scratch_url) or not scratch_url.host:
-        pytest.skip("the wire is read on loopback only: TEST_DATABASE_URL is not a local server")
-    proxy = Wire((scratch_url.host, scratch_url.port or 5432))
+def wire(own_scratch_url: URL) -> Iterator[Wire]:
+    """A counting proxy in front of our own cluster (plain text on loopback, readable)."""
+    assert own_scratch_url.host is not None
+    proxy = Wire((own_scratch_url.host, own_scratch_url.port or 5432))
     yield proxy
     proxy.close()
 
 
 @pytest.fixture
-def wired_url(engine: Engine, wire: Wire, scratch_url: URL) -> str:
-    """The scratch database (tasks emptied by ``engine``), reached through the proxy."""
-    url = scratch_url.set(
+def wired_url(own_engine: Engine, wire: Wire, own_scratch_url: URL) -> str:
+    """A database of our own cluster (tasks emptied by ``own_engine``), through the proxy."""
+    url = own_scratch_url.set(
         host="127.0.0.1",
         port=wire.port,
         # Plain text so the proxy can read it; loopback only.
@@ -188,7 +202,7 @@ def wired_url(engine: Engine, wire: Wire, scratch_url: URL) -> str:
 
 @pytest.fixture
 def wired_engine(wired_url: str) -> Iterator[Engine]:
-    """The package's engine on the scratch database, reached through the proxy."""
+    """The package's engine on a database of our own cluster, reached through the proxy."""
     wired = create_db_engine(wired_url)
     yield wired
     wired.dispose()
@@ -220,6 +234,11 @@ def wired_repo(
         runner.run(engine.dispose())
 
 
+def _bounds(repo: TaskRepository) -> int:
+    """How many bounds ride in each statement's message: the sync engine's SET LOCAL."""
+    return 1 if isinstance(repo, TaskRepository) else 0
+
+
 _SINGLE_CALLS: dict[str, tuple[str, Callable[[TaskRepository, Task], object]]] = {
     "create": ("INSERT", lambda r, t: r.create(ALICE, TaskCreate(title="new"))),
     "get": ("SELECT", lambda r, t: r.get(ALICE, t.id or 0)),
@@ -242,6 +261,7 @@ def test_single_task_call_is_one_query_and_one_round_trip(
         call(wired_repo, task)
     assert len(seen.queries) == 1, seen.queries
     assert seen.queries[0].startswith(verb), seen.queries
+    assert seen.bounded == _bounds(wired_repo)  # the bounds ride in the same message
     assert seen.round_trips == 1
     assert seen.prepared == []
 
@@ -302,6 +322,7 @@ def test_atomic_block_adds_only_begin_and_commit(wired_repo: TaskRepository, wir
         wired_repo.update(ALICE, task.id or 0, TaskUpdate(title="renamed"))
         wired_repo.create(ALICE, TaskCreate(title="second"))
     assert [q.split()[0] for q in seen.queries] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
+    assert seen.bounded == 2 * _bounds(wired_repo)
     assert seen.round_trips == 4
 
 

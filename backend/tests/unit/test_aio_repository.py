@@ -23,9 +23,9 @@ class TestAsyncRepositoryOnSQLite(AsyncRepositoryContract):
     """The shared repository contract, on AsyncTaskRepository over aiosqlite."""
 
     @pytest.fixture
-    def async_url(self) -> str:
-        """A fresh in-memory database per test."""
-        return "sqlite://"
+    def async_url(self, tmp_path: Path) -> str:
+        """A fresh database file per test (a sync engine reaches it too, unlike memory)."""
+        return f"sqlite:///{tmp_path / 'tasks.db'}"
 
 
 @pytest.fixture

@@ -286,6 +286,97 @@ def test_demo_replaces_only_its_own_earlier_tasks(capsys: pytest.CaptureFixture[
     assert len(cli_json(capsys, "list", "--user", "demo-bob", "--json")) == 1
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("add", "--user", "alice", "undecodable \udcff byte"), "invalid title: "),
+        (("add", "--user", "alice", "ok", "--description", "\x1b[31m"), "invalid description: "),
+        (("add", "--user", "alice\udcff", "ok"), "user_id must be text that UTF-8 can encode"),
+        (("list", "--user", "\u3000alice"), "user_id must not start or end with whitespace"),
+        (("done", "--user", "al\x00ice", "1"), "user_id must not contain control characters"),
+        (("delete", "--user", "\ud800", "1"), "user_id must be text that UTF-8 can encode"),
+    ],
+)
+def test_text_the_rules_refuse_is_one_clear_error(
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...], named: str
+) -> None:
+    """Undecodable argv bytes (lone surrogates) and controls: exit 5, one line naming the field."""
+    code, out, err = cli(capsys, *args)
+    assert code == ExitCode.INVALID_INPUT
+    assert out == ""
+    [line] = err.splitlines()
+    assert line.startswith("todo-db: error: invalid ")
+    assert named in line
+    assert cli_json(capsys, "list", "--user", "alice", "--json") == []
+
+
+def _closing_hint(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    code, out, _ = cli(capsys, "demo", *args)
+    assert code == 0
+    last = out.splitlines()[-1]
+    assert last.startswith("demo finished; try: ")
+    return last.removeprefix("demo finished; try: ")
+
+
+@pytest.fixture
+def installed(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in ``todo-db`` script in ./env/bin, run as sys.argv[0]; PATH is the system's."""
+    script = workdir / "env" / "bin" / "todo-db"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr("sys.argv", [str(script), "demo"])
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.delenv("VIRTUAL_ENV", raising=False)
+    return script
+
+
+def test_demo_hint_names_a_program_off_path_by_its_path(
+    installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run from a bin directory the shell does not search (nox, uv run), the hint gives the path."""
+    assert _closing_hint(capsys) == "env/bin/todo-db list --user demo-alice"
+
+
+def test_demo_hint_uses_the_bare_name_only_when_path_finds_this_program(
+    installed: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On PATH, the bare name; inside an active virtualenv (a tool's), the path again."""
+    monkeypatch.setenv("PATH", f"{installed.parent}:/usr/bin:/bin")
+    assert _closing_hint(capsys) == "todo-db list --user demo-alice"
+    monkeypatch.setenv("VIRTUAL_ENV", str(installed.parent.parent))
+    assert _closing_hint(capsys) == "env/bin/todo-db list --user demo-alice"
+
+
+def test_demo_hint_repeats_the_database_url_but_never_a_password(
+    installed: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --database-url given to the demo is in the hint; one with a password is only mentioned."""
+    assert _closing_hint(capsys, "--database-url", "sqlite:///other.db") == (
+        "env/bin/todo-db list --user demo-alice --database-url sqlite:///other.db"
+    )
+
+
+def test_demo_hint_for_a_program_in_the_working_directory_or_embedded(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """./todo-db for a script in the working directory; the bare name when main() is embedded."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr("sys.argv", [str(workdir / "todo-db"), "demo"])
+    assert _closing_hint(capsys) == "./todo-db list --user demo-alice"
+    monkeypatch.setattr("sys.argv", ["/srv/app/serve.py"])
+    assert _closing_hint(capsys) == "todo-db list --user demo-alice"
+
+
+def test_demo_hint_after_python_dash_m(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run as ``python -m todo_backend``, the hint runs the same interpreter the same way."""
+    monkeypatch.setattr("sys.argv", ["/somewhere/todo_backend/__main__.py", "demo"])
+    monkeypatch.setattr("sys.executable", "/opt/py/bin/python3")
+    assert _closing_hint(capsys) == "/opt/py/bin/python3 -m todo_backend list --user demo-alice"
+
+
 # -- pure helpers -----------------------------------------------------------------------
 
 
@@ -331,10 +422,10 @@ def test_migrate_creates_then_reports_current(capsys: pytest.CaptureFixture[str]
     """`migrate` upgrades a fresh database once; a second run and `--check` find it current."""
     code, out, _ = cli(capsys, "migrate")
     assert code == ExitCode.OK
-    assert "migrated from an empty schema to 0001" in out
+    assert "migrated from an empty schema to 0002" in out
     code, out, _ = cli(capsys, "migrate")
     assert code == ExitCode.OK
-    assert "already at revision 0001, nothing to do" in out
+    assert "already at revision 0002, nothing to do" in out
     code, out, _ = cli(capsys, "migrate", "--check")
     assert code == ExitCode.OK
     assert "identical to the models" in out
@@ -347,7 +438,7 @@ def test_schema_created_by_a_command_is_managed_by_migrations(
     assert cli(capsys, "add", "--user", "alice", "first")[0] == ExitCode.OK
     code, out, _ = cli(capsys, "migrate", "--check")
     assert code == ExitCode.OK
-    assert "revision 0001, newest 0001" in out
+    assert "revision 0002, newest 0002" in out
 
 
 def test_migrate_check_fails_for_a_database_without_history(
@@ -388,7 +479,7 @@ def test_migrate_opens_one_connection_and_one_transaction(
         for name, listener in listeners:
             event.remove(Engine, name, listener)
     assert code == ExitCode.OK
-    assert "migrated from an empty schema to 0001" in out
+    assert "migrated from an empty schema to 0002" in out
     assert seen == {"engine_connect": 1, "begin": 1}
 
 

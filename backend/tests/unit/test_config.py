@@ -16,6 +16,9 @@ VARIABLES = (
     "DB_MAX_OVERFLOW",
     "DB_POOL_TIMEOUT",
     "DB_CONNECT_TIMEOUT",
+    "DB_STATEMENT_TIMEOUT",
+    "DB_LOCK_TIMEOUT",
+    "DB_IDLE_IN_TRANSACTION_TIMEOUT",
     "DB_ECHO",
 )
 
@@ -38,6 +41,8 @@ def test_defaults_with_only_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.pool_size + settings.max_overflow == 20
     assert settings.pool_timeout == 30
     assert settings.connect_timeout == 10
+    assert (settings.statement_timeout, settings.lock_timeout) == (15, 5)
+    assert settings.idle_in_transaction_timeout == 30
     assert settings.echo is False
 
 
@@ -48,6 +53,9 @@ def test_reads_every_variable_from_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DB_MAX_OVERFLOW", "3")
     monkeypatch.setenv("DB_POOL_TIMEOUT", "2.5")
     monkeypatch.setenv("DB_CONNECT_TIMEOUT", "4")
+    monkeypatch.setenv("DB_STATEMENT_TIMEOUT", "20")
+    monkeypatch.setenv("DB_LOCK_TIMEOUT", "0.5")
+    monkeypatch.setenv("DB_IDLE_IN_TRANSACTION_TIMEOUT", "60")
     monkeypatch.setenv("DB_ECHO", "yes")
     assert load_settings() == Settings(
         database_url="sqlite:///x.db",
@@ -55,6 +63,9 @@ def test_reads_every_variable_from_the_environment(monkeypatch: pytest.MonkeyPat
         max_overflow=3,
         pool_timeout=2.5,
         connect_timeout=4,
+        statement_timeout=20,
+        lock_timeout=0.5,
+        idle_in_transaction_timeout=60,
         echo=True,
     )
 
@@ -153,6 +164,10 @@ def test_bad_urls_are_configuration_errors_without_the_password(raw: str) -> Non
         ("DB_POOL_TIMEOUT", "0"),
         ("DB_POOL_TIMEOUT", "soon"),
         ("DB_CONNECT_TIMEOUT", "0"),
+        ("DB_STATEMENT_TIMEOUT", "0"),
+        ("DB_STATEMENT_TIMEOUT", "never"),
+        ("DB_LOCK_TIMEOUT", "-1"),
+        ("DB_IDLE_IN_TRANSACTION_TIMEOUT", "0"),
         ("DB_ECHO", "maybe"),
     ],
 )

@@ -34,6 +34,7 @@ PUBLIC_SURFACE = frozenset(
         "USER_ID_MAX_LENGTH",
         "ConfigurationError",
         "DatabaseHealth",
+        "DatabaseTimeoutError",
         "DatabaseUnavailableError",
         "Settings",
         "Task",

@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, inspect, text
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.pool import QueuePool, StaticPool
 
 from todo_backend.config import Settings
@@ -20,7 +20,7 @@ from todo_backend.db import (
     is_local_host,
     wait_for_database,
 )
-from todo_backend.errors import DatabaseUnavailableError
+from todo_backend.errors import DatabaseTimeoutError, DatabaseUnavailableError, TodoBackendError
 from todo_backend.models import TaskCreate
 from todo_backend.repository import TaskRepository
 
@@ -157,13 +157,14 @@ def test_get_session_yields_a_session_that_keeps_objects_loaded() -> None:
 
 
 def test_check_database_reports_sqlite() -> None:
-    """check_database on SQLite is ok, names the SQLite version and has no TLS state."""
+    """check_database on SQLite is ok, names the SQLite version, has no TLS state or bounds."""
     engine = create_db_engine("sqlite://")
     try:
         health = check_database(engine)
         assert health.ok
         assert health.server_version.startswith("SQLite 3.")
         assert health.ssl is None
+        assert health.timeouts == {}
         assert health.latency_ms >= 0
     finally:
         engine.dispose()
@@ -232,3 +233,26 @@ def test_wait_for_database_backoff_is_capped(
     finally:
         engine.dispose()
     assert sleeps == [1.0, 2.0, 4.0, 8.0, MAX_BACKOFF_SECONDS]
+
+
+def test_no_free_pooled_connection_is_a_typed_timeout(tmp_path: Path) -> None:
+    """With every pooled connection busy, a call raises DatabaseTimeoutError naming the pool."""
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'pool.db'}", pool_size=1, max_overflow=0, pool_timeout=0.05
+    )
+    init_db(engine)
+    try:
+        repo = TaskRepository(next(get_session(engine)))
+        task = repo.create("alice", TaskCreate(title="kept"))
+        with engine.connect():  # the only connection, checked out
+            with pytest.raises(DatabaseTimeoutError) as single:
+                repo.get("alice", task.id or 0)
+            with pytest.raises(DatabaseTimeoutError), repo.atomic():
+                repo.create("alice", TaskCreate(title="never stored"))
+        assert single.value.bound == "DB_POOL_TIMEOUT"
+        assert "DB_POOL_TIMEOUT" in str(single.value)
+        assert isinstance(single.value, TodoBackendError)
+        assert [t.title for t in repo.list("alice")] == ["kept"]
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()

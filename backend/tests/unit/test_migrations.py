@@ -21,7 +21,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import SQLModel
 
 from tests.migration_scripts import scripts_with
@@ -54,7 +54,12 @@ def _schema(engine: Engine) -> list[tuple[str, str]]:
                 "where name not like 'alembic%' and sql is not null order by name"
             )
         )
-        return [(str(name), str(sql)) for name, sql in rows]
+        # A table rebuilt the way SQLite documents (copy, drop, rename) has its new name
+        # written quoted; the quotes change nothing else.
+        return [
+            (str(name), str(sql).replace(f'CREATE TABLE "{name}"', f"CREATE TABLE {name}", 1))
+            for name, sql in rows
+        ]
 
 
 def test_head_on_an_empty_database_is_exactly_the_models(url: str, engine: Engine) -> None:
@@ -69,7 +74,7 @@ def test_head_on_an_empty_database_is_exactly_the_models(url: str, engine: Engin
     with engine.connect() as conn:
         assert migrate.model_differences(conn) == []
     assert migrate.check(url).ok
-    assert migrate.current_revision(url) == migrate.head_revision() == "0001"
+    assert migrate.current_revision(url) == migrate.head_revision() == "0002"
 
 
 def test_head_emits_the_same_ddl_as_init_db(url: str, engine: Engine) -> None:
@@ -110,11 +115,82 @@ def test_a_database_made_by_init_db_is_stamped_then_upgraded(url: str, engine: E
         migrate.upgrade(url)  # would fail half-way on "table tasks already exists"
     assert not inspect(engine).has_table("alembic_version")
 
-    migrate.stamp(url, "0001")
+    migrate.stamp(url, "0002")
     migrate.upgrade(url)
     after = migrate.check(url)
     assert after.ok, after.problems
-    assert (after.current, after.head) == ("0001", "0001")
+    assert (after.current, after.head) == ("0002", "0002")
+
+
+_RAW_INSERT = text(
+    "insert into tasks (id, user_id, title, description, complete, created_at, updated_at) "
+    "values (:id, :user_id, :title, :description, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+)
+
+
+def _text_checks(engine: Engine) -> set[str]:
+    names = {str(ck["name"]) for ck in inspect(engine).get_check_constraints("tasks")}
+    return {name for name in names if name.endswith("_text")}
+
+
+def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
+    url: str, engine: Engine
+) -> None:
+    """Rows breaking the character rules stop 0002, by id, changing nothing; then it applies."""
+    migrate.upgrade(url, "0001")
+    repo = TaskRepository(next(get_session(engine)))
+    kept = repo.create_many(
+        "alice", [TaskCreate(title="one", description="tab\tand\nlines"), TaskCreate(title="two")]
+    )
+    broken = [
+        {"id": 3, "user_id": "alice", "title": "bell\x07", "description": None},
+        {"id": 4, "user_id": "bob\u3000", "title": "ok", "description": None},
+        {"id": 5, "user_id": "carol", "title": "ok", "description": "\x1b[31m"},
+        {"id": 6, "user_id": "dave", "title": "nul\x00", "description": None},
+    ]
+    with engine.begin() as conn:
+        conn.execute(_RAW_INSERT, broken)
+    before = _schema(engine)
+
+    with pytest.raises(migrate.MigrationError) as refused:
+        migrate.upgrade(url)
+    message = str(refused.value)
+    assert "user_id (ck_tasks_user_id_text): task id 4;" in message
+    assert "title (ck_tasks_title_text): task ids 3, 6;" in message
+    assert "description (ck_tasks_description_text): task id 5." in message
+    assert "Nothing was changed" in message
+    assert migrate.current_revision(url) == "0001"
+    assert _schema(engine) == before
+
+    with engine.begin() as conn:
+        conn.execute(text("delete from tasks where id > 2"))
+    assert migrate.upgrade(url) == ("0001", "0002")
+    assert migrate.check(url).ok
+    assert repo.list("alice") == kept[::-1]  # ids, text and timestamps as they were
+    assert _text_checks(engine) == {
+        "ck_tasks_user_id_text",
+        "ck_tasks_title_text",
+        "ck_tasks_description_text",
+    }
+    with pytest.raises(IntegrityError, match="ck_tasks_title_text"), engine.begin() as conn:
+        conn.execute(_RAW_INSERT, broken[0])
+
+    migrate.downgrade(url, "0001")
+    assert _text_checks(engine) == set()
+    assert _schema(engine) == before  # 0001's table again, with the rows kept
+    assert repo.list("alice") == kept[::-1]
+
+
+def test_0002_renders_offline_for_each_database() -> None:
+    """The reviewed SQL: NOT VALID then VALIDATE on PostgreSQL, a table rebuild on SQLite."""
+    pg = migrate.upgrade_sql("postgresql://")
+    added = pg.index("ADD CONSTRAINT ck_tasks_title_text CHECK (title !~ ")
+    assert pg.index("NOT VALID", added) < pg.index("VALIDATE CONSTRAINT ck_tasks_title_text")
+    engine = create_db_engine("sqlite://")
+    lite = migrate.upgrade_sql(engine)
+    engine.dispose()
+    assert "INSERT INTO _tasks_rebuilt" in lite
+    assert "ALTER TABLE _tasks_rebuilt RENAME TO tasks" in lite
 
 
 def test_check_reports_an_empty_database_and_one_behind_head(
@@ -122,14 +198,14 @@ def test_check_reports_an_empty_database_and_one_behind_head(
 ) -> None:
     """No history, then behind head: each is one problem naming the fix."""
     assert migrate.check(url).problems == (
-        "the database has no migration history; head is 0001: run `todo-db migrate`",
+        "the database has no migration history; head is 0002: run `todo-db migrate`",
     )
     migrate.upgrade(url)
     scripts_with(tmp_path, monkeypatch, "pass")
     result = migrate.check(url)
-    assert (result.current, result.head) == ("0001", "0002")
+    assert (result.current, result.head) == ("0002", "0003")
     assert result.problems == (
-        "the database is at revision 0001, behind head 0002: run `todo-db migrate`",
+        "the database is at revision 0002, behind head 0003: run `todo-db migrate`",
     )
 
 
@@ -164,7 +240,7 @@ def test_check_reports_schema_drift_from_the_models(
     )
     migrate.upgrade(url)
     result = migrate.check(url)
-    assert (result.current, result.head) == ("0002", "0002")
+    assert (result.current, result.head) == ("0003", "0003")
     assert set(result.problems) == {
         "models differ from the migrations: index ix_tasks_user_id_id on tasks: "
         "declared by the models, missing in the database",
@@ -206,7 +282,7 @@ def test_a_failing_revision_leaves_nothing_behind(
     with pytest.raises(OperationalError, match="no_such_function"):
         migrate.upgrade(url)
     assert "half_done" not in inspect(engine).get_table_names()
-    assert migrate.current_revision(url) == "0001"
+    assert migrate.current_revision(url) == "0002"
 
 
 def test_autogenerate_renders_plain_sqlalchemy_types(engine: Engine) -> None:
@@ -225,7 +301,7 @@ def test_autogenerate_renders_plain_sqlalchemy_types(engine: Engine) -> None:
 def test_revision_autogenerates_the_next_numbered_file(
     url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """revision() writes 0003 from the drift of 0002; applying it makes check() clean."""
+    """revision() writes 0004 from the drift of 0003; applying it makes check() clean."""
     scripts_with(
         tmp_path,
         monkeypatch,
@@ -236,9 +312,9 @@ def test_revision_autogenerates_the_next_numbered_file(
         """,
     )
     path = migrate.revision("Undo the test's drift.")
-    assert path == tmp_path / "migrations" / "versions" / "0003_undo_the_test_s_drift.py"
+    assert path == tmp_path / "migrations" / "versions" / "0004_undo_the_test_s_drift.py"
     source = path.read_text()
-    assert "down_revision: str | Sequence[str] | None = '0002'" in source
+    assert "down_revision: str | Sequence[str] | None = '0003'" in source
     assert "with op.batch_alter_table('tasks'" in source
     assert "sqlmodel" not in source
     compile(source, str(path), "exec")
@@ -266,7 +342,7 @@ def test_database_url_is_the_default(
     monkeypatch.chdir(tmp_path)  # no stray .env
     monkeypatch.setenv("DATABASE_URL", url)
     migrate.upgrade()
-    assert migrate.current_revision() == "0001"
+    assert migrate.current_revision() == "0002"
     assert inspect(engine).has_table("tasks")
 
 
@@ -276,11 +352,11 @@ def test_the_command_line(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert "no migration history" in capsys.readouterr().err
     assert migrate.main(["upgrade", "--url", url]) == 0
     assert migrate.main(["current", "--url", url]) == 0
-    assert capsys.readouterr().out == "0001\n"
+    assert capsys.readouterr().out == "0002\n"
     assert migrate.main(["check", "--url", url]) == 0
-    assert capsys.readouterr().out == "at revision 0001, head 0001: ok\n"
+    assert capsys.readouterr().out == "at revision 0002, head 0002: ok\n"
     assert migrate.main(["downgrade", "base", "--url", url]) == 0
-    assert migrate.main(["stamp", "0001", "--url", url]) == 0
+    assert migrate.main(["stamp", "0002", "--url", url]) == 0
     assert migrate.main(["sql", "--url", "postgresql://"]) == 0
     assert "id BIGSERIAL NOT NULL" in capsys.readouterr().out
     assert migrate.main(["stamp", "base", "--url", url]) == 0
@@ -351,7 +427,7 @@ def test_upgrade_works_on_a_fresh_database_with_other_tables(
     """Tables the package does not declare are not "tables without history": upgrade runs."""
     _add_foreign_tables(engine)
     assert migrate.check(url).problems == (
-        "the database has no migration history; head is 0001: run `todo-db migrate`",
+        "the database has no migration history; head is 0002: run `todo-db migrate`",
     )
     migrate.upgrade(url)
     assert migrate.check(url).ok
@@ -418,9 +494,9 @@ def test_upgrade_returns_the_revisions_it_saw_in_one_connection(
     """upgrade() says where the database was and is, from its one connection and transaction."""
     opened: list[object] = []
     event.listen(engine, "engine_connect", opened.append)
-    assert migrate.upgrade(engine) == (None, "0001")
-    assert migrate.upgrade(engine) == ("0001", "0001")
+    assert migrate.upgrade(engine) == (None, "0002")
+    assert migrate.upgrade(engine) == ("0002", "0002")
     scripts_with(tmp_path, monkeypatch, "pass")
     result = migrate.upgrade(engine)
-    assert (result.before, result.after) == ("0001", "0002")
+    assert (result.before, result.after) == ("0002", "0003")
     assert len(opened) == 3

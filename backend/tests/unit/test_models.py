@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from sqlalchemy import Engine, event
 from sqlmodel import Session
@@ -15,6 +19,7 @@ from todo_backend.models import (
     DESCRIPTION_MAX_LENGTH,
     TITLE_MAX_LENGTH,
     USER_ID_MAX_LENGTH,
+    WHITESPACE_RANGES,
     Task,
     TaskCreate,
     TaskRead,
@@ -269,3 +274,128 @@ def test_error_messages_name_the_control_character() -> None:
     """The message says which control character was found and where."""
     with pytest.raises(ValidationError, match=r"U\+0000 at position 1"):
         task(title="a\x00b")
+
+
+# -- the character rules, on every model ----------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_awkward = st.characters(categories=["Cs", "Cc", "Zs", "Zl", "Zp", "Cf"])
+_any_text = st.one_of(
+    st.text(st.one_of(_awkward, st.characters()), max_size=12),
+    st.tuples(st.text(_awkward, max_size=3), st.text(min_size=1, max_size=8)).map(
+        lambda parts: parts[0] + parts[1] + parts[0]
+    ),
+    st.text(min_size=TITLE_MAX_LENGTH - 2, max_size=TITLE_MAX_LENGTH + 2),
+)
+
+
+def _encodable(text: str) -> bool:
+    return not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
+def _expected(field: str, text: str) -> bool:
+    """Whether *text* is acceptable as *field*, by the rules restated independently."""
+    if not _encodable(text):
+        return False
+    if field == "title":
+        stripped = text.strip()
+        return 1 <= len(stripped) <= TITLE_MAX_LENGTH and not _CONTROL.search(stripped)
+    if field == "description":
+        return len(text) <= DESCRIPTION_MAX_LENGTH and not _CONTROL.search(
+            re.sub(r"[\t\n\r]", "", text)
+        )
+    return (
+        1 <= len(text) <= USER_ID_MAX_LENGTH and text == text.strip() and not _CONTROL.search(text)
+    )
+
+
+def _acceptance(field: str, text: str) -> dict[str, bool]:
+    """Whether each model (and validate_user_id) accepts *text* as *field*."""
+    stored = {"id": 1, "user_id": "alice", "title": "t", "complete": False}
+    moment = datetime(2026, 1, 1, tzinfo=UTC)
+    attempts: dict[str, Callable[[], object]] = {
+        "Task": lambda: task(**{field: text}),
+        "Task assignment": lambda: setattr(task(), field, text),
+        "TaskRead": lambda: TaskRead.model_validate(
+            {**stored, "created_at": moment, "updated_at": moment, field: text}
+        ),
+    }
+    if field == "user_id":
+        attempts["validate_user_id"] = lambda: validate_user_id(text)
+    else:
+        attempts["TaskCreate"] = lambda: TaskCreate.model_validate({"title": "t", field: text})
+        attempts["TaskUpdate"] = lambda: TaskUpdate.model_validate({field: text})
+    accepted = {}
+    unnamed = []
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+        except ValidationError as err:
+            accepted[name] = False
+            if field not in str(err):
+                unnamed.append(str(err))
+        else:
+            accepted[name] = True
+    assert unnamed == []  # every error names the field
+    return accepted
+
+
+@settings(max_examples=150, deadline=None)
+@given(field=st.sampled_from(["user_id", "title", "description"]), text=_any_text)
+def test_every_model_applies_the_same_character_rules(field: str, text: str) -> None:
+    """Surrogates, controls and padding: every model accepts exactly what the rules allow."""
+    accepted = _acceptance(field, text)
+    assert accepted == dict.fromkeys(accepted, _expected(field, text))
+
+
+@pytest.mark.parametrize("field", ["title", "description"])
+def test_update_refuses_a_lone_surrogate(field: str) -> None:
+    """TaskUpdate refuses text UTF-8 cannot encode, like TaskCreate, naming the field."""
+    for model in (TaskUpdate, TaskCreate):
+        with pytest.raises(ValidationError, match=f"{field}\n.*lone surrogate U\\+D800"):
+            model.model_validate({"title": "t", field: f"a{LONE_SURROGATE}b"})
+
+
+def test_a_refused_user_id_is_named() -> None:
+    """validate_user_id's error names user_id, as the models' errors name their fields."""
+    with pytest.raises(ValidationError, match="1 validation error for user_id"):
+        validate_user_id(f"a{LONE_SURROGATE}")
+
+
+def test_the_whitespace_refused_around_user_id_is_pythons() -> None:
+    """The whitespace the CHECK constraint refuses around user_id is str.strip()'s set."""
+    python = {cp for cp in range(0x110000) if chr(cp).isspace() and not _CONTROL.match(chr(cp))}
+    declared = {cp for low, high in WHITESPACE_RANGES for cp in range(low, high + 1)}
+    assert declared == python
+
+
+def test_assignment_to_a_task_is_validated_before_it_is_stored() -> None:
+    """A refused assignment raises and leaves the task as it was; a valid one is normalised."""
+    new = task(description="keep")
+    with pytest.raises(ValidationError, match="title"):
+        new.title = "bad\x00"
+    with pytest.raises(ValidationError, match="created_at"):
+        new.created_at = datetime(2026, 1, 1)  # noqa: DTZ001 - the naive value under test
+    assert new.title == "buy milk"
+    new.title = "  trimmed  "
+    new.description = ""
+    assert new.model_dump(include={"title", "description"}) == {
+        "title": "trimmed",
+        "description": None,
+    }
+
+
+def test_a_refused_assignment_never_reaches_the_session(sqlite_engine: Engine) -> None:
+    """SQLModel would hand the value to SQLAlchemy before validating; Task validates first."""
+    with Session(sqlite_engine, expire_on_commit=False) as session:
+        stored = task()
+        session.add(stored)
+        session.commit()
+        with pytest.raises(ValidationError):
+            stored.title = "bad\x00"
+        assert not session.dirty
+        session.commit()
+    with Session(sqlite_engine) as session:
+        again = session.get(Task, stored.id)
+        assert again is not None
+        assert again.title == "buy milk"

@@ -1,0 +1,1 @@
+"""Chaos soak of the data layer: workers, faults, and a checker of the recorded history."""

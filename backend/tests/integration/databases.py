@@ -1,0 +1,54 @@
+"""Scratch databases for the integration tests, on any server a URL names."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import URL
+
+from todo_backend.db import create_db_engine, init_db
+
+__all__ = ["emptied", "engine_with_schema", "fresh_database"]
+
+
+@contextmanager
+def fresh_database(server: URL, *, settings: Mapping[str, str] | None = None) -> Iterator[URL]:
+    """Create an empty database on *server* (with per-database *settings*); drop it after.
+
+    Settings made before anyone connects apply to every backend, also to those a
+    pooler opens for it: a pooler's existing server connections are per database.
+    """
+    name = f"todo_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        for key, value in (settings or {}).items():
+            conn.execute(text(f'ALTER DATABASE "{name}" SET "{key}" TO :value'), {"value": value})
+    try:
+        yield server.set(database=name)
+    finally:
+        with admin.connect() as conn:
+            # FORCE ends the database's remaining sessions (ours, or a pooler's).
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def engine_with_schema(url: URL) -> Iterator[Engine]:
+    """The package's engine on *url* with the schema created; disposed afterwards."""
+    engine = create_db_engine(url.render_as_string(hide_password=False))
+    try:
+        init_db(engine)
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def emptied(engine: Engine) -> Engine:
+    """Return *engine* after emptying its tasks table and restarting the ids."""
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE tasks RESTART IDENTITY"))
+    return engine

@@ -55,11 +55,10 @@ class TestAsyncRepositoryThroughPgBouncer(AsyncRepositoryContract):
 
     @pytest.fixture
     def async_url(
-        self, module_engine: Engine, scratch_url: URL, pgbouncer: PgBouncerFactory
+        self, own_engine: Engine, own_scratch_url: URL, pgbouncer: PgBouncerFactory
     ) -> str:
-        """The scratch database through a fresh PgBouncer."""
-        _emptied(module_engine)
-        return _url_text(pgbouncer(scratch_url).url(scratch_url.database or ""))
+        """A database of our own cluster (tasks emptied) through a fresh PgBouncer."""
+        return _url_text(pgbouncer(own_scratch_url).url(own_scratch_url.database or ""))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ from tests.async_face import AwaitedRepository, open_session, runner
 from tests.fix_servers import PeakSampler, PgBouncerFactory, PgCluster
 from tests.integration.test_reliability import _CASES, _Outside, _tasks_locked, outside
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine, get_async_session
-from todo_backend.errors import DatabaseUnavailableError
+from todo_backend.config import Settings
+from todo_backend.errors import DatabaseTimeoutError, DatabaseUnavailableError
 from todo_backend.models import Task, TaskCreate, TaskUpdate
 
 __all__ = ["outside", "runner"]
@@ -155,6 +156,36 @@ def test_read_lost_in_flight_is_retried_on_a_new_connection(
         return await asyncio.wait_for(call, _WAIT)
 
     assert runner.run(scenario()) == task
+
+
+def test_no_free_pooled_connection_is_a_typed_timeout(
+    runner: asyncio.Runner, engine: Engine, scratch_url: URL
+) -> None:
+    """With every pooled connection busy, an awaited call raises DatabaseTimeoutError."""
+    settings = Settings(
+        database_url=scratch_url.render_as_string(hide_password=False),
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.05,
+    )
+    bounded = create_async_db_engine(settings)
+
+    async def scenario() -> DatabaseTimeoutError:
+        session, _ = await open_session(bounded)
+        repo = AsyncTaskRepository(session)
+        await repo.count(ALICE)
+        async with bounded.connect():  # the only connection, checked out
+            with pytest.raises(DatabaseTimeoutError) as caught:
+                await repo.create(ALICE, TaskCreate(title="never stored"))
+        assert await repo.count(ALICE) == 0  # nothing was sent; the slot is free again
+        await session.close()
+        return caught.value
+
+    try:
+        error = runner.run(scenario())
+    finally:
+        runner.run(bounded.dispose())
+    assert error.bound == "DB_POOL_TIMEOUT"
 
 
 # -- many coroutines, one engine, through PgBouncer --------------------------------------

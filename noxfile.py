@@ -82,6 +82,7 @@ def install(session: nox.Session, *groups: str) -> None:
         "sync",
         "--locked",
         "--no-default-groups",
+        "--extra=async",  # todo_backend.aio is tested, type-checked and benchmarked too
         *(f"--group={group}" for group in groups),
         f"--python={session.virtualenv.location}",
         env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
@@ -196,7 +197,7 @@ def _unlocked(session: nox.Session, resolution: str) -> None:
         "--upgrade",
         f"--resolution={resolution}",
         f"--python={session.virtualenv.location}",
-        "--editable=.",
+        "--editable=.[async]",
         "--group=test",
         external=True,
     )

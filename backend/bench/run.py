@@ -16,6 +16,9 @@ the floor alternate call by call, so drift on a busy machine hits both alike):
 2. The same at zero added latency, connected directly: the repository's CPU overhead.
 3. ``create_many`` of 5,000 tasks versus ``psycopg2.extras.execute_values``.
 4. The newest-50 list of one user (200 tasks) at 10,000 and 1,000,000 total rows.
+5. ``AsyncTaskRepository`` against raw psycopg 3 async over the same proxy, and the
+   throughput of 200 concurrent ``list`` calls: async coroutines versus the sync
+   repository on 20 threads (``async_side.py``).
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+import psycopg
 import psycopg2  # type: ignore[import-untyped]
 import psycopg2.extras  # type: ignore[import-untyped]
 import sqlalchemy
@@ -50,14 +54,25 @@ from todo_backend.repository import TaskRepository
 
 # Run as a script, this file's folder is on sys.path but its package is not.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.async_side import run_async_operations, run_throughput
+from bench.common import (
+    BULK_USER,
+    LIST_USER,
+    OPS,
+    SQL_BULK,
+    SQL_DELETE,
+    SQL_GET,
+    SQL_INSERT,
+    SQL_LIST,
+    SQL_UPDATE,
+    WORK_USER,
+    Samples,
+)
+from bench.common import check as _check
 from bench.proxy import ProxyHandle, start_proxy
 
 DEFAULT_URL: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
 OUT_DIR: Final = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
-OPS: Final = ("create", "get", "list", "update", "delete")
-LIST_USER: Final = "bench-list"
-WORK_USER: Final = "bench-work"
-BULK_USER: Final = "bench-bulk"
 SCALE_USER: Final = "scale-7"
 SCALE_TASKS_PER_USER: Final = 200
 
@@ -69,62 +84,7 @@ TARGETS: Final[dict[str, dict[str, float]]] = {
     "scale": {"repository": 1.5},
 }
 
-SQL_INSERT: Final = (
-    "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at) "
-    "VALUES (%s, %s, %s, %s, %s, %s) "
-    "RETURNING id, user_id, title, description, complete, created_at, updated_at"
-)
-SQL_GET: Final = (
-    "SELECT id, user_id, title, description, complete, created_at, updated_at "
-    "FROM tasks WHERE user_id = %s AND id = %s"
-)
-SQL_LIST: Final = (
-    "SELECT id, user_id, title, description, complete, created_at, updated_at "
-    "FROM tasks WHERE user_id = %s ORDER BY id DESC LIMIT %s"
-)
-SQL_UPDATE: Final = (
-    "UPDATE tasks SET title = %s, complete = %s, updated_at = %s "
-    "WHERE user_id = %s AND id = %s "
-    "RETURNING id, user_id, title, description, complete, created_at, updated_at"
-)
-SQL_DELETE: Final = "DELETE FROM tasks WHERE user_id = %s AND id = %s"
-SQL_BULK: Final = (
-    "INSERT INTO tasks (user_id, title, description, complete, created_at, updated_at) "
-    "VALUES %s RETURNING id, user_id, title, description, complete, created_at, updated_at"
-)
-
-
 # -- measurement -----------------------------------------------------------------
-
-
-@dataclass
-class Samples:
-    """Wall times (seconds) and round trips of repeated calls of one operation."""
-
-    seconds: list[float] = field(default_factory=list)
-    trips: list[int] = field(default_factory=list)
-
-    def add(self, seconds: float, trips: int) -> None:
-        """Record one call."""
-        self.seconds.append(seconds)
-        self.trips.append(trips)
-
-    def summary(self) -> dict[str, Any]:
-        """Return median, p10 and p90 in microseconds, and the round trips seen."""
-        us = sorted(s * 1e6 for s in self.seconds)
-        return {
-            "n": len(us),
-            "median_us": statistics.median(us),
-            "p10_us": us[len(us) // 10],
-            "p90_us": us[(len(us) * 9) // 10],
-            "round_trips": _trips(self.trips),
-        }
-
-
-def _trips(trips: list[int]) -> dict[str, int] | None:
-    if not trips or all(t < 0 for t in trips):
-        return None
-    return {"median": int(statistics.median(trips)), "max": max(trips), "min": min(trips)}
 
 
 def _timed(samples: Samples, call: Callable[[], object], proxy: ProxyHandle | None) -> None:
@@ -133,11 +93,6 @@ def _timed(samples: Samples, call: Callable[[], object], proxy: ProxyHandle | No
     call()
     elapsed = time.perf_counter() - started
     samples.add(elapsed, proxy.bursts() - before if proxy else -1)
-
-
-def _check(ok: bool, what: str) -> None:
-    if not ok:
-        raise RuntimeError(f"benchmark sanity check failed: {what}")
 
 
 # -- the two sides -----------------------------------------------------------------
@@ -431,12 +386,16 @@ class Target:
             args["password"] = self.url.password
         return args
 
-    def engine(self, port: int | None = None) -> Engine:
-        """Return the package's engine on the scratch database (through *port*)."""
+    def url_text(self, port: int | None = None) -> str:
+        """Return the URL of the scratch database (through *port*), password included."""
         url = self.url.set(database=self.database)
         if port:
             url = url.set(host="127.0.0.1", port=port)
-        return create_db_engine(url.render_as_string(hide_password=False))
+        return url.render_as_string(hide_password=False)
+
+    def engine(self, port: int | None = None) -> Engine:
+        """Return the package's engine on the scratch database (through *port*)."""
+        return create_db_engine(self.url_text(port))
 
 
 def _resolve_target(raw_url: str) -> URL:
@@ -536,6 +495,8 @@ def run_all(args: argparse.Namespace, target: Target, proxy: ProxyHandle) -> dic
             "ops": _compare(latency, TARGETS["latency"]),
         }
 
+        results.update(_async_part(args, target, proxy))
+
         gc.collect()
         print(f"[2/4] five operations, direct ({args.zero_iterations} iterations)", flush=True)
         repo, raw = RepositorySide(direct), RawSide(target.connect_args())
@@ -571,6 +532,29 @@ def run_all(args: argparse.Namespace, target: Target, proxy: ProxyHandle) -> dic
         admin_conn.close()
         direct.dispose()
     return results
+
+
+def _async_part(args: argparse.Namespace, target: Target, proxy: ProxyHandle) -> dict[str, Any]:
+    """Time the async repository against raw psycopg 3, and 200 concurrent list calls."""
+    gc.collect()
+    print(f"[async 1/2] five awaited operations over the proxy ({args.iterations})", flush=True)
+    url = target.url_text(proxy.port)
+    ops = run_async_operations(url, target.connect_args(proxy.port), args.iterations, proxy)
+    gc.collect()
+    print(f"[async 2/2] {args.throughput_rounds} waves of 200 concurrent list calls", flush=True)
+    sync_engine = target.engine(proxy.port)
+    try:
+        throughput = run_throughput(url, sync_engine, args.throughput_rounds)
+    finally:
+        sync_engine.dispose()
+    return {
+        "async_latency": {
+            "one_way_delay_ms": proxy.delay * 1000,
+            "iterations": args.iterations,
+            "ops": _compare(ops, TARGETS["latency"]),
+        },
+        "throughput": throughput,
+    }
 
 
 def _scale_part(
@@ -675,6 +659,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Run {meta['started']} on {meta['cpus']} CPUs ({meta['machine']}); load average "
         f"{meta['load_before']:.2f} before, {meta['load_after']:.2f} after. Python "
         f"{meta['python']}, SQLAlchemy {meta['sqlalchemy']}, psycopg2 {meta['psycopg2']}, "
+        f"psycopg {meta['psycopg']}, "
         f"PostgreSQL {meta['postgresql']}. Wall time {meta['seconds']:.0f} s. Medians; "
         "the floor is raw psycopg2 in autocommit running the same statements.",
         "",
@@ -717,6 +702,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             + (f"≤ {row['target']:.2f}x" if "target" in row else "-")
             + f" | {_met(row)} | {_fmt_trips(row)} |"
         )
+    out += _async_markdown(results)
     out += [
         "",
         "## Newest 50 of one user as the table grows",
@@ -750,6 +736,36 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _async_markdown(results: dict[str, Any]) -> list[str]:
+    lat, wave = results["async_latency"], results["throughput"]
+    return [
+        "",
+        f"## Async: AsyncTaskRepository vs raw psycopg 3, {2 * lat['one_way_delay_ms']:.1f} ms RTT",
+        "",
+        f"{lat['iterations']} interleaved iterations through the same proxy. The floor is one "
+        "raw `psycopg.AsyncConnection` in autocommit (`prepare_threshold=None`, as the "
+        "engine sets it) running the same statements.",
+        "",
+        *_ops_table(lat["ops"], trips=True),
+        "",
+        f"## Throughput: {wave['calls']} concurrent list calls, {2 * lat['one_way_delay_ms']:.1f}"
+        " ms RTT",
+        "",
+        f"Each call opens its own session (one API request). Async: {wave['calls']} coroutines "
+        f"on one event loop; sync: the same calls on {wave['threads']} threads. Both over "
+        f"their engine's default pool (20 connections); median of {wave['rounds']} waves.",
+        "",
+        "| side | wave of calls | calls per second |",
+        "|---|---:|---:|",
+        f"| async repository, {wave['calls']} coroutines | "
+        f"{wave['async']['median_s'] * 1000:.0f} ms | {wave['async']['calls_per_s']:.0f} |",
+        f"| sync repository, {wave['threads']} threads | "
+        f"{wave['sync']['median_s'] * 1000:.0f} ms | {wave['sync']['calls_per_s']:.0f} |",
+        "",
+        f"Async / sync throughput: **{wave['ratio']:.2f}x**.",
+    ]
+
+
 def _bars(ax: Any, groups: list[str], series: dict[str, list[float]], unit: str) -> None:
     # Two series side by side per group; the first over the second, as a ratio on top.
     width = 0.8 / len(series)
@@ -773,9 +789,9 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415
 
-    fig = Figure(figsize=(12, 8.5), layout="constrained")
+    fig = Figure(figsize=(12, 12.5), layout="constrained")
     FigureCanvasAgg(fig)
-    (a, b), (c, d) = fig.subplots(2, 2)
+    (a, b), (c, d), (e, f) = fig.subplots(3, 2)
     rtt = 2 * results["latency"]["one_way_delay_ms"]
     for ax, key, scale, unit, title in (
         (a, "latency", 1000, "ms", f"Median per operation, {rtt:.0f} ms RTT"),
@@ -819,7 +835,35 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
         f"Newest 50, direct ({_sizes_label(scale)}: "
         f"repository {scale['ratio']:.2f}x, raw {scale['raw_ratio']:.2f}x)"
     )
+    _async_chart(results, e, f)
     fig.savefig(path, dpi=110)
+
+
+def _async_chart(results: dict[str, Any], latency: Any, waves: Any) -> None:
+    rtt = 2 * results["async_latency"]["one_way_delay_ms"]
+    ops = results["async_latency"]["ops"]
+    _bars(
+        latency,
+        list(OPS),
+        {
+            "AsyncTaskRepository": [ops[op]["repository"]["median_us"] / 1000 for op in OPS],
+            "raw psycopg 3 async": [ops[op]["raw"]["median_us"] / 1000 for op in OPS],
+        },
+        "ms",
+    )
+    latency.axhline(rtt, color="grey", linestyle=":", linewidth=1)
+    latency.set_title(f"Async median per operation, {rtt:.0f} ms RTT")
+    wave = results["throughput"]
+    _bars(
+        waves,
+        [f"{wave['calls']} concurrent list calls"],
+        {
+            "async, coroutines": [wave["async"]["calls_per_s"]],
+            f"sync, {wave['threads']} threads": [wave["sync"]["calls_per_s"]],
+        },
+        "calls per second",
+    )
+    waves.set_title(f"Throughput, {rtt:.0f} ms RTT, default pool of 20")
 
 
 def _server_version(url: URL) -> str:
@@ -843,12 +887,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bulk-repeats-latency", type=int, default=5, help="... proxied")
     parser.add_argument("--scale-rows", type=int, default=1_000_000)
     parser.add_argument("--scale-iterations", type=int, default=500)
+    parser.add_argument("--throughput-rounds", type=int, default=9, help="waves of 200 lists")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="report folder")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run, not a result")
     args = parser.parse_args(argv)
     if args.quick:
         args.iterations, args.zero_iterations, args.bulk_repeats = 30, 200, 2
         args.bulk_repeats_latency, args.scale_rows, args.scale_iterations = 1, 100_000, 50
+        args.throughput_rounds = 2
     return args
 
 
@@ -864,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "sqlalchemy": sqlalchemy.__version__,
         "psycopg2": psycopg2.__version__.split()[0],
+        "psycopg": psycopg.__version__,
         "postgresql": _server_version(url),
         "load_before": os.getloadavg()[0],
         "quick": args.quick,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 from sqlalchemy import Engine
@@ -44,3 +45,40 @@ def session(engine: Engine) -> Iterator[Session]:
 def repo(session: Session) -> TaskRepository:
     """A repository on the suite's session."""
     return TaskRepository(session)
+
+
+@pytest.fixture
+def repo_on() -> Callable[[Session], TaskRepository]:
+    """Make a repository on a given session."""
+    return TaskRepository
+
+
+@pytest.fixture
+def open_repo(engine: Engine) -> Callable[[], TaskRepository]:
+    """Make a repository on a fresh session of the suite's engine."""
+    return lambda: TaskRepository(next(get_session(engine)))
+
+
+@pytest.fixture
+def repo_in_outer_transaction(
+    engine: Engine,
+) -> Callable[[], AbstractContextManager[TaskRepository]]:
+    """Make a repository on a session bound to a Connection whose transaction is rolled back."""
+
+    @contextmanager
+    def bound() -> Iterator[TaskRepository]:
+        with engine.connect() as conn:
+            outer = conn.begin()
+            with Session(
+                bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
+            ) as session:
+                yield TaskRepository(session)
+            outer.rollback()
+
+    return bound
+
+
+@pytest.fixture
+def raw_engine(engine: Engine) -> Engine:
+    """A sync engine on the suite's database, for raw SQL against the schema itself."""
+    return engine

@@ -2,6 +2,8 @@
 
 ``tests/unit/test_repository.py`` runs this suite on SQLite and
 ``tests/integration/test_repository_pg.py`` on PostgreSQL; each provides ``engine``.
+The repository and session fixtures come from ``tests/conftest.py``;
+``tests/async_face.py`` replaces them to run the same suite on AsyncTaskRepository.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from datetime import UTC, timedelta
 from typing import Any
 
@@ -20,7 +23,6 @@ from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from todo_backend.db import get_session
 from todo_backend.errors import TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskRead, TaskUpdate
 from todo_backend.repository import MAX_PAGE_SIZE, TaskRepository
@@ -42,10 +44,16 @@ _any_text = st.one_of(
         lambda parts: parts[0] + parts[1] + parts[0]
     ),
 )
+# The contract runs once per database and face (several subclasses, one function):
+# each run's examples stand on their own, so differing executors are by design.
 _properties = settings(
     max_examples=40,
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.differing_executors,
+    ],
 )
 
 
@@ -313,11 +321,13 @@ class RepositoryContract:
         session.close()
         assert task.title == "write tests"
 
-    def test_sessions_see_each_others_commits(self, engine: Engine) -> None:
+    def test_sessions_see_each_others_commits(
+        self, open_repo: Callable[[], TaskRepository]
+    ) -> None:
         """A task written through one session is visible from a fresh one."""
-        first = TaskRepository(next(get_session(engine)))
+        first = open_repo()
         task = _new(first)
-        second = TaskRepository(next(get_session(engine)))
+        second = open_repo()
         assert second.get(ALICE, task.id or 0) == task
         assert task.created_at.tzinfo is UTC or task.created_at.utcoffset() == timedelta(0)
 
@@ -355,9 +365,11 @@ class RepositoryContract:
         with pytest.raises(ValidationError):
             patch.complete = "yes"  # type: ignore[assignment]
 
-    def test_repositories_sharing_a_session_share_the_block(self, session: Session) -> None:
+    def test_repositories_sharing_a_session_share_the_block(
+        self, session: Session, repo_on: Callable[[Session], TaskRepository]
+    ) -> None:
         """A second repository on the same session joins the first one's atomic block."""
-        first, second = TaskRepository(session), TaskRepository(session)
+        first, second = repo_on(session), repo_on(session)
 
         def failing_block() -> None:
             with first.atomic():
@@ -571,19 +583,19 @@ class RepositoryContract:
         ],
     )
     def test_raw_sql_cannot_store_refused_characters(
-        self, engine: Engine, field: str, value: str
+        self, raw_engine: Engine, field: str, value: str
     ) -> None:
         """A raw INSERT of a control character, or of user_id padded by any whitespace, fails."""
         with (
             pytest.raises(IntegrityError, match=f"ck_tasks_{field}_text"),
-            engine.begin() as conn,
+            raw_engine.begin() as conn,
         ):
             conn.execute(_RAW_INSERT, {**_RAW_VALID, field: value})
-        with engine.connect() as conn:
+        with raw_engine.connect() as conn:
             assert conn.execute(text("select count(*) from tasks")).scalar_one() == 0
 
     def test_raw_sql_stores_the_characters_the_rules_allow(
-        self, repo: TaskRepository, engine: Engine
+        self, repo: TaskRepository, raw_engine: Engine
     ) -> None:
         """Layout controls in a description, inner and non-control odd characters all fit."""
         allowed = [
@@ -592,7 +604,7 @@ class RepositoryContract:
             {"user_id": "a b", "description": "\u3000 padded \u00a0"},
             {"title": "\u2028 line separator inside \u2029"},
         ]
-        with engine.begin() as conn:
+        with raw_engine.begin() as conn:
             for row in allowed:
                 conn.execute(_RAW_INSERT, {**_RAW_VALID, **row})
         assert repo.count("alice") == 2
@@ -615,20 +627,16 @@ class RepositoryContract:
         with pytest.raises(TypeError, match="complete"):
             repo.count(ALICE, complete="yes")  # type: ignore[arg-type]
 
-    def test_session_bound_to_a_connection_in_a_transaction(self, engine: Engine) -> None:
+    def test_session_bound_to_a_connection_in_a_transaction(
+        self, repo_in_outer_transaction: Callable[[], AbstractContextManager[TaskRepository]]
+    ) -> None:
         """A session on a Connection that already began a transaction works (test fixtures)."""
-        with engine.connect() as conn:
-            outer = conn.begin()
-            with Session(
-                bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
-            ) as session:
-                repo = TaskRepository(session)
-                task = _new(repo)
-                assert repo.get(ALICE, task.id or 0) == task
-                with repo.atomic():
-                    _new(repo, title="inside")
-                assert repo.count(ALICE) == 2
-            outer.rollback()
+        with repo_in_outer_transaction() as repo:
+            task = _new(repo)
+            assert repo.get(ALICE, task.id or 0) == task
+            with repo.atomic():
+                _new(repo, title="inside")
+            assert repo.count(ALICE) == 2
 
 
 @contextlib.contextmanager

@@ -33,13 +33,19 @@ from todo_backend.models import Task
 __all__ = [
     "UNBOUNDED",
     "DatabaseHealth",
+    "as_settings",
     "cannot_connect",
     "check_database",
     "create_db_engine",
     "error_reason",
     "get_session",
     "init_db",
+    "is_in_memory",
     "is_local_host",
+    "postgres_engine_options",
+    "reject_dead_connection",
+    "sqlite_engine_options",
+    "sqlite_on_connect",
     "timeout_error",
     "url_host",
     "wait_for_database",
@@ -83,18 +89,35 @@ def create_db_engine(settings_or_url: Settings | str) -> Engine:
     SQLite: ``sqlite://`` is one in-memory database shared by every session and
     thread (a static pool); file databases enforce foreign keys.
     """
-    settings = (
-        settings_or_url
-        if isinstance(settings_or_url, Settings)
-        else Settings(database_url=settings_or_url)
-    )
+    settings = as_settings(settings_or_url)
     url = settings.url
     if url.get_backend_name() == "sqlite":
         return _create_sqlite_engine(url, settings)
     return _create_postgres_engine(url, settings)
 
 
+def as_settings(settings_or_url: Settings | str) -> Settings:
+    """Return *settings_or_url* as :class:`Settings` (a URL gets the default options)."""
+    if isinstance(settings_or_url, Settings):
+        return settings_or_url
+    return Settings(database_url=settings_or_url)
+
+
 def _create_postgres_engine(url: URL, settings: Settings) -> Engine:
+    engine = create_engine(url, **postgres_engine_options(url, settings))
+    event.listen(engine, "checkout", reject_dead_connection)
+    _switch_isolation_without_round_trips(engine)
+    _bound_every_statement(engine, settings)
+    return engine
+
+
+def postgres_engine_options(url: URL, settings: Settings) -> dict[str, Any]:
+    """Return the ``create_engine`` keywords of a Neon-ready PostgreSQL engine.
+
+    Shared by the sync and the async engine: the pool bounds and recycling, and the
+    libpq connection options (timeout, keepalives, TLS for non-local hosts), which
+    psycopg2 and psycopg 3 take alike.
+    """
     connect_args: dict[str, Any] = {
         "connect_timeout": settings.connect_timeout,
         "application_name": "todo-backend",
@@ -104,26 +127,21 @@ def _create_postgres_engine(url: URL, settings: Settings) -> Engine:
         # Neon refuses plain-text connections; libpq's default "prefer" would
         # silently fall back to plain text against any other server.
         connect_args["sslmode"] = "require"
-    engine = create_engine(
-        url,
-        pool_size=settings.pool_size,
-        max_overflow=settings.max_overflow,
-        pool_timeout=settings.pool_timeout,
-        pool_recycle=POOL_RECYCLE_SECONDS,
-        # No pre-ping: it costs a round trip per checkout. _reject_dead_connection
+    return {
+        "pool_size": settings.pool_size,
+        "max_overflow": settings.max_overflow,
+        "pool_timeout": settings.pool_timeout,
+        "pool_recycle": POOL_RECYCLE_SECONDS,
+        # No pre-ping: it costs a round trip per checkout. reject_dead_connection
         # catches server-closed sockets for free instead.
-        pool_pre_ping=False,
+        "pool_pre_ping": False,
         # An autocommit connection has nothing to roll back when returned to the pool.
-        skip_autocommit_rollback=True,
+        "skip_autocommit_rollback": True,
         # Bound parameters are user data; keep them out of error messages and logs.
-        hide_parameters=True,
-        echo=settings.echo,
-        connect_args=connect_args,
-    )
-    event.listen(engine, "checkout", _reject_dead_connection)
-    _switch_isolation_without_round_trips(engine)
-    _bound_every_statement(engine, settings)
-    return engine
+        "hide_parameters": True,
+        "echo": settings.echo,
+        "connect_args": connect_args,
+    }
 
 
 # Execution option that sends statements without the bounds (see _bound_every_statement).
@@ -235,7 +253,9 @@ def timeout_error(err: BaseException) -> DatabaseTimeoutError | None:
             "long atomic() blocks holding connections or raise DB_POOL_SIZE / DB_MAX_OVERFLOW.",
             bound="DB_POOL_TIMEOUT",
         )
-    code = getattr(getattr(err, "orig", None), "pgcode", None)
+    orig = getattr(err, "orig", None)
+    # psycopg2 names the SQLSTATE pgcode, psycopg 3 (the async engine) sqlstate.
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
     if code == _LOCK_NOT_AVAILABLE:
         return DatabaseTimeoutError(
             "the task is locked by another transaction that did not finish within "
@@ -289,28 +309,37 @@ def _switch_isolation_without_round_trips(engine: Engine) -> None:
 
 
 def _create_sqlite_engine(url: URL, settings: Settings) -> Engine:
-    in_memory = url.database in (None, "", ":memory:")
-    if in_memory:
-        return create_engine(
-            url,
-            poolclass=StaticPool,
-            connect_args={"check_same_thread": False},
-            echo=settings.echo,
-            hide_parameters=True,
-        )
-    engine = create_engine(
-        url,
-        connect_args={"check_same_thread": False, "timeout": settings.pool_timeout},
-        echo=settings.echo,
-        hide_parameters=True,
-    )
-    # SQLite leaves foreign keys off unless every connection asks: a file database
-    # outlives this schema, and tables added later may reference each other.
-    event.listen(engine, "connect", _sqlite_on_connect)
+    engine = create_engine(url, **sqlite_engine_options(url, settings))
+    if not is_in_memory(url):
+        event.listen(engine, "connect", sqlite_on_connect)
     return engine
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+def is_in_memory(url: URL) -> bool:
+    """Tell whether the SQLite *url* names an in-memory database."""
+    return url.database in (None, "", ":memory:")
+
+
+def sqlite_engine_options(url: URL, settings: Settings) -> dict[str, Any]:
+    """Return the ``create_engine`` keywords of a SQLite engine (sync or async).
+
+    ``sqlite://`` is one in-memory database shared by every session and thread (a
+    static pool). File databases wait up to ``pool_timeout`` for a lock and, through
+    :func:`sqlite_on_connect`, enforce foreign keys.
+    """
+    options: dict[str, Any] = {"echo": settings.echo, "hide_parameters": True}
+    if is_in_memory(url):
+        return {**options, "poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
+    connect_args = {"check_same_thread": False, "timeout": settings.pool_timeout}
+    return {**options, "connect_args": connect_args}
+
+
+def sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    """Turn on foreign keys for a new SQLite connection (a ``connect`` event listener).
+
+    SQLite leaves them off unless every connection asks: a file database outlives
+    this schema, and tables added later may reference each other.
+    """
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA foreign_keys = ON")
@@ -318,22 +347,25 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> N
         cursor.close()
 
 
-def _reject_dead_connection(
+def reject_dead_connection(
     dbapi_connection: Any, _record: ConnectionPoolEntry, _proxy: Any
 ) -> None:
-    """Refuse a pooled psycopg2 connection whose server side has gone away.
+    """Refuse a pooled connection whose server side has gone away (a ``checkout`` listener).
 
-    An idle connection of this package receives no unsolicited data (it never LISTENs;
-    asynchronous notices are rare and would only cost a reconnect) except the FATAL
-    message and EOF the server sends when it terminates the backend (Neon suspending
-    its compute, a restart, pg_terminate_backend). A zero-timeout poll of the socket
-    sees that without a round trip; raising DisconnectionError makes the pool open a
-    fresh connection in its place before the caller's statement is sent.
+    Works for psycopg2 and for psycopg 3 behind SQLAlchemy's async adapter (whose
+    ``driver_connection`` is the psycopg connection). An idle connection of this
+    package receives no unsolicited data (it never LISTENs; asynchronous notices are
+    rare and would only cost a reconnect) except the FATAL message and EOF the server
+    sends when it terminates the backend (Neon suspending its compute, a restart,
+    pg_terminate_backend). A zero-timeout poll of the socket sees that without a
+    round trip; raising DisconnectionError makes the pool open a fresh connection in
+    its place before the caller's statement is sent.
     """
-    if dbapi_connection.closed:
+    connection = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if connection.closed:
         raise DisconnectionError("connection closed")
     poller = select.poll()
-    poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    poller.register(connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
     if poller.poll(0):
         raise DisconnectionError("server closed the connection while it was idle in the pool")
 

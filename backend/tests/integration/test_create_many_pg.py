@@ -8,7 +8,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from todo_backend.models import TaskCreate, TaskRead, utc_now
-from todo_backend.repository import _INSERT_BATCH, TaskRepository
+from todo_backend.repository import TaskRepository
+from todo_backend.repository_core import _INSERT_BATCH
 
 ALICE = "alice"
 

@@ -1,5 +1,9 @@
 """One network round trip per repository call, seen on the wire to PostgreSQL.
 
+Every test on ``wired_repo`` runs on both faces: TaskRepository (psycopg2, simple
+query protocol) and AsyncTaskRepository (psycopg 3, extended protocol: Parse, Bind,
+Execute, Sync; without the engine's SET LOCAL bounds, which need one message).
+
 A small proxy on loopback sits between the package's engine and a throwaway cluster of
 our own (the wire to a hosted server is encrypted, so it is read here). It reads
 the PostgreSQL protocol the client sends, records the SQL of every query message,
@@ -10,6 +14,7 @@ an extra round trip, so these tests fail the day a call starts costing two.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import threading
@@ -21,12 +26,17 @@ import pytest
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL
 
+from tests.async_face import AwaitedRepository, open_session
+from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.db import create_db_engine, get_session
 from todo_backend.models import Task, TaskCreate, TaskUpdate
 from todo_backend.repository import TaskRepository
 
 ALICE = "alice"
 _PROTOCOL_3: int = 196608  # the StartupMessage's protocol version; earlier ones are requests
+# Bind, Describe, Execute, Sync follow a Parse in one extended-protocol query; X
+# (Terminate) is sent when a connection closes.
+_PARTS_OF_A_QUERY = frozenset({b"B", b"D", b"E", b"S", b"X"})
 # The statement, lock and idle bounds the engine puts in front of each statement, in
 # the same query message: recorded, then stripped so the tests see the statement.
 _BOUNDS = re.compile(
@@ -42,6 +52,7 @@ class Recording:
     queries: list[str] = field(default_factory=list)
     round_trips: int = 0
     bounded: int = 0  # queries that carried the engine's SET LOCAL bounds (stripped above)
+    prepared: list[str] = field(default_factory=list)  # names of server-side prepared statements
 
 
 class _ClientMessages:
@@ -159,7 +170,12 @@ class Wire:
                         seen.bounded += 1
                         query = query[bounded.end() :]
                     seen.queries.append(query)
-                elif kind not in (b"X",):  # X: terminate, sent when a connection closes
+                elif kind == b"P":  # extended protocol (psycopg 3): Parse names the SQL
+                    name, sql = payload.split(b"\0")[:2]
+                    seen.queries.append(sql.decode())
+                    if name:
+                        seen.prepared.append(name.decode())
+                elif kind not in _PARTS_OF_A_QUERY:
                     seen.queries.append(f"<protocol message {kind!r}>")
 
 
@@ -173,27 +189,54 @@ def wire(own_scratch_url: URL) -> Iterator[Wire]:
 
 
 @pytest.fixture
-def wired_engine(own_engine: Engine, wire: Wire, own_scratch_url: URL) -> Iterator[Engine]:
-    """The package's engine on a database of our own cluster, reached through the proxy."""
+def wired_url(own_engine: Engine, wire: Wire, own_scratch_url: URL) -> str:
+    """A database of our own cluster (tasks emptied by ``own_engine``), through the proxy."""
     url = own_scratch_url.set(
         host="127.0.0.1",
         port=wire.port,
         # Plain text so the proxy can read it; loopback only.
         query={"sslmode": "disable", "gssencmode": "disable"},
     )
-    wired = create_db_engine(url.render_as_string(hide_password=False))
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def wired_engine(wired_url: str) -> Iterator[Engine]:
+    """The package's engine on a database of our own cluster, reached through the proxy."""
+    wired = create_db_engine(wired_url)
     yield wired
     wired.dispose()
 
 
-@pytest.fixture
-def wired_repo(wired_engine: Engine) -> Iterator[TaskRepository]:
-    """A repository on a session of the proxied engine, its connection already open."""
-    sessions = get_session(wired_engine)
-    repo = TaskRepository(next(sessions))
-    repo.count(ALICE)  # connect (startup messages) before anything is recorded
-    yield repo
-    sessions.close()
+@pytest.fixture(params=["sync", "async"])
+def wired_repo(
+    request: pytest.FixtureRequest, wired_engine: Engine, wired_url: str
+) -> Iterator[TaskRepository]:
+    """A repository of each face on a proxied session, its connection already open.
+
+    The async one is AsyncTaskRepository on psycopg 3, each call awaited to its end
+    (tests/async_face.py): the same calls must cost the same round trips.
+    """
+    if request.param == "sync":
+        sessions = get_session(wired_engine)
+        repo = TaskRepository(next(sessions))
+        repo.count(ALICE)  # connect (startup messages) before anything is recorded
+        yield repo
+        sessions.close()
+        return
+    with asyncio.Runner() as runner:
+        engine = create_async_db_engine(wired_url)
+        session, _ = runner.run(open_session(engine))
+        awaited = AwaitedRepository(AsyncTaskRepository(session), runner)
+        awaited.count(ALICE)
+        yield awaited  # type: ignore[misc]
+        runner.run(session.close())
+        runner.run(engine.dispose())
+
+
+def _bounds(repo: TaskRepository) -> int:
+    """How many bounds ride in each statement's message: the sync engine's SET LOCAL."""
+    return 1 if isinstance(repo, TaskRepository) else 0
 
 
 _SINGLE_CALLS: dict[str, tuple[str, Callable[[TaskRepository, Task], object]]] = {
@@ -218,19 +261,21 @@ def test_single_task_call_is_one_query_and_one_round_trip(
         call(wired_repo, task)
     assert len(seen.queries) == 1, seen.queries
     assert seen.queries[0].startswith(verb), seen.queries
-    assert seen.bounded == 1  # the bounds ride in the same message
+    assert seen.bounded == _bounds(wired_repo)  # the bounds ride in the same message
     assert seen.round_trips == 1
+    assert seen.prepared == []
 
 
 def test_calls_repeat_at_one_round_trip_each(wired_repo: TaskRepository, wire: Wire) -> None:
-    """A warm connection stays at one round trip per call, call after call."""
+    """A warm connection stays at one round trip per call and never prepares a statement."""
     task = wired_repo.create(ALICE, TaskCreate(title="seed"))
     with wire.recording() as seen:
-        for _ in range(5):
+        for _ in range(8):  # psycopg 3 would prepare from the 5th execution by default
             wired_repo.get(ALICE, task.id or 0)
             wired_repo.update(ALICE, task.id or 0, TaskUpdate(title="again"))
-    assert seen.round_trips == 10
-    assert [q.split()[0] for q in seen.queries] == ["SELECT", "UPDATE"] * 5
+    assert seen.round_trips == 16
+    assert [q.split()[0] for q in seen.queries] == ["SELECT", "UPDATE"] * 8
+    assert seen.prepared == []
 
 
 def test_a_fresh_session_per_call_costs_one_round_trip(wired_engine: Engine, wire: Wire) -> None:
@@ -277,7 +322,7 @@ def test_atomic_block_adds_only_begin_and_commit(wired_repo: TaskRepository, wir
         wired_repo.update(ALICE, task.id or 0, TaskUpdate(title="renamed"))
         wired_repo.create(ALICE, TaskCreate(title="second"))
     assert [q.split()[0] for q in seen.queries] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
-    assert seen.bounded == 2
+    assert seen.bounded == 2 * _bounds(wired_repo)
     assert seen.round_trips == 4
 
 

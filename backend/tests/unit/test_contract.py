@@ -139,3 +139,16 @@ def test_public_api_types_from_the_user_side() -> None:
             sessions.close()
     finally:
         engine.dispose()
+
+
+def test_async_surface_is_documented() -> None:
+    """todo_backend.aio exports the three documented names, and the contract names each."""
+    import todo_backend.aio
+
+    assert set(todo_backend.aio.__all__) == {
+        "AsyncTaskRepository",
+        "create_async_db_engine",
+        "get_async_session",
+    }
+    text = _contract_text()
+    assert all(f"`{name}(" in text for name in todo_backend.aio.__all__)

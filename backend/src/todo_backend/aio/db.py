@@ -1,0 +1,74 @@
+"""Async engines and sessions: the Neon-ready engine of :mod:`todo_backend.db`, awaited.
+
+PostgreSQL runs on psycopg 3 (``postgresql+psycopg_async``) with the sync engine's
+pool bounds, recycling, connect timeout, keepalives and TLS rule, and the same
+zero-round-trip check that replaces dead pooled connections before a statement is
+sent. psycopg 3 would prepare a statement on the server after five executions;
+``prepare_threshold=None`` turns that off, because PgBouncer in transaction mode
+(Neon's pooled endpoint) hands the next transaction to another server connection,
+where the prepared statement does not exist. SQLite runs on aiosqlite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Final
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from todo_backend.config import Settings
+from todo_backend.db import (
+    as_settings,
+    is_in_memory,
+    postgres_engine_options,
+    reject_dead_connection,
+    sqlite_engine_options,
+    sqlite_on_connect,
+)
+
+__all__ = ["create_async_db_engine", "get_async_session"]
+
+_POSTGRES_DRIVER: Final = "postgresql+psycopg_async"
+_SQLITE_DRIVER: Final = "sqlite+aiosqlite"
+
+
+def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
+    """Create the async engine for *settings_or_url*, tuned like :func:`create_db_engine`.
+
+    Takes the same Settings or URL (``postgresql://``, ``postgres://``,
+    ``sqlite:///FILE``, ``sqlite://``) and picks the async driver itself. PostgreSQL:
+    a pool of ``pool_size`` plus ``max_overflow`` connections, ``connect_timeout``,
+    keepalives, recycling below Neon's 300 s idle suspend, ``sslmode=require`` for a
+    non-local host whose URL does not choose one, no server-side prepared statements,
+    and dead pooled connections replaced at checkout without a round trip. SQLite:
+    ``sqlite://`` is one in-memory database shared by every session; file databases
+    enforce foreign keys.
+    """
+    settings = as_settings(settings_or_url)
+    url = settings.url
+    if url.get_backend_name() == "sqlite":
+        engine = create_async_engine(
+            url.set(drivername=_SQLITE_DRIVER), **sqlite_engine_options(url, settings)
+        )
+        if not is_in_memory(url):
+            event.listen(engine.sync_engine, "connect", sqlite_on_connect)
+        return engine
+    options = postgres_engine_options(url, settings)
+    options["connect_args"]["prepare_threshold"] = None
+    engine = create_async_engine(url.set(drivername=_POSTGRES_DRIVER), **options)
+    # psycopg 3 switches autocommit and isolation on the client, without a round trip
+    # (unlike psycopg2, see db._switch_isolation_without_round_trips): nothing to patch.
+    event.listen(engine.sync_engine, "checkout", reject_dead_connection)
+    return engine
+
+
+async def get_async_session(engine: AsyncEngine) -> AsyncGenerator[AsyncSession, None]:
+    """Yield an async session on *engine* and close it afterwards: a FastAPI dependency.
+
+    Objects stay readable after commit (``expire_on_commit=False``), as with
+    :func:`~todo_backend.get_session`: an async session could not lazily re-read them.
+    """
+    async with AsyncSession(engine, expire_on_commit=False) as session:
+        yield session

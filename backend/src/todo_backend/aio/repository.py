@@ -1,0 +1,129 @@
+"""AsyncTaskRepository: :class:`~todo_backend.TaskRepository` for async code, awaited.
+
+The same calls, arguments, results, errors and round trips: every rule, statement
+and decision comes from :mod:`todo_backend.repository_core`; this module only
+awaits the I/O it asks for on an :class:`~sqlalchemy.ext.asyncio.AsyncSession`. A
+statement is sent by the sync repository's own :func:`run_statement`, run in
+SQLAlchemy's greenlet bridge (``AsyncSession.run_sync``) in one switch, the way
+SQLAlchemy's asyncio layer runs all of its sync core.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, ParamSpec, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from todo_backend import repository_core as core
+from todo_backend.models import Task, TaskCreate, TaskUpdate
+from todo_backend.repository import run_statement
+
+__all__ = ["AsyncTaskRepository"]
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+class AsyncTaskRepository:
+    """Create, read, update and delete one user's tasks through an ``AsyncSession``.
+
+    The contract of :class:`~todo_backend.TaskRepository`, each method awaited and
+    :meth:`atomic` used as ``async with``: user scoping, validation before any SQL,
+    one statement and one round trip per single-task call, a read retried once on a
+    dropped connection, a write never retried, the same errors. One repository (and
+    its session) serves one task at a time, like an ``AsyncSession``; concurrent
+    coroutines each use their own, e.g. one per request through
+    :func:`~todo_backend.aio.get_async_session`.
+    """
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+        # The policy inspects the session's state through its sync face; I/O is awaited.
+        self._state = session.sync_session
+        bind = session.bind
+        self._engine = bind if isinstance(bind, AsyncEngine) else None
+        self._pooled = self._engine is not None
+
+    @asynccontextmanager
+    async def atomic(self) -> AsyncIterator[AsyncTaskRepository]:
+        """Run the calls inside ``async with repo.atomic():`` in one transaction.
+
+        All apply, or none; nested blocks and other repositories on the same session
+        join the outer block, exactly as :meth:`TaskRepository.atomic`.
+        """
+        block = core.Block(self._state)
+        try:
+            yield self
+        except BaseException as err:
+            await self._drive(block.end(err))
+            raise
+        await self._drive(block.end(None))
+
+    async def create(self, user_id: str, data: TaskCreate) -> Task:
+        """Insert a task for *user_id*; return it with id and both timestamps set."""
+        return await self._execute(core.create_call, user_id, data)
+
+    async def create_many(self, user_id: str, items: Sequence[TaskCreate]) -> builtins.list[Task]:
+        """Insert all *items* for *user_id* atomically, in batches; return them in order."""
+        dialect = self._state.get_bind().dialect
+        plan = core.checked(self._state, core.create_many_calls, user_id, items, dialect)
+        batches = await self._drive(plan)
+        numbers = range(len(batches))
+        if not batches.atomic:
+            return batches.tasks([await self._execute(batches.call, n) for n in numbers])
+        async with self.atomic():
+            return batches.tasks([await self._execute(batches.call, n) for n in numbers])
+
+    async def get(self, user_id: str, task_id: int) -> Task | None:
+        """Return the task *task_id* if *user_id* owns it, else None."""
+        return await self._execute(core.get_call, user_id, task_id)
+
+    async def list(
+        self,
+        user_id: str,
+        *,
+        complete: bool | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> builtins.list[Task]:
+        """Return up to *limit* of the user's tasks, newest first; page with *before_id*."""
+        return await self._execute(core.list_call, user_id, complete, limit, before_id)
+
+    async def update(self, user_id: str, task_id: int, data: TaskUpdate) -> Task | None:
+        """Apply the fields set explicitly in *data*; return the task, or None if not owned."""
+        return await self._execute(core.update_call, user_id, task_id, data)
+
+    async def delete(self, user_id: str, task_id: int) -> bool:
+        """Delete task *task_id* if *user_id* owns it; return whether a row was deleted."""
+        return await self._execute(core.delete_call, user_id, task_id)
+
+    async def count(self, user_id: str, *, complete: bool | None = None) -> int:
+        """Count the user's tasks, optionally only complete or only pending ones."""
+        return await self._execute(core.count_call, user_id, complete)
+
+    # -- execution: the awaited I/O of repository_core's policy -----------------------
+
+    async def _execute(self, plan: core.Plan[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await self._drive(core.execute(self._state, self._pooled, plan, *args, **kwargs))
+
+    async def _drive(self, steps: core.Steps[_T]) -> _T:
+        driver = core.Driver(steps)
+        for step in driver:
+            try:
+                driver.done(await self._perform(step))
+            except Exception as err:  # noqa: BLE001 - the policy decides what it means
+                driver.failed(err)
+        return driver.result
+
+    async def _perform(self, step: core.Step | core.Run) -> Any:
+        session = self._session
+        if step is core.Step.COMMIT:
+            return await session.commit()
+        if step is core.Step.ROLLBACK:
+            return await session.rollback()
+        # The whole statement (checkout, execute, check-in) in one greenlet switch.
+        engine = None if self._engine is None else self._engine.sync_engine
+        return await session.run_sync(run_statement, step, engine)

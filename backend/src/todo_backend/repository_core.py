@@ -1,0 +1,633 @@
+"""The task repository's rules and statements, shared by its sync and async faces.
+
+Everything a repository call decides lives here once: argument validation, the owner
+condition, the statements (built once at import so SQLAlchemy compiles each shape
+only once), how a result row becomes a :class:`Task`, where a call runs (a pooled
+autocommit connection, the session's transaction, an atomic block), when it commits,
+that a read is retried once on a dropped connection and a write never is, and how a
+driver error becomes this package's error. :class:`~todo_backend.repository.TaskRepository`
+and :class:`~todo_backend.aio.AsyncTaskRepository` only carry out the I/O these
+functions ask for: :func:`execute` is a generator that yields each :class:`Step`
+(run the statement, commit, roll back) and receives its outcome, so the policy is
+written once for both.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from enum import Enum, auto
+from itertools import combinations
+from operator import itemgetter
+from typing import Any, Final, Generic, NoReturn, ParamSpec, TypeAlias, TypeVar
+
+from sqlalchemy import (
+    ARRAY,
+    Boolean,
+    CursorResult,
+    Dialect,
+    Executable,
+    Row,
+    Select,
+    String,
+    Update,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import InstanceState, Session, configure_mappers
+
+from todo_backend.db import cannot_connect, timeout_error
+from todo_backend.errors import DatabaseUnavailableError, TodoBackendError
+from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_user_id
+
+__all__ = [
+    "MAX_PAGE_SIZE",
+    "Batches",
+    "Block",
+    "Call",
+    "Driver",
+    "Known",
+    "Plan",
+    "Run",
+    "Step",
+    "Steps",
+    "checked",
+    "count_call",
+    "create_call",
+    "create_many_calls",
+    "delete_call",
+    "execute",
+    "get_call",
+    "list_call",
+    "translate",
+    "update_call",
+]
+
+MAX_PAGE_SIZE: Final = 100
+_MAX_ID: Final = 2**63 - 1  # BIGINT; a larger id cannot exist, so it matches nothing
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+# What a call can raise from the database side: the driver's errors and the pool's
+# checkout timeout. translate() turns each into the package's own errors.
+_DB_ERRORS: Final = (DBAPIError, PoolTimeoutError)
+_P = ParamSpec("_P")
+
+_table = Task.__table__  # type: ignore[attr-defined]
+_c = _table.c
+_ALL_COLUMNS: Final = tuple(_c)
+_KEYS: Final = tuple(column.key for column in _ALL_COLUMNS)
+_FIELDS: Final = frozenset(_KEYS)
+# session.info key: present while an atomic() block runs; True once a call in it failed.
+_ATOMIC: Final = "todo_backend.atomic_block_failed"
+_BLOCK_FAILED: Final = (
+    "a call inside this atomic() block failed, so the whole block is rolled back "
+    "and nothing of it is stored"
+)
+_OWNED = (_c.user_id == bindparam("owner"), _c.id == bindparam("task_id"))
+
+_INSERT: Final = insert(_table).returning(*_ALL_COLUMNS, sort_by_parameter_order=True)
+_GET: Final = select(*_ALL_COLUMNS).where(*_OWNED)
+
+# create_many on PostgreSQL: one statement per batch, fed by three arrays, instead of
+# six parameters per row. unnest yields the rows in input order and ORDER BY n keeps
+# that order, so the ids the sequence hands out follow the input: sorting a batch's
+# RETURNING rows by id restores it (the guarantee SQLAlchemy's insertmanyvalues relies
+# on for sort_by_parameter_order). Unsized VARCHAR[] so that an over-long value fails
+# on the column instead of being truncated by the cast.
+_BATCH = (
+    func.unnest(
+        bindparam("titles", type_=ARRAY(String())),
+        bindparam("descriptions", type_=ARRAY(String())),
+        bindparam("completes", type_=ARRAY(Boolean())),
+    )
+    .table_valued("title", "description", "complete", with_ordinality="n")
+    .render_derived()
+)
+_NOW = bindparam("now", type_=_c.created_at.type)
+_INSERT_BATCH: Final = (
+    insert(_table)
+    .from_select(
+        ["user_id", "title", "description", "complete", "created_at", "updated_at"],
+        select(
+            bindparam("owner", type_=_c.user_id.type),
+            _BATCH.c.title,
+            _BATCH.c.description,
+            _BATCH.c.complete,
+            _NOW,
+            _NOW,
+        ).order_by(_BATCH.c.n),
+    )
+    .returning(*_ALL_COLUMNS)
+)
+_DELETE: Final = delete(_table).where(*_OWNED)
+
+
+def _list_statement(*, by_complete: bool, keyset: bool) -> Select[Any]:
+    stmt = select(*_ALL_COLUMNS).where(_c.user_id == bindparam("owner"))
+    if by_complete:
+        stmt = stmt.where(_c.complete == bindparam("complete"))
+    if keyset:
+        stmt = stmt.where(_c.id < bindparam("before_id"))
+    return stmt.order_by(_c.id.desc()).limit(bindparam("limit"))
+
+
+def _count_statement(*, by_complete: bool) -> Select[Any]:
+    stmt = select(func.count()).select_from(_table).where(_c.user_id == bindparam("owner"))
+    if by_complete:
+        stmt = stmt.where(_c.complete == bindparam("complete"))
+    return stmt
+
+
+# Every list/count shape, built once: (filter on complete?, after a cursor?).
+_LISTS: Final = {
+    (by_complete, keyset): _list_statement(by_complete=by_complete, keyset=keyset)
+    for by_complete in (False, True)
+    for keyset in (False, True)
+}
+_COUNTS: Final = {flag: _count_statement(by_complete=flag) for flag in (False, True)}
+
+# The only columns an update may set; owner, id and created_at are never among them.
+_UPDATABLE: Final = frozenset({"title", "description", "complete"})
+_CONTENT: Final = {"title", "description", "complete"}
+
+
+def _update_statement(fields: Sequence[str]) -> Update:
+    values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in fields}
+    return (
+        update(_table)
+        .where(*_OWNED)
+        .values(**values, updated_at=bindparam("new_updated_at"))
+        .returning(*_ALL_COLUMNS)
+    )
+
+
+# One statement per set of changed fields, all eight built here.
+_UPDATES: Final = {
+    frozenset(fields): _update_statement(fields)
+    for size in range(len(_UPDATABLE) + 1)
+    for fields in combinations(sorted(_UPDATABLE), size)
+}
+
+
+# _to_task bypasses Task.__init__, which is what normally triggers mapper configuration.
+configure_mappers()
+_mapper = sa_inspect(Task)
+_manager = _mapper.class_manager
+_identity_key = _mapper.identity_key_from_primary_key
+_STATE_ATTR: Final = _manager.STATE_ATTR
+_first = itemgetter(0)
+_object_new = object.__new__
+_set_slot = object.__setattr__
+
+
+def _to_task(row: Sequence[Any]) -> Task:
+    # Rows come back through the table's own types, so they are valid already: build
+    # the object the way the ORM loads one (no re-validation), then mark it detached,
+    # like a task loaded and expunged, so it is never mistaken for a new row. This is
+    # ClassManager.new_instance() with SQLModel.__new__ inlined, about 2 µs cheaper
+    # per row, which a 50-task page feels; test_task_rows.py pins the equivalence.
+    task: Task = _object_new(Task)
+    _set_slot(task, "__pydantic_fields_set__", set(_FIELDS))
+    _set_slot(task, "__pydantic_extra__", None)
+    _set_slot(task, "__pydantic_private__", None)
+    values = task.__dict__
+    values.update(zip(_KEYS, row, strict=True))
+    state = InstanceState(task, _manager)
+    state.key = _identity_key((row[0],))
+    values[_STATE_ATTR] = state
+    return task
+
+
+def _all_tasks(result: CursorResult[Any]) -> builtins.list[Task]:
+    return [_to_task(row) for row in result.all()]
+
+
+def _one_task(result: CursorResult[Any]) -> Task | None:
+    row = result.one_or_none()
+    return None if row is None else _to_task(row)
+
+
+def _new_row(result: CursorResult[Any]) -> Task:
+    return _to_task(result.one())  # INSERT ... RETURNING returns exactly the new row
+
+
+def _all_rows(result: CursorResult[Any]) -> Sequence[Row[Any]]:
+    return result.all()
+
+
+def _rows_by_id(result: CursorResult[Any]) -> Sequence[Row[Any]]:
+    return sorted(result.all(), key=_first)
+
+
+def _count(result: CursorResult[Any]) -> int:
+    return int(result.scalar_one())
+
+
+def _deleted(result: CursorResult[Any]) -> bool:
+    return bool(result.rowcount)
+
+
+def _checked_content(data: TaskCreate) -> TaskCreate:
+    # Validated again as a plain TaskCreate: neither a subclass with looser rules nor
+    # model_copy(update=...) (which skips validation) can get a bad value into SQL.
+    return TaskCreate.model_validate(data.model_dump(include=_CONTENT))
+
+
+def _checked_changes(data: TaskUpdate) -> dict[str, Any]:
+    unknown = data.model_fields_set - _UPDATABLE
+    if unknown:
+        raise ValueError(
+            "an update may change only title, description and complete, "
+            f"not {', '.join(sorted(unknown))}"
+        )
+    return TaskUpdate.model_validate(data.model_dump(exclude_unset=True)).changes()
+
+
+def _check_complete(complete: bool | None) -> None:
+    if complete is not None and not isinstance(complete, bool):
+        raise TypeError(f"complete must be a bool or None, got {type(complete).__name__}")
+
+
+def _valid_id(task_id: int) -> bool:
+    if isinstance(task_id, bool) or not isinstance(task_id, int):
+        raise TypeError(f"task_id must be an int, got {type(task_id).__name__}")
+    return 0 < task_id <= _MAX_ID
+
+
+def _insert_params(user_id: str, data: TaskCreate, now: Any) -> dict[str, Any]:
+    # user_id is validated once by the caller, not once per row.
+    return {
+        "user_id": user_id,
+        "title": data.title,
+        "description": data.description,
+        "complete": data.complete,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+# -- calls: each public method's arguments checked and turned into one statement ------
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[_T]):
+    """One statement of a repository call: what to send and how to read its result."""
+
+    stmt: Executable
+    params: Any
+    consume: Callable[[CursorResult[Any]], _T]
+    write: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Known(Generic[_T]):
+    """A call whose answer is known without asking the database (an id that cannot exist)."""
+
+    value: _T
+
+
+_NO_TASK: Final[Known[Task | None]] = Known(None)
+_NOT_DELETED: Final = Known(False)
+
+
+def create_call(user_id: str, data: TaskCreate) -> Call[Task]:
+    """Check ``create``'s arguments; return its one ``INSERT ... RETURNING``."""
+    params = _insert_params(validate_user_id(user_id), _checked_content(data), utc_now())
+    return Call(_INSERT, params, _new_row, write=True)
+
+
+def get_call(user_id: str, task_id: int) -> Call[Task | None] | Known[Task | None]:
+    """Check ``get``'s arguments; return its one owner-scoped ``SELECT``."""
+    user_id = validate_user_id(user_id)
+    if not _valid_id(task_id):
+        return _NO_TASK
+    return Call(_GET, {"owner": user_id, "task_id": task_id}, _one_task, write=False)
+
+
+def list_call(
+    user_id: str, complete: bool | None, limit: int, before_id: int | None
+) -> Call[builtins.list[Task]]:
+    """Check ``list``'s arguments; return the ``SELECT`` of one page, newest first."""
+    user_id = validate_user_id(user_id)
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int, got {type(limit).__name__}")
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+    _check_complete(complete)
+    params: dict[str, Any] = {"owner": user_id, "limit": limit}
+    if complete is not None:
+        params["complete"] = complete
+    if before_id is not None:
+        _valid_id(before_id)
+        params["before_id"] = min(before_id, _MAX_ID)
+    stmt = _LISTS[complete is not None, before_id is not None]
+    return Call(stmt, params, _all_tasks, write=False)
+
+
+def update_call(
+    user_id: str, task_id: int, data: TaskUpdate
+) -> Call[Task | None] | Known[Task | None]:
+    """Check ``update``'s arguments; return the ``UPDATE ... RETURNING`` of *data*'s fields."""
+    user_id = validate_user_id(user_id)
+    if not _valid_id(task_id):
+        return _NO_TASK
+    changes = _checked_changes(data)
+    params = {f"new_{name}": value for name, value in changes.items()}
+    params.update(owner=user_id, task_id=task_id, new_updated_at=utc_now())
+    return Call(_UPDATES[frozenset(changes)], params, _one_task, write=True)
+
+
+def delete_call(user_id: str, task_id: int) -> Call[bool] | Known[bool]:
+    """Check ``delete``'s arguments; return its one owner-scoped ``DELETE``."""
+    user_id = validate_user_id(user_id)
+    if not _valid_id(task_id):
+        return _NOT_DELETED
+    return Call(_DELETE, {"owner": user_id, "task_id": task_id}, _deleted, write=True)
+
+
+def count_call(user_id: str, complete: bool | None) -> Call[int]:
+    """Check ``count``'s arguments; return its one ``SELECT count(*)``."""
+    user_id = validate_user_id(user_id)
+    _check_complete(complete)
+    params: dict[str, Any] = {"owner": user_id}
+    if complete is not None:
+        params["complete"] = complete
+    return Call(_COUNTS[complete is not None], params, _count, write=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Batches:
+    """The statements of ``create_many`` and whether they must share one transaction."""
+
+    calls: Sequence[Call[Sequence[Row[Any]]]]
+    atomic: bool
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def call(self, number: int) -> Call[Sequence[Row[Any]]]:
+        """Return the statement of batch *number*."""
+        return self.calls[number]
+
+    @staticmethod
+    def tasks(results: Sequence[Sequence[Row[Any]]]) -> builtins.list[Task]:
+        """Build the created tasks, in input order, from the rows each call returned."""
+        return [_to_task(row) for rows in results for row in rows]
+
+
+def create_many_calls(user_id: str, items: Sequence[TaskCreate], dialect: Dialect) -> Batches:
+    """Check ``create_many``'s arguments; return batches of ``insertmanyvalues_page_size``.
+
+    On PostgreSQL each batch is one ``INSERT ... SELECT FROM unnest(...) RETURNING``
+    and a single batch needs no transaction of its own. Elsewhere SQLAlchemy's
+    batched multi-row ``INSERT ... RETURNING`` (insertmanyvalues) runs in a block.
+    """
+    user_id = validate_user_id(user_id)
+    items = [_checked_content(item) for item in items]
+    if not items:
+        return Batches((), atomic=False)
+    now = utc_now()
+    if dialect.name != "postgresql":
+        params = [_insert_params(user_id, item, now) for item in items]
+        return Batches((Call(_INSERT, params, _all_rows, write=True),), atomic=True)
+    size = dialect.insertmanyvalues_page_size
+    calls = [
+        Call(
+            _INSERT_BATCH,
+            {
+                "owner": user_id,
+                "now": now,
+                "titles": [item.title for item in batch],
+                "descriptions": [item.description for item in batch],
+                "completes": [item.complete for item in batch],
+            },
+            _rows_by_id,
+            write=True,
+        )
+        for batch in (items[start : start + size] for start in range(0, len(items), size))
+    ]
+    return Batches(calls, atomic=len(calls) > 1)
+
+
+# -- execution policy: the same decisions for the sync and the async executor -------
+
+
+class Step(Enum):
+    """A session request of the execution policy, besides running a statement."""
+
+    COMMIT = auto()
+    ROLLBACK = auto()
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """The request to run *call*: on a pooled autocommit connection, or in the session."""
+
+    call: Call[Any]
+    pooled: bool
+
+
+Steps: TypeAlias = Generator[Step | Run, Any, _T]
+
+
+class Driver(Generic[_T]):
+    """Feeds an executor the :class:`Step` s of a policy generator, one at a time.
+
+    Iterate over it, perform each step, and report its value with :meth:`done` or its
+    exception with :meth:`failed`; once the policy has finished, :attr:`result` holds
+    its answer (an error the policy raises comes out of the iteration).
+    """
+
+    __slots__ = ("_failure", "_outcome", "_steps", "result")
+
+    def __init__(self, steps: Steps[_T]) -> None:
+        self._steps = steps
+        self._outcome: Any = None
+        self._failure: Exception | None = None
+        self.result: _T
+
+    def __iter__(self) -> Driver[_T]:
+        return self
+
+    def __next__(self) -> Step | Run:
+        outcome, failure = self._outcome, self._failure
+        self._outcome = self._failure = None
+        try:
+            if failure is None:
+                return self._steps.send(outcome)
+            return self._steps.throw(failure)
+        except StopIteration as finished:
+            self.result = finished.value
+            raise StopIteration from None
+
+    def done(self, outcome: Any) -> None:
+        """Report the value of the step just performed."""
+        self._outcome = outcome
+
+    def failed(self, err: Exception) -> None:
+        """Report the exception the step just performed raised."""
+        self._failure = err
+
+
+# What builds one call from a public method's arguments: create_call, get_call, ...
+Plan: TypeAlias = Callable[_P, Call[_T] | Known[_T]]
+
+
+def checked(
+    session: Session, plan: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs
+) -> Generator[Step | Run, Any, _R]:
+    """Check a call's arguments with *plan*; a failure there is a failed call like any other."""
+    try:
+        return plan(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - _fail decides and re-raises
+        return (yield from _fail(session, err))
+
+
+def execute(
+    session: Session,
+    pooled: bool,
+    plan: Plan[_P, _T],
+    /,
+    *args: _P.args,
+    **kwargs: _P.kwargs,
+) -> Steps[_T]:
+    """Make the call *plan* builds from the arguments, and run it: the policy of every call.
+
+    The statement runs once, or twice for a read the server dropped mid-call; errors
+    are translated. *session* is only inspected (its ``info`` and transaction state;
+    for an async session, its ``sync_session``), never used for I/O. *pooled* says
+    whether the session is bound to an engine, whose connections a call may borrow.
+
+    Reads are safe to repeat, unless they ran inside a transaction that the failure
+    ended (an atomic block, or the caller's own): that is reported, never papered
+    over. Writes are not retried after being sent (the server may have applied them);
+    dead idle connections are replaced before sending, at pool checkout.
+    """
+    call = yield from checked(session, plan, *args, **kwargs)
+    if isinstance(call, Known):
+        return call.value
+    retry = not call.write and _ATOMIC not in session.info and not session.in_transaction()
+    while True:
+        try:
+            return (yield from _attempt(call, session, pooled=pooled))
+        except Exception as err:  # noqa: BLE001 - _fail decides and re-raises
+            if not (retry and _connection_lost(err)):
+                yield from _fail(session, err)
+            retry = False
+            if session.in_transaction():
+                yield Step.ROLLBACK
+
+
+def _attempt(call: Call[_T], session: Session, *, pooled: bool) -> Steps[_T]:
+    info = session.info
+    if _ATOMIC in info:
+        if info[_ATOMIC]:
+            # PostgreSQL would refuse it anyway ("transaction is aborted").
+            raise TodoBackendError(_BLOCK_FAILED)
+        value: _T = yield Run(call, pooled=False)
+        return value
+    joined = session.in_transaction()
+    if pooled and not joined:
+        # The common case: no session transaction, no commit, one round trip.
+        value = yield Run(call, pooled=True)
+        return value
+    value = yield Run(call, pooled=False)
+    if call.write or not joined:
+        yield Step.COMMIT
+    return value
+
+
+def _connection_lost(err: Exception) -> bool:
+    return isinstance(err, DBAPIError) and err.connection_invalidated
+
+
+def _fail(session: Session, err: Exception) -> Generator[Step | Run, Any, NoReturn]:
+    """Settle the session after a failed call, then raise the call's error, translated.
+
+    The one place where a failed call marks the session, in both faces: whatever a
+    call raises (its argument checks, sending the statement, reading the result,
+    committing) comes here. Inside an atomic block any error marks the block failed
+    (a refused argument as much as a database error; it rolls back at its end);
+    otherwise a transaction a database error left open is rolled back here. The error
+    is then raised as :func:`translate` maps it.
+    """
+    if _ATOMIC in session.info:
+        session.info[_ATOMIC] = True
+    elif isinstance(err, _DB_ERRORS) and session.in_transaction():
+        yield Step.ROLLBACK
+    translated = translate(err)
+    if translated is err:
+        raise err
+    raise translated from err
+
+
+def translate(err: Exception) -> Exception:
+    """Map a driver error to this package's errors: the one translation boundary.
+
+    Returns *err* itself when it is not the package's to translate. A bound that ran
+    out (pool, statement, lock, idle block) is a DatabaseTimeoutError.
+    """
+    timeout = timeout_error(err)
+    if timeout is not None:
+        return timeout
+    if not isinstance(err, DBAPIError):
+        return err
+    if err.connection_invalidated:
+        # Checked first: a COMMIT lost mid-flight also carries no statement.
+        return DatabaseUnavailableError(
+            "the database connection was lost while the statement was in flight; "
+            "it was not retried because it may already have been applied. "
+            "Check the task's state and repeat the call if needed."
+        )
+    if err.statement is None:
+        # Raised while opening a connection: nothing was sent.
+        return cannot_connect(err)
+    return err
+
+
+# -- atomic blocks --------------------------------------------------------------------
+
+
+class Block:
+    """One ``atomic()`` block on a session: the outermost opens it, nested ones join it.
+
+    The block is kept on the session, not the repository: every repository sharing
+    the session must see it.
+    """
+
+    __slots__ = ("_outermost", "_session")
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._outermost = _ATOMIC not in session.info
+        if self._outermost:
+            session.info[_ATOMIC] = False  # becomes True when a call inside the block fails
+
+    def end(self, error: BaseException | None) -> Steps[None]:
+        """End the block: commit it, or roll all of it back; a joined block does nothing.
+
+        It rolls back when the block raised *error*, and also when a call inside it
+        failed even though the caller caught that: then it raises
+        :class:`TodoBackendError`. A failed COMMIT is translated like any call.
+        """
+        if not self._outermost:
+            return
+        failed = self._session.info.pop(_ATOMIC)
+        if error is not None or failed:
+            yield Step.ROLLBACK
+            if error is None:
+                raise TodoBackendError(_BLOCK_FAILED)
+            return
+        try:
+            yield Step.COMMIT
+        except Exception as err:  # noqa: BLE001 - _fail decides and re-raises
+            yield from _fail(self._session, err)

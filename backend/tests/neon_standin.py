@@ -32,7 +32,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -48,7 +48,7 @@ from tests.fix_servers import (
     start_pgbouncer,
 )
 
-__all__ = ["HOST", "OWNER", "StandIn", "start", "stop"]
+__all__ = ["HOST", "OWNER", "StandIn", "start", "stop_from_state"]
 
 HOST: Final = "127.0.0.2"
 OWNER: Final = "neondb_owner"
@@ -61,15 +61,31 @@ _POOL_SIZE: Final = 20
 
 @dataclass(frozen=True)
 class StandIn:
-    """A running stand-in: where its servers live and how to reach them."""
+    """A running stand-in: how to reach its two endpoints, and its servers."""
 
     pooled_url: str
     direct_url: str
-    cluster_base: str
-    bindir: str
-    template_base: str
-    bouncer_base: str
-    bouncer_pid: int
+    cluster: PgCluster
+    bouncer: PgBouncer
+    template_base: Path
+
+    def stop(self) -> None:
+        """Stop both servers and delete their files; idempotent."""
+        self.bouncer.destroy()
+        self.cluster.destroy()
+        shutil.rmtree(self.template_base, ignore_errors=True)
+
+    def state(self) -> dict[str, str | int]:
+        """What :func:`stop_from_state` needs to stop it from another process."""
+        return {
+            "pooled_url": self.pooled_url,
+            "direct_url": self.direct_url,
+            "cluster_base": str(self.cluster.base),
+            "bindir": str(self.cluster.bindir),
+            "template_base": str(self.template_base),
+            "bouncer_base": str(self.bouncer.base),
+            "bouncer_pid": self.bouncer.pid,
+        }
 
 
 # The superuser only through the cluster's own Unix socket (set-up and tear-down);
@@ -121,11 +137,9 @@ def start() -> StandIn:
     return StandIn(
         pooled_url=_url_text(pooled),
         direct_url=_url_text(direct),
-        cluster_base=str(cluster.base),
-        bindir=str(cluster.bindir),
-        template_base=str(template.datadir.parent),
-        bouncer_base=str(bouncer.base),
-        bouncer_pid=bouncer.pid,
+        cluster=cluster,
+        bouncer=bouncer,
+        template_base=template.datadir.parent,
     )
 
 
@@ -136,23 +150,23 @@ def _url_text(url: URL) -> str:
     )
 
 
-def stop(stand_in: StandIn) -> None:
-    """Stop both servers and delete their files; idempotent."""
+def stop_from_state(state: dict[str, str | int]) -> None:
+    """Stop a stand-in that another process started, from its :meth:`StandIn.state`."""
+    pid = int(state["bouncer_pid"])
     try:
-        os.kill(stand_in.bouncer_pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
     else:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(stand_in.bouncer_pid):
+        while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.05)
-    shutil.rmtree(stand_in.bouncer_base, ignore_errors=True)
-    base = Path(stand_in.cluster_base)
+    shutil.rmtree(str(state["bouncer_base"]), ignore_errors=True)
+    base = Path(str(state["cluster_base"]))
     if base.exists():
         account = ServerAccount.pick()
-        cluster = PgCluster(base, Path(stand_in.bindir), account, 0, (HOST,))
-        cluster.destroy()
-    shutil.rmtree(stand_in.template_base, ignore_errors=True)
+        PgCluster(base, Path(str(state["bindir"])), account, 0, (HOST,)).destroy()
+    shutil.rmtree(str(state["template_base"]), ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -180,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{state} exists: the stand-in runs already (stop it first)")
         stand_in = start()
         args.dir.mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps(asdict(stand_in), indent=2))
+        state.write_text(json.dumps(stand_in.state(), indent=2))
         (args.dir / "pooled.url").write_text(stand_in.pooled_url + "\n")
         (args.dir / "direct.url").write_text(stand_in.direct_url + "\n")
         print(f"Neon stand-in running; URLs in {args.dir}/pooled.url and {args.dir}/direct.url")
@@ -188,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if not state.exists():
         print(f"no stand-in state in {args.dir}: nothing to stop", file=sys.stderr)
         return 0
-    stop(StandIn(**json.loads(state.read_text())))
+    stop_from_state(json.loads(state.read_text()))
     for name in ("state.json", "pooled.url", "direct.url"):
         (args.dir / name).unlink(missing_ok=True)
     print("Neon stand-in stopped")

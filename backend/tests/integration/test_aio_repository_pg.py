@@ -1,9 +1,10 @@
 """AsyncTaskRepository on PostgreSQL: the shared contract, the wire, PgBouncer, a Neon stand-in.
 
-The same contract as the sync repository runs direct, through PgBouncer in
-transaction pool mode (Neon's pooled endpoint), and against a stand-in for Neon's
-direct endpoint: a TLS-only server reached as a non-local host by a role that is not
-a superuser. Round trips on the wire are counted for both faces in test_round_trips_pg.py.
+The same contract as the sync repository runs on the server under test, through
+PgBouncer in transaction pool mode (Neon's pooled endpoint), and against the Neon
+stand-in's direct endpoint (tests/neon_standin.py): a TLS-only server reached as a
+non-local host by a role that is not a superuser. Round trips on the wire are counted
+for both faces in test_round_trips_pg.py.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Connection, Engine, event, text
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests import fix_servers
+from tests import neon_standin
 from tests.async_face import AsyncRepositoryContract, create_schema, open_session, runner
-from tests.fix_servers import LOOPBACK, ClusterFactory, PgBouncerFactory, PgTemplate
+from tests.fix_servers import PgBouncerFactory, PgTemplate
 from tests.integration.test_round_trips_pg import wire
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.db import is_local_host
@@ -27,7 +28,6 @@ from todo_backend.models import TaskCreate, TaskUpdate
 __all__ = ["runner", "wire"]  # fixtures
 
 ALICE = "alice"
-REMOTE = "127.0.0.2"  # loopback, but not a host the engine treats as local
 
 
 def _url_text(url: URL) -> str:
@@ -62,21 +62,14 @@ class TestAsyncRepositoryThroughPgBouncer(AsyncRepositoryContract):
 
 
 @pytest.fixture(scope="module")
-def neon_stand_in(pg_cluster: ClusterFactory) -> URL:
-    """A TLS-only cluster, reached through a non-local address by a non-superuser owner."""
-    cluster = pg_cluster(
-        listen=(LOOPBACK, REMOTE),
-        ssl=True,
-        hba=(
-            "hostnossl all app 127.0.0.0/8 reject",
-            "hostssl all app 127.0.0.0/8 trust",
-            "host all postgres 127.0.0.1/32 trust",
-        ),
-    )
-    with cluster.admin_engine().connect() as conn:
-        conn.execute(text("CREATE ROLE app LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"))
-        conn.execute(text("CREATE DATABASE appdb OWNER app"))
-    return cluster.url(host=REMOTE, user="app", database="appdb")
+def neon_stand_in(pg_template: PgTemplate) -> Iterator[URL]:
+    """The Neon stand-in (tests/neon_standin.py) for this module: its direct endpoint."""
+    del pg_template  # needed first: it skips or fails cleanly when initdb is missing
+    stand_in = neon_standin.start()
+    try:
+        yield make_url(stand_in.direct_url)
+    finally:
+        stand_in.stop()
 
 
 class TestAsyncRepositoryOnANeonStandIn(AsyncRepositoryContract):
@@ -105,16 +98,6 @@ class TestAsyncRepositoryOnANeonStandIn(AsyncRepositoryContract):
         assert runner.run(prepare()) is True
         yield engine
         runner.run(engine.dispose())
-
-
-@pytest.fixture(scope="module")
-def pg_cluster(pg_template: PgTemplate) -> Iterator[ClusterFactory]:
-    """Throwaway clusters kept for the whole module: the stand-in serves every test of it.
-
-    The shared ``pg_cluster`` fixture (tests/fix_servers.py) is per test, and starting
-    a cluster per contract test would cost a second each; this reuses its factory.
-    """
-    yield from fix_servers.pg_cluster.__wrapped__(pg_template)  # type: ignore[attr-defined]
 
 
 # -- the driver -------------------------------------------------------------------------

@@ -34,6 +34,7 @@ __all__ = [
     "UNBOUNDED",
     "DatabaseHealth",
     "as_settings",
+    "bound_every_statement",
     "cannot_connect",
     "check_database",
     "create_db_engine",
@@ -107,7 +108,7 @@ def _create_postgres_engine(url: URL, settings: Settings) -> Engine:
     engine = create_engine(url, **postgres_engine_options(url, settings))
     event.listen(engine, "checkout", reject_dead_connection)
     _switch_isolation_without_round_trips(engine)
-    _bound_every_statement(engine, settings)
+    bound_every_statement(engine, settings)
     return engine
 
 
@@ -144,7 +145,7 @@ def postgres_engine_options(url: URL, settings: Settings) -> dict[str, Any]:
     }
 
 
-# Execution option that sends statements without the bounds (see _bound_every_statement).
+# Execution option that sends statements without the bounds (see bound_every_statement).
 UNBOUNDED: Final = {"todo_backend_unbounded": True}
 _UNBOUNDED_KEY: Final = "todo_backend_unbounded"
 # Connection.info keys: when the transaction's last statement returned, when the
@@ -159,7 +160,7 @@ def _milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _bound_every_statement(engine: Engine, settings: Settings) -> None:
+def bound_every_statement(engine: Engine, settings: Settings) -> None:
     """Apply the statement, lock and idle-in-transaction bounds to every statement sent.
 
     Each statement goes out as ``SET LOCAL statement_timeout = ...; SET LOCAL
@@ -175,6 +176,11 @@ def _bound_every_statement(engine: Engine, settings: Settings) -> None:
     The server closes a connection idle in a transaction past its bound; the client
     only sees a dropped connection, so the time the transaction sat idle before its
     next message was sent is kept here to tell that apart from a lost connection.
+
+    The driver must send the string as one simple-protocol message and hand back the
+    last statement's result: psycopg2 does; the async engine gives psycopg 3 a
+    client-binding cursor that does (``todo_backend.aio.db``). *engine* is a sync
+    engine, or an async engine's ``sync_engine``.
     """
     prefix = (
         f"SET LOCAL statement_timeout = {_milliseconds(settings.statement_timeout)}; "
@@ -196,14 +202,14 @@ def _bound_every_statement(engine: Engine, settings: Settings) -> None:
         # A server-side cursor (stream_results) wraps the statement in DECLARE, which
         # takes one query only: it is bounded only if an earlier statement of its
         # transaction set the bounds. The repository never streams.
-        if options.get(_UNBOUNDED_KEY) or cursor.name is not None:
+        if options.get(_UNBOUNDED_KEY) or getattr(cursor, "name", None) is not None:
             return statement, parameters
-        if not cursor.connection.autocommit:
+        if not _autocommit(conn):
             conn.info[_SENT_AT] = time.monotonic()
         return prefix + statement, parameters
 
-    def after(conn: Connection, cursor: Any, *_args: Any) -> None:
-        if not cursor.connection.autocommit:
+    def after(conn: Connection, *_args: Any) -> None:
+        if not _autocommit(conn):
             conn.info[_IDLE_SINCE] = time.monotonic()
 
     def begin(conn: Connection) -> None:
@@ -230,6 +236,11 @@ def _bound_every_statement(engine: Engine, settings: Settings) -> None:
     event.listen(engine, "begin", begin)
     event.listen(engine, "commit", commit)
     event.listen(engine, "handle_error", handle_error)
+
+
+def _autocommit(conn: Connection) -> bool:
+    # psycopg2's connection and SQLAlchemy's adapter of psycopg 3's both say it.
+    return bool(conn.connection.dbapi_connection.autocommit)  # type: ignore[union-attr]
 
 
 # SQLSTATEs of the server's bounds: query_canceled, lock_not_available,

@@ -234,11 +234,6 @@ def wired_repo(
         runner.run(engine.dispose())
 
 
-def _bounds(repo: TaskRepository) -> int:
-    """How many bounds ride in each statement's message: the sync engine's SET LOCAL."""
-    return 1 if isinstance(repo, TaskRepository) else 0
-
-
 _SINGLE_CALLS: dict[str, tuple[str, Callable[[TaskRepository, Task], object]]] = {
     "create": ("INSERT", lambda r, t: r.create(ALICE, TaskCreate(title="new"))),
     "get": ("SELECT", lambda r, t: r.get(ALICE, t.id or 0)),
@@ -261,7 +256,7 @@ def test_single_task_call_is_one_query_and_one_round_trip(
         call(wired_repo, task)
     assert len(seen.queries) == 1, seen.queries
     assert seen.queries[0].startswith(verb), seen.queries
-    assert seen.bounded == _bounds(wired_repo)  # the bounds ride in the same message
+    assert seen.bounded == 1  # the bounds ride in the same message, on both faces
     assert seen.round_trips == 1
     assert seen.prepared == []
 
@@ -322,7 +317,7 @@ def test_atomic_block_adds_only_begin_and_commit(wired_repo: TaskRepository, wir
         wired_repo.update(ALICE, task.id or 0, TaskUpdate(title="renamed"))
         wired_repo.create(ALICE, TaskCreate(title="second"))
     assert [q.split()[0] for q in seen.queries] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
-    assert seen.bounded == 2 * _bounds(wired_repo)
+    assert seen.bounded == 2
     assert seen.round_trips == 4
 
 

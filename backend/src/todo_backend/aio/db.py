@@ -3,17 +3,21 @@
 PostgreSQL runs on psycopg 3 (``postgresql+psycopg_async``) with the sync engine's
 pool bounds, recycling, connect timeout, keepalives and TLS rule, and the same
 zero-round-trip check that replaces dead pooled connections before a statement is
-sent. psycopg 3 would prepare a statement on the server after five executions;
-``prepare_threshold=None`` turns that off, because PgBouncer in transaction mode
-(Neon's pooled endpoint) hands the next transaction to another server connection,
-where the prepared statement does not exist. SQLite runs on aiosqlite.
+sent, and the same statement, lock and idle-in-transaction bounds in each statement's
+own query message (:func:`todo_backend.db.bound_every_statement`). For that, psycopg 3
+binds parameters on the client (:class:`_LastResultCursor`): the statement goes out as
+one simple-protocol message, as psycopg2 sends it, and is never prepared on the
+server, which PgBouncer in transaction mode (Neon's pooled endpoint) would break by
+handing the next transaction to a server connection that lacks the prepared
+statement. SQLite runs on aiosqlite.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Final
+from typing import Any, Final
 
+from psycopg import AsyncClientCursor
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -21,6 +25,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from todo_backend.config import Settings
 from todo_backend.db import (
     as_settings,
+    bound_every_statement,
     is_in_memory,
     postgres_engine_options,
     reject_dead_connection,
@@ -32,6 +37,23 @@ __all__ = ["create_async_db_engine", "get_async_session"]
 
 _POSTGRES_DRIVER: Final = "postgresql+psycopg_async"
 _SQLITE_DRIVER: Final = "sqlite+aiosqlite"
+
+
+class _LastResultCursor(AsyncClientCursor[Any]):
+    """psycopg 3's client-binding cursor, positioned on the last statement's result.
+
+    The bounds travel as ``SET LOCAL ...;`` statements in front of each statement, in
+    the same message. psycopg leaves a cursor on the first result of such a message;
+    the caller (SQLAlchemy) wants the statement's own, the last: rows, ``RETURNING``
+    and rowcount. The results are all in memory already, so moving costs nothing.
+    """
+
+    async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        """Execute *query*; leave the cursor on its last result."""
+        await super().execute(query, params, **kwargs)
+        while self.nextset():
+            pass
+        return self
 
 
 def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
@@ -56,11 +78,15 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
             event.listen(engine.sync_engine, "connect", sqlite_on_connect)
         return engine
     options = postgres_engine_options(url, settings)
+    options["connect_args"]["cursor_factory"] = _LastResultCursor
+    # Client-side binding never prepares; this keeps it so should a cursor of another
+    # kind ever be used.
     options["connect_args"]["prepare_threshold"] = None
     engine = create_async_engine(url.set(drivername=_POSTGRES_DRIVER), **options)
     # psycopg 3 switches autocommit and isolation on the client, without a round trip
     # (unlike psycopg2, see db._switch_isolation_without_round_trips): nothing to patch.
     event.listen(engine.sync_engine, "checkout", reject_dead_connection)
+    bound_every_statement(engine.sync_engine, settings)
     return engine
 
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -466,17 +466,8 @@ def pg_cluster(pg_template: PgTemplate) -> Iterator[ClusterFactory]:
     """
     made: list[PgCluster] = []
 
-    def make(
-        *,
-        listen: Sequence[str] = (LOOPBACK,),
-        settings: Mapping[str, str] | None = None,
-        hba: Sequence[str] = _TRUST_HBA,
-        ssl: bool = False,
-        start: bool = True,
-    ) -> PgCluster:
-        cluster = make_cluster(
-            pg_template, listen=listen, settings=settings, hba=hba, ssl=ssl, start=start
-        )
+    def make(**options: Any) -> PgCluster:
+        cluster = make_cluster(pg_template, **options)
         made.append(cluster)
         return cluster
 
@@ -672,14 +663,8 @@ def pgbouncer(server_account: ServerAccount) -> Iterator[PgBouncerFactory]:
     """
     made: list[PgBouncer] = []
 
-    def make(
-        target: URL,
-        *,
-        pool_size: int = 5,
-        users: Sequence[str] = ("postgres",),
-        tls: bool = False,
-    ) -> PgBouncer:
-        bouncer = start_pgbouncer(server_account, target, pool_size=pool_size, users=users, tls=tls)
+    def make(target: URL, **options: Any) -> PgBouncer:
+        bouncer = start_pgbouncer(server_account, target, **options)
         made.append(bouncer)
         return bouncer
 

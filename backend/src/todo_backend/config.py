@@ -235,13 +235,13 @@ def _allowed(info: FieldInfo) -> str:
     return f"{kind} {low} {bounds['le']}"
 
 
-def _configuration_error(error: Any) -> ConfigurationError:
+def _configuration_error(error: Any) -> Exception:
     location = error["loc"]
     field = str(location[0]) if location else ""
     if field not in VARIABLES:
-        return ConfigurationError(
-            f"Settings has no setting {field!r}; known: {', '.join(VARIABLES)}"
-        )
+        # A mistake in the calling code, not in the environment: what Python raises.
+        where = f"at position {field}" if isinstance(location[0], int) else repr(field)
+        return TypeError(f"Settings() got an unexpected argument {where}")
     name = VARIABLES[field]
     if field == "database_url":
         return ConfigurationError(

@@ -387,3 +387,15 @@ def test_settings_are_immutable_hashable_and_checked_again_on_replace() -> None:
     assert dataclasses.replace(settings, pool_size=7).pool_size == 7
     with pytest.raises(ConfigurationError, match=r"^DB_STATEMENT_TIMEOUT must be "):
         dataclasses.replace(settings, statement_timeout=math.inf)
+
+
+def test_env_example_documents_every_variable_with_its_default() -> None:
+    """.env.example sets each variable, and loads as is to the documented defaults."""
+    root = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+    example = root / ".env.example"
+    lines = example.read_text(encoding="utf-8").splitlines()
+    assert {line.split("=")[0] for line in lines if "=" in line and line[0] != "#"} == set(
+        VARIABLES.values()
+    )
+    settings = load_settings(example)
+    assert settings == Settings(database_url=settings.database_url)

@@ -206,6 +206,7 @@ def test_urls_are_normalised_to_shipped_drivers(raw: str, normalised: str) -> No
         f"://u:{SECRET}@",
         f"postgresql://u:{SECRET}@/db",
         f"postgresql://u:{SECRET}@h:notaport/db",
+        "   ",
     ],
 )
 def test_bad_urls_are_configuration_errors_without_the_password(raw: str) -> None:
@@ -346,6 +347,8 @@ def test_unknown_arguments_are_type_errors() -> None:
     """A misspelt keyword is a mistake in the calling code: TypeError, as for any function."""
     with pytest.raises(TypeError, match="statement_timout"):
         Settings(database_url="sqlite://", statement_timout=5)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="position 9"):
+        Settings("sqlite://", 5, 15, 30, 10, 15, 5, 30, False, True)  # type: ignore[call-arg]
 
 
 def test_env_file_ignores_other_variables(clean_env: Path) -> None:

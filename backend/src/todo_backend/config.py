@@ -256,8 +256,10 @@ def _configuration_error(error: Any) -> Exception:
 
 
 class _EnvironmentBase(BaseSettings):
+    # A variable set blank in the environment still wins over .env (and then means
+    # the default), as a variable set at all does.
     model_config = SettingsConfigDict(
-        case_sensitive=True, extra="ignore", env_ignore_empty=True, env_file_encoding="utf-8"
+        case_sensitive=True, extra="ignore", env_ignore_empty=False, env_file_encoding="utf-8"
     )
 
 

@@ -363,9 +363,11 @@ def test_env_file_ignores_other_variables(clean_env: Path) -> None:
 def test_blank_variables_take_their_defaults(
     monkeypatch: pytest.MonkeyPatch, clean_env: Path
 ) -> None:
-    """A DB_* variable that is set but blank, in the environment or in .env, means its default."""
-    (clean_env / ".env").write_text("DATABASE_URL=sqlite://\nDB_POOL_SIZE=\nDB_ECHO=  \n")
-    monkeypatch.setenv("DB_STATEMENT_TIMEOUT", "")
+    """A DB_* variable set blank, in the environment or in .env, means its default."""
+    (clean_env / ".env").write_text(
+        "DATABASE_URL=sqlite://\nDB_POOL_SIZE=\nDB_ECHO=  \nDB_STATEMENT_TIMEOUT=99\n"
+    )
+    monkeypatch.setenv("DB_STATEMENT_TIMEOUT", "")  # set, so it wins over the file
     monkeypatch.setenv("DB_LOCK_TIMEOUT", " 2 ")
     assert load_settings() == Settings(database_url="sqlite://", lock_timeout=2)
 

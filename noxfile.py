@@ -49,6 +49,8 @@ REPORTS = ROOT / "reports"
 # block is printed at the end of its session and once more when nox exits.
 SKIPPED = ROOT / ".nox" / "skipped"
 _SKIP_REPORTS: list[Path] = []
+_RULE = "!" * 88  # as tests.skips.RULE and INSTALL_HEADING
+_INSTALL_HEADING = "Install what is missing:"
 
 
 def _expose_pyenv_pythons() -> None:
@@ -226,15 +228,28 @@ def _skip_report(session: nox.Session, label: str) -> Path:
 
 
 def _print_skips(reports: list[Path]) -> None:
-    """Print the skip blocks the runs behind *reports* wrote; nothing when none skipped."""
-    lines: list[str] = []
+    """Print one skip block for the runs behind *reports*; nothing when none skipped.
+
+    The lines come from each run's JSON (backend/tests/conftest.py), assembled as
+    ``tests.skips.skip_block`` does: each run's counts, each missing piece's install
+    commands once, how to make a skip fail the run.
+    """
+    summaries: list[str] = []
+    installs: dict[str, list[str]] = {}
+    hint = ""
     for path in reports:
         try:
-            lines += json.loads(path.read_text(encoding="utf-8"))["block"]
+            run = json.loads(path.read_text(encoding="utf-8"))
+            summaries += run["summary"]
+            installs.update(run["install"])
+            hint = run["hint"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # that pytest run did not get to its end
-    if not lines:
+    if not summaries:
         return
+    heading = [_INSTALL_HEADING] if installs else []
+    commands = [line for lines in installs.values() for line in lines]
+    lines = [_RULE, *summaries, *heading, *commands, hint, _RULE]
     if sys.stderr.isatty() and "NO_COLOR" not in os.environ:
         lines = [f"\033[1;33m{line}\033[0m" for line in lines]
     sys.stdout.flush()  # after the session's output; nox logs to stderr

@@ -2,10 +2,10 @@
 
 A run that skipped tests ends with a block that says how many, grouped by the missing
 piece, with the commands that install each (``tests.skips``). With ``TEST_SKIP_REPORT``
-set to a file path, the block and its counts go to that JSON file instead of the
-terminal, for the caller to print (the noxfile does, at the end of the session and of
-``nox``); the file's stem names the run. With CI=true or TEST_STRICT=1, a run that
-skipped any test fails.
+set to a file path, the counts and the block's lines go to that JSON file instead of
+the terminal, for the caller to print (the noxfile does, at the end of the session and
+of ``nox``, one block for all its runs); the file's stem names the run. With CI=true
+or TEST_STRICT=1, a run that skipped any test fails.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from tests.skips import count_by_piece, skip_block, skips_fail
+from tests.skips import (
+    count_by_piece,
+    fail_hint,
+    install_lines,
+    skip_block,
+    skip_summary,
+    skips_fail,
+)
 from todo_backend.db import create_db_engine, get_session, init_db
 from todo_backend.repository import TaskRepository
 
@@ -65,22 +72,24 @@ def pytest_sessionfinish_skip_block(session: pytest.Session) -> Generator[None]:
         return result
     reasons = _skip_reasons(reporter)
     report = os.environ.get("TEST_SKIP_REPORT")
-    label = Path(report).stem if report else "pytest"
-    block = skip_block(label, reasons, session.testscollected)
-    if report:
-        pieces, other = count_by_piece(reasons)
-        summary = {
-            "label": label,
-            "collected": session.testscollected,
-            "skipped": len(reasons),
-            "by_piece": {piece.key: count for piece, count in pieces.items()},
-            "other": other,
-            "block": block,
-        }
-        Path(report).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if not report:
+        for line in skip_block("pytest", reasons, session.testscollected):
+            reporter.write_line(line, yellow=True, bold=True)
         return result
-    for line in block:
-        reporter.write_line(line, yellow=True, bold=True)
+    pieces, other = count_by_piece(reasons)
+    label = Path(report).stem
+    summary = {
+        "label": label,
+        "collected": session.testscollected,
+        "skipped": len(reasons),
+        "by_piece": {piece.key: count for piece, count in pieces.items()},
+        "other": other,
+        # What the noxfile prints: the block of skip_block, from several runs.
+        "summary": skip_summary(label, reasons, session.testscollected),
+        "install": install_lines(reasons),
+        "hint": fail_hint(),
+    }
+    Path(report).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return result
 
 

@@ -26,18 +26,23 @@ from typing import Final
 import pytest
 
 __all__ = [
+    "INSTALL_HEADING",
     "OPENSSL",
     "PGBOUNCER",
     "PIECES",
     "POSTGRES_BINARIES",
     "POSTGRES_SERVER",
+    "RULE",
     "SERVER_ACCOUNT",
     "Piece",
     "count_by_piece",
+    "fail_hint",
     "in_ci",
+    "install_lines",
     "piece_of",
     "skip_block",
     "skip_missing",
+    "skip_summary",
     "skips_fail",
     "strict_mode",
 ]
@@ -141,8 +146,12 @@ def _tests(count: int) -> str:
     return f"{count} test" if count == 1 else f"{count} tests"
 
 
-def skip_block(label: str, reasons: Sequence[str], total: int) -> list[str]:
-    """The lines a run with skips ends with; no lines when *reasons* is empty.
+RULE: Final = "!" * 88
+INSTALL_HEADING: Final = "Install what is missing:"
+
+
+def skip_summary(label: str, reasons: Sequence[str], total: int) -> list[str]:
+    """Count one run's skips per missing piece; no lines when *reasons* is empty.
 
     *label* names the run (a nox session), *reasons* holds one reason per skipped
     test and *total* counts the tests the run collected.
@@ -150,26 +159,46 @@ def skip_block(label: str, reasons: Sequence[str], total: int) -> list[str]:
     if not reasons:
         return []
     pieces, other = count_by_piece(reasons)
-    rule = "!" * 88
-    lines = [
-        rule,
-        f"{label}: {len(reasons)} of {_tests(total)} SKIPPED: this run did not test everything",
+    skipped = f"{len(reasons)} of {_tests(total)} SKIPPED"
+    lines = [f"{label}: {skipped}: this run did not test everything"]
+    lines += [
+        f"  {_tests(count)} {'needs' if count == 1 else 'need'} {piece.title}"
+        for piece, count in pieces.items()
     ]
-    for piece, count in pieces.items():
-        lines += [
-            f"  {_tests(count)} {'needs' if count == 1 else 'need'} {piece.title}",
+    if other:
+        lines.append(f"  {_tests(other)} skipped for other reasons (pytest's SKIPPED lines)")
+    return lines
+
+
+def install_lines(reasons: Sequence[str]) -> dict[str, list[str]]:
+    """For each piece the skips miss (by key): its name and its apt and Homebrew commands."""
+    return {
+        piece.key: [
+            f"  {piece.key}",
             f"      Debian/Ubuntu: {piece.debian}",
             f"      macOS:         {piece.macos}",
         ]
-    if other:
-        lines.append(f"  {_tests(other)} skipped for other reasons (pytest's SKIPPED lines)")
+        for piece in count_by_piece(reasons)[0]
+    }
+
+
+def fail_hint() -> str:
+    """The block's last line: what makes a skip fail the run, or that something does."""
     failing = skips_fail()
     if failing is not None:
-        lines.append(f"  {failing}: these skips fail the run")
-    else:
-        lines.append(
-            "  To make a skip fail the run: nox -s integration -- --strict"
-            " (TEST_STRICT=1 for pytest), or CI=true"
-        )
-    lines.append(rule)
-    return lines
+        return f"{failing}: these skips fail the run"
+    return "To make a skip fail the run: nox -s integration -- --strict, TEST_STRICT=1, or CI=true"
+
+
+def skip_block(label: str, reasons: Sequence[str], total: int) -> list[str]:
+    """The lines a run with skips ends with; no lines when *reasons* is empty.
+
+    A rule, :func:`skip_summary`, the install commands, :func:`fail_hint`, a rule. The
+    noxfile assembles the same block from several runs' JSON summaries.
+    """
+    summary = skip_summary(label, reasons, total)
+    if not summary:
+        return []
+    installs = [line for lines in install_lines(reasons).values() for line in lines]
+    heading = [INSTALL_HEADING] if installs else []
+    return [RULE, *summary, *heading, *installs, fail_hint(), RULE]

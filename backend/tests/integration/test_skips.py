@@ -17,10 +17,16 @@ from typing import Any
 import pytest
 
 from tests.fix_servers import free_port
-from tests.skips import OPENSSL, PGBOUNCER, POSTGRES_SERVER, count_by_piece, piece_of
+from tests.skips import (
+    OPENSSL,
+    PGBOUNCER,
+    POSTGRES_SERVER,
+    RULE,
+    count_by_piece,
+    piece_of,
+)
 
 ROOT = Path(__file__).parents[3]
-RULE = "!" * 88
 _TEST_FILE = """
 from tests.skips import PGBOUNCER, skip_missing
 
@@ -97,22 +103,22 @@ def test_a_run_missing_pieces_ends_with_the_block(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.rstrip().splitlines()
-    start = len(lines) - 1 - lines[::-1].index(RULE, 1)
-    block = lines[start:]
-    assert block[0] == block[-1] == RULE, run.stdout
-    assert block[1] == "pytest: 2 of 2 tests SKIPPED: this run did not test everything"
-    server = block.index(f"  1 test needs {POSTGRES_SERVER.title}")
-    assert block[server + 1 : server + 3] == [
+    block = lines[len(lines) - 1 - lines[::-1].index(RULE, 1) :]
+    assert block == [
+        RULE,
+        "pytest: 2 of 2 tests SKIPPED: this run did not test everything",
+        f"  1 test needs {POSTGRES_SERVER.title}",
+        "  1 test needs openssl",
+        "Install what is missing:",
+        "  postgresql-server",
         f"      Debian/Ubuntu: {POSTGRES_SERVER.debian}",
         f"      macOS:         {POSTGRES_SERVER.macos}",
-    ]
-    openssl = block.index("  1 test needs openssl")
-    assert block[openssl + 1 : openssl + 3] == [
+        "  openssl",
         "      Debian/Ubuntu: sudo apt-get install openssl",
         "      macOS:         brew install openssl",
-    ]
-    assert "--strict" in block[-2]
-    assert "CI=true" in block[-2]
+        "To make a skip fail the run: nox -s integration -- --strict, TEST_STRICT=1, or CI=true",
+        RULE,
+    ], run.stdout
 
 
 def test_the_block_goes_to_the_report_file_when_asked(tmp_path: Path) -> None:
@@ -125,9 +131,18 @@ def test_the_block_goes_to_the_report_file_when_asked(tmp_path: Path) -> None:
     assert summary["label"] == "integration"
     assert (summary["collected"], summary["skipped"], summary["other"]) == (2, 1, 0)
     assert summary["by_piece"] == {"pgbouncer": 1}
-    assert "integration: 1 of 2 tests SKIPPED: this run did not test everything" in summary["block"]
-    assert f"      Debian/Ubuntu: {PGBOUNCER.debian}" in summary["block"]
-    assert f"      macOS:         {PGBOUNCER.macos}" in summary["block"]
+    assert summary["summary"] == [
+        "integration: 1 of 2 tests SKIPPED: this run did not test everything",
+        "  1 test needs pgbouncer",
+    ]
+    assert summary["install"] == {
+        "pgbouncer": [
+            "  pgbouncer",
+            "      Debian/Ubuntu: sudo apt-get install pgbouncer",
+            "      macOS:         brew install pgbouncer",
+        ]
+    }
+    assert "--strict" in summary["hint"]
 
 
 @pytest.mark.parametrize("report", [False, True])
@@ -140,8 +155,8 @@ def test_nothing_skipped_means_no_block(tmp_path: Path, report: bool) -> None:
     assert RULE not in run.stdout
     assert "SKIPPED" not in run.stdout
     if report:
-        assert _read(path)["block"] == []
-        assert _read(path)["skipped"] == 0
+        summary = _read(path)
+        assert (summary["skipped"], summary["summary"], summary["install"]) == (0, [], {})
 
 
 def test_strict_mode_fails_a_run_that_skipped(tmp_path: Path) -> None:
@@ -150,9 +165,9 @@ def test_strict_mode_fails_a_run_that_skipped(tmp_path: Path) -> None:
     run = _pytest(_tmp_suite(tmp_path, skip=True), strict=True, report=report)
     assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout
     assert "TEST_STRICT=1: 1 skipped test(s) fail the run" in run.stdout
-    block = _read(report)["block"]
-    assert f"  1 test needs {PGBOUNCER.title}" in block
-    assert "  TEST_STRICT=1: these skips fail the run" in block
+    summary = _read(report)
+    assert summary["summary"][1:] == [f"  1 test needs {PGBOUNCER.title}"]
+    assert summary["hint"] == "TEST_STRICT=1: these skips fail the run"
 
 
 def test_skips_are_grouped_by_their_tag_only() -> None:

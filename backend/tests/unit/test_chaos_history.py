@@ -5,6 +5,7 @@ from __future__ import annotations
 from chaos.history import Call, Fault, Seen, Write, check, report
 
 BOUND = 10.0
+TOKENS = {1: "a1", 2: "b1", 3: "a2"}  # the tasks of the clean history, by id
 
 
 def _create(user: str, token: str, task_id: int, start: float, **kw: object) -> Call:
@@ -25,7 +26,7 @@ def _create(user: str, token: str, task_id: int, start: float, **kw: object) -> 
 
 def _update(user: str, task_id: int, title: str, start: float, **kw: object) -> Call:
     """An update of *task_id* to *title*; acknowledged with the row unless *kw* says else."""
-    returned = () if kw.get("error") else (Seen(task_id, user, title, "?"),)
+    returned = () if kw.get("error") else (Seen(task_id, user, title, TOKENS[task_id]),)
     return Call(
         "w1",
         "pgbouncer",
@@ -150,3 +151,118 @@ def test_a_cross_user_change_is_caught_even_when_its_outcome_was_unknown() -> No
     final[0] = Seen(1, "alice", "u:bob", "a1")
     violations = check(calls, final, bound=BOUND).violations
     assert [v for v in violations if v.startswith("cross-user")], violations
+
+
+# -- planted histories a sound checker must catch ---------------------------------------
+
+
+def _delete(user: str, task_id: int, start: float, **kw: object) -> Call:
+    """A delete of *task_id* by *user*; *kw* gives its answer or error."""
+    return Call(
+        "w2",
+        "direct",
+        "delete",
+        user,
+        start,
+        start + 0.1,
+        deletes=(task_id,),
+        reads=(task_id,),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _get(user: str, task_id: int, start: float, *rows: Seen) -> Call:
+    """An acknowledged get of *task_id* by *user* that returned *rows* (none: not found)."""
+    return Call("w3", "direct", "get", user, start, start + 0.1, reads=(task_id,), returned=rows)
+
+
+def _rules(calls: list[Call], final: list[Seen]) -> list[str]:
+    """The rule of each violation the checker reports."""
+    return [v.split(":")[0] for v in check(calls, final, bound=BOUND).violations]
+
+
+def test_a_lost_create_is_not_excused_by_another_users_refused_delete() -> None:
+    """A delete by another user, which found nothing, cannot have removed the task."""
+    calls, final = _history()
+    calls.append(_delete("alice", 2, 6.0, deleted=False))
+    del final[1]
+    assert "lost create" in _rules(calls, final)
+
+
+def test_a_lost_create_is_not_excused_by_another_users_unknown_delete() -> None:
+    """A delete by another user cannot have removed the task, whatever its outcome."""
+    calls, final = _history()
+    calls.append(_delete("alice", 2, 6.0, error="DatabaseUnavailableError", unknown=True))
+    del final[1]
+    assert "lost create" in _rules(calls, final)
+
+
+def test_a_lost_create_is_not_excused_by_a_delete_that_ended_before_it_began() -> None:
+    """The owner's delete that completed before the create was invoked cannot delete it."""
+    calls, final = _history()
+    calls.append(_delete("alice", 4, 8.0, deleted=True))
+    calls.append(_create("alice", "a3", 4, 10.0))
+    assert "lost create" in _rules(calls, final)
+
+
+def test_a_lost_create_is_not_excused_by_an_unknown_delete_long_before_it() -> None:
+    """A delete of unknown outcome lands within its bound: one long over cannot excuse."""
+    calls, final = _history()
+    calls.append(_delete("alice", 4, 1.0, error="DatabaseUnavailableError", unknown=True))
+    calls.append(_create("alice", "a3", 4, 1.2 + 2 * BOUND))
+    assert "lost create" in _rules(calls, final)
+
+
+def test_a_lost_create_is_not_excused_by_a_later_delete_that_found_nothing() -> None:
+    """The owner's later delete that returned False deleted nothing."""
+    calls, final = _history()
+    calls.append(_delete("bob", 2, 6.0, deleted=False))
+    del final[1]
+    assert "lost create" in _rules(calls, final)
+
+
+def test_a_read_of_a_write_reported_as_not_stored_is_caught() -> None:
+    """A value whose write raised DatabaseTimeoutError (nothing stored) must never be read."""
+    calls, final = _history()
+    calls.append(_get("bob", 2, 6.0, Seen(2, "bob", "u:4", "b1")))
+    assert "unstored read" in _rules(calls, final)
+
+
+def test_a_read_of_a_title_no_call_wrote_is_caught() -> None:
+    """A read may only return a value some call wrote."""
+    calls, final = _history()
+    calls.append(_get("alice", 1, 6.0, Seen(1, "alice", "u:never", "a1")))
+    assert "phantom read" in _rules(calls, final)
+
+
+def _unknown_block(start: float) -> Call:
+    """An atomic block by alice creating k1 (task 5) and retitling task 1, outcome unknown."""
+    return Call(
+        "w4",
+        "direct",
+        "atomic",
+        "alice",
+        start,
+        start + 0.1,
+        writes=(Write("t:k1", token="k1"), Write("u:9", task_id=1)),
+        reads=(1,),
+        error="DatabaseUnavailableError",
+        unknown=True,
+    )
+
+
+def test_a_block_of_unknown_outcome_with_only_its_create_stored_is_caught() -> None:
+    """The block's create is stored, so its update of a task that surely existed must be."""
+    calls, final = _history()
+    calls.append(_unknown_block(5.0))
+    final[0] = Seen(1, "alice", "u:2", "a1")
+    final.append(Seen(5, "alice", "t:k1", "k1"))
+    assert "half-applied block" in _rules(calls, final)
+
+
+def test_a_block_of_unknown_outcome_with_only_its_update_stored_is_caught() -> None:
+    """The block's update is visible, so its create must be stored too."""
+    calls, final = _history()
+    calls.append(_unknown_block(5.0))
+    final[0] = Seen(1, "alice", "u:9", "a1")
+    assert "half-applied block" in _rules(calls, final)

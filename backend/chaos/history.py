@@ -480,7 +480,8 @@ class _Judge:
             if later.call == i or later.lo <= hi or later.hi >= read.start:
                 continue
             block = self.calls[later.call]
-            if block.unknown and len(block.writes) > 1:
+            if block.unknown and (seen.id, later.title) not in self.titles_seen:
+                # Known stored only because another write of its block was seen.
                 return "half-applied block", (
                     f"{what}, but {self._what(later.call)} is seen stored, so its "
                     f"later {later.title!r} must be there: only part of the block applied"
@@ -553,12 +554,14 @@ class _Judge:
             asked = {*call.reads, *call.deletes}
             asked.update(w.task_id for w in call.writes if w.task_id is not None)
             for task_id in sorted(asked):
+                owned = self.owner.get(task_id) == call.user and self._surely_there(task_id, call)
+                self.checked["answers on tasks surely there"] += owned
                 if any(s.id == task_id for s in call.returned):
                     continue
                 if task_id in call.deletes and call.deleted:
                     continue
                 self.checked["not found"] += 1
-                if self.owner.get(task_id) == call.user and self._surely_there(task_id, call):
+                if owned:
                     self._add(
                         "missed task",
                         f"{call.op} by {call.user!r} at {call.start:.2f}-{call.end:.2f} s "
@@ -696,13 +699,13 @@ def report(
     got = verdict.checked
     lines.append(
         f"checked: {got['acknowledged creates']} acknowledged creates "
-        f"({got['creates deleted']} stored creates gone after a delete that may have run), "
-        f"{got['unknown writes']} writes of unknown outcome ({got['unknown writes seen stored']} "
-        "seen stored)"
+        f"({got['creates deleted']} gone after a possible delete), "
+        f"{got['unknown writes']} unknown writes ({got['unknown writes seen stored']} seen)"
     )
     lines.append(
-        f"checked reads: {got['rows read']} rows returned, {got['not found']} not-found "
-        f"answers, {got['lists']} lists complete, {got['counts']} counts in range"
+        f"  reads: {got['rows read']} rows, {got['answers on tasks surely there']} answers "
+        f"on tasks surely there, {got['not found']} not found, {got['lists']} lists, "
+        f"{got['counts']} counts"
     )
     if verdict.ok:
         lines.append("verdict: PASS (no violation)")

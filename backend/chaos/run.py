@@ -8,7 +8,8 @@ terminates backends, restarts PgBouncer, restarts the server (fast or immediate)
 holds row locks past the lock bound and pauses the server (SIGSTOP, then SIGCONT).
 Some workers also stall inside ``atomic()`` blocks past the idle bound. At the end
 the final table is read once and the checker judges the history; the report fits
-one screen and the exit status is 1 on any violation.
+one screen and the exit status is 1 on any violation. ``--save PATH`` also writes the
+recorded history there; ``--judge PATH`` judges a saved history again, without servers.
 """
 
 from __future__ import annotations

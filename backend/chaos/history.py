@@ -281,8 +281,9 @@ class _Judge:
             if made is not None:
                 self._saw(made[0], read.end)
                 self.token_ids[seen.token].add(seen.id)
-            writers = [(i, w) for i, w in self.writers.get(seen.title, ()) if _targets(w, seen)]
-            if len(writers) == 1:  # a title written twice proves nothing about either
+            writers = self.writers.get(seen.title, ())
+            if len(writers) == 1 and _targets(writers[0][1], seen):
+                # (a title written twice would prove nothing about either write)
                 self._saw(writers[0][0], read.end)
         self.id_of: dict[str, int] = {}
         made_by: dict[int, str] = {}
@@ -442,14 +443,14 @@ class _Judge:
         reasons = [self._cannot_explain(i, w, read) for i, w in self.writers.get(seen.title, ())]
         if any(why is None for why in reasons):
             return
+        what = f"{self._where(read)}: task {seen.id} holds {seen.title!r}"
         if not reasons:
             rule = "lost write" if read.call is None else "phantom read"
-            where = self._where(read)
-            self._add(rule, f"{where}: task {seen.id} holds {seen.title!r}, which no call wrote")
+            self._add(rule, f"{what}, which no call wrote")
             return
         found = [why for why in reasons if why is not None]
         rule, detail = next((w for w in found if w[0] == "cross-user"), found[0])
-        self._add(rule, detail)
+        self._add(rule, f"{what}, {detail}")
 
     def _cannot_explain(self, i: int, write: Write, read: _Read) -> tuple[str, str] | None:
         """Say why the write cannot be the one *read* saw, or return None if it can."""
@@ -457,25 +458,23 @@ class _Judge:
 
     def _misaimed(self, i: int, write: Write, read: _Read) -> tuple[str, str] | None:
         call, seen, final = self.calls[i], read.seen, read.call is None
-        what = f"{self._where(read)}: task {seen.id} holds {seen.title!r}"
         wrong = "lost write" if final else "phantom read"
         if not call.applied_maybe:
             rule = "lost write" if final else "unstored read"
-            return rule, f"{what}, written by {self._what(i)}: reported as not stored"
+            return rule, f"written by {self._what(i)}: reported as not stored"
         if not _targets(write, seen):
             target = f"task {write.task_id}" if write.token is None else f"create {write.token!r}"
-            return wrong, f"{what}, written to {target}"
+            return wrong, f"written to {target}"
         if call.user != seen.user:
-            return "cross-user", f"{what}, written by {call.user!r}"
+            return "cross-user", f"written by {call.user!r}"
         if call.start >= read.end:
-            return wrong, f"{what}, written by {self._what(i)}: after the read"
+            return wrong, f"written by {self._what(i)}: after the read"
         if call.ok and write.token is None and not self._update_landed(i, write, seen.id):
-            return wrong, f"{what}, written by {self._what(i)}, which found no task"
+            return wrong, f"written by {self._what(i)}, which found no task"
         return None
 
     def _overwritten(self, i: int, read: _Read) -> tuple[str, str] | None:
         seen, hi = read.seen, self._hi(i)
-        what = f"{self._where(read)}: task {seen.id} holds {seen.title!r}"
         for later in self.landed.get(seen.id, ()):
             if later.call == i or later.lo <= hi or later.hi >= read.start:
                 continue
@@ -483,11 +482,11 @@ class _Judge:
             if block.unknown and (seen.id, later.title) not in self.titles_seen:
                 # Known stored only because another write of its block was seen.
                 return "half-applied block", (
-                    f"{what}, but {self._what(later.call)} is seen stored, so its "
-                    f"later {later.title!r} must be there: only part of the block applied"
+                    f"but {self._what(later.call)} is seen stored, so its later "
+                    f"{later.title!r} must be there: only part of the block applied"
                 )
             rule = "lost write" if read.call is None else "stale read"
-            return rule, f"{what}, overwritten by {later.title!r} of {self._what(later.call)}"
+            return rule, f"overwritten by {later.title!r} of {self._what(later.call)}"
         return None
 
     def _judge_creates(self) -> None:

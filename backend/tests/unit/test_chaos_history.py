@@ -438,3 +438,38 @@ def test_a_recording_judges_the_same_after_a_round_trip(tmp_path: Path) -> None:
     assert loaded == recording
     assert loaded.judge().violations == recording.judge().violations
     assert "verdict: FAIL (2 violations)" in loaded.report(loaded.judge())
+
+
+def test_a_create_of_unknown_outcome_seen_stored_must_stay() -> None:
+    """A read that saw it proves it was stored: missing later, with no delete, it was lost."""
+    calls, final = _history()
+    unknown = Call(
+        "w0",
+        "direct",
+        "create",
+        "bob",
+        6.0,
+        6.1,
+        writes=(Write("t:b2", token="b2"),),
+        error="DatabaseUnavailableError",
+        unknown=True,
+    )
+    calls += [unknown, _get("bob", 7, 7.0, Seen(7, "bob", "t:b2", "b2"))]
+    assert _rules(calls, final) == ["lost create"]
+    final.append(Seen(7, "bob", "t:b2", "b2"))
+    assert _rules(calls, final) == []
+
+
+def test_a_title_two_calls_wrote_is_explained_by_either() -> None:
+    """Were a title written twice, a read of it is fine if either write may have put it."""
+    calls, final = _history()
+    calls += [
+        _update("bob", 2, "u:same", 6.0, error="DatabaseTimeoutError"),
+        _update("bob", 2, "u:same", 6.5),
+        _get("bob", 2, 7.0, Seen(2, "bob", "u:same", "b1")),
+    ]
+    final[1] = Seen(2, "bob", "u:same", "b1")
+    assert _rules(calls, final) == []
+    del calls[-3:-1]  # only the write reported as not stored is left
+    calls.insert(-1, _update("bob", 2, "u:same", 6.0, error="DatabaseTimeoutError"))
+    assert "unstored read" in _rules(calls, final)

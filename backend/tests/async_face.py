@@ -16,12 +16,12 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tests.repository_contract import RepositoryContract
+from tests.repository_contract import CutShort, RepositoryContract
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine, get_async_session
 from todo_backend.db import create_db_engine
 from todo_backend.models import Task
@@ -184,6 +184,29 @@ class AsyncRepositoryContract(RepositoryContract):
                 runner.run(_close_all(session.close(), outer.rollback(), conn.close()))
 
         return bound
+
+    @pytest.fixture
+    def cut_short(self, engine: Engine) -> CutShort:
+        """Cancel an awaited call at an event: the cancellation lands at the driver's next await."""
+
+        @contextmanager
+        def at(event_name: str) -> Iterator[None]:
+            armed = [True]
+
+            def cancel(*_args: object) -> None:
+                if armed[0]:
+                    armed[0] = False
+                    task = asyncio.current_task()
+                    assert task is not None
+                    task.cancel()
+
+            event.listen(engine, event_name, cancel)
+            try:
+                yield
+            finally:
+                event.remove(engine, event_name, cancel)
+
+        return CutShort(asyncio.CancelledError, at)
 
 
 async def _finish(sessions: AsyncIterator[AsyncSession]) -> None:

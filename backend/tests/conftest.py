@@ -6,10 +6,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlmodel import Session
 
 from tests.fix_servers import in_ci
+from tests.repository_contract import CutShort
 from todo_backend.db import create_db_engine, get_session, init_db
 from todo_backend.repository import TaskRepository
 
@@ -82,3 +83,29 @@ def repo_in_outer_transaction(
 def raw_engine(engine: Engine) -> Engine:
     """A sync engine on the suite's database, for raw SQL against the schema itself."""
     return engine
+
+
+class Interrupted(BaseException):
+    """A KeyboardInterrupt stand-in: a BaseException, but one that cannot stop pytest itself."""
+
+
+@pytest.fixture
+def cut_short(engine: Engine) -> CutShort:
+    """Cut a sync call short: the next event of a name on ``engine`` raises :class:`Interrupted`."""
+
+    @contextmanager
+    def at(event_name: str) -> Iterator[None]:
+        armed = [True]
+
+        def interrupt(*_args: object) -> None:
+            if armed[0]:
+                armed[0] = False
+                raise Interrupted
+
+        event.listen(engine, event_name, interrupt)
+        try:
+            yield
+        finally:
+            event.remove(engine, event_name, interrupt)
+
+    return CutShort(Interrupted, at)

@@ -145,7 +145,7 @@ class TaskRepository:
         for step in driver:
             try:
                 driver.done(self._perform(step))
-            except Exception as err:  # noqa: BLE001 - the policy decides what it means
+            except BaseException as err:  # noqa: BLE001 - the policy decides, cancellation too
                 driver.failed(err)
         return driver.result
 

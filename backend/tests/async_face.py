@@ -16,12 +16,12 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tests.repository_contract import CutShort, RepositoryContract
+from tests.repository_contract import CutShort, RepositoryContract, once_at
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine, get_async_session
 from todo_backend.db import create_db_engine
 from todo_backend.models import Task
@@ -188,25 +188,15 @@ class AsyncRepositoryContract(RepositoryContract):
     @pytest.fixture
     def cut_short(self, engine: Engine) -> CutShort:
         """Cancel an awaited call at an event: the cancellation lands at the driver's next await."""
+        return CutShort(
+            asyncio.CancelledError, lambda event_name: once_at(engine, event_name, _cancel_task)
+        )
 
-        @contextmanager
-        def at(event_name: str) -> Iterator[None]:
-            armed = [True]
 
-            def cancel(*_args: object) -> None:
-                if armed[0]:
-                    armed[0] = False
-                    task = asyncio.current_task()
-                    assert task is not None
-                    task.cancel()
-
-            event.listen(engine, event_name, cancel)
-            try:
-                yield
-            finally:
-                event.remove(engine, event_name, cancel)
-
-        return CutShort(asyncio.CancelledError, at)
+def _cancel_task() -> None:
+    task = asyncio.current_task()  # the call's task: the greenlet runs inside it
+    assert task is not None
+    task.cancel()
 
 
 async def _finish(sessions: AsyncIterator[AsyncSession]) -> None:

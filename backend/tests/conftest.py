@@ -6,11 +6,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 from sqlmodel import Session
 
 from tests.fix_servers import in_ci
-from tests.repository_contract import CutShort
+from tests.repository_contract import CutShort, once_at
 from todo_backend.db import create_db_engine, get_session, init_db
 from todo_backend.repository import TaskRepository
 
@@ -89,23 +89,11 @@ class Interrupted(BaseException):
     """A KeyboardInterrupt stand-in: a BaseException, but one that cannot stop pytest itself."""
 
 
+def _interrupt() -> None:
+    raise Interrupted
+
+
 @pytest.fixture
 def cut_short(engine: Engine) -> CutShort:
     """Cut a sync call short: the next event of a name on ``engine`` raises :class:`Interrupted`."""
-
-    @contextmanager
-    def at(event_name: str) -> Iterator[None]:
-        armed = [True]
-
-        def interrupt(*_args: object) -> None:
-            if armed[0]:
-                armed[0] = False
-                raise Interrupted
-
-        event.listen(engine, event_name, interrupt)
-        try:
-            yield
-        finally:
-            event.remove(engine, event_name, interrupt)
-
-    return CutShort(Interrupted, at)
+    return CutShort(Interrupted, lambda event_name: once_at(engine, event_name, _interrupt))

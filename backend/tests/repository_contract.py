@@ -771,21 +771,30 @@ class CutShort:
 
 
 @contextlib.contextmanager
-def _next_rollback_fails(engine: Engine) -> Iterator[None]:
-    """Make the next ROLLBACK on *engine* fail the way a lost connection does."""
+def once_at(engine: Engine, event_name: str, action: Callable[[], None]) -> Iterator[None]:
+    """Run *action* at the next *event_name* event of *engine* (a fault injected once)."""
     armed = [True]
 
-    def fail(conn: object) -> None:
+    def fire(*_args: object) -> None:
         if armed[0]:
             armed[0] = False
-            lost = ConnectionError("server closed the connection unexpectedly")
-            raise OperationalError(None, None, lost, connection_invalidated=True)
+            action()
 
-    event.listen(engine, "rollback", fail)
+    event.listen(engine, event_name, fire)
     try:
         yield
     finally:
-        event.remove(engine, "rollback", fail)
+        event.remove(engine, event_name, fire)
+
+
+def _lose_the_connection() -> None:
+    lost = ConnectionError("server closed the connection unexpectedly")
+    raise OperationalError(None, None, lost, connection_invalidated=True)
+
+
+def _next_rollback_fails(engine: Engine) -> AbstractContextManager[None]:
+    """Make the next ROLLBACK on *engine* fail the way a lost connection does."""
+    return once_at(engine, "rollback", _lose_the_connection)
 
 
 @contextlib.contextmanager

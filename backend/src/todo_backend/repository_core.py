@@ -615,7 +615,7 @@ class Block:
     The block is kept on the session, not the repository: every repository sharing
     the session must see it. It fails as a whole: a failed call inside it, or a nested
     block that exits with an exception, fails the outermost block even when the caller
-    catches the error (no savepoints; research D16).
+    catches the error (no savepoints; research D17).
     """
 
     __slots__ = ("_outermost", "_session")

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event, orm, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
@@ -470,6 +470,24 @@ class RepositoryContract:
             _new(repo, title="next block")
         assert repo.count(ALICE, complete=False) in (1, 3)
 
+    def test_a_failed_rollback_never_hides_an_interrupted_commit(
+        self, repo: TaskRepository, cut_short: CutShort
+    ) -> None:
+        """A block cut short at COMMIT whose ROLLBACK fails too still raises the interruption."""
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+
+        with (
+            pytest.raises(cut_short.error) as raised,
+            cut_short.at("commit"),
+            _next_rollback_fails(),
+        ):
+            block()
+        assert "ROLLBACK failed" in "\n".join(getattr(raised.value, "__notes__", []))
+        assert repo.count(ALICE) in (0, 1)
+
     def test_a_call_cut_short_in_its_argument_checks_fails_the_block(
         self, repo: TaskRepository, cut_short: CutShort
     ) -> None:
@@ -494,7 +512,7 @@ class RepositoryContract:
 
     @pytest.mark.parametrize("caught", [False, True], ids=["raised", "caught"])
     def test_a_failed_rollback_never_hides_the_callers_error(
-        self, repo: TaskRepository, engine: Engine, caught: bool
+        self, repo: TaskRepository, caught: bool
     ) -> None:
         """When the block's ROLLBACK fails too, the caller gets its own error, the failure noted."""
 
@@ -508,7 +526,7 @@ class RepositoryContract:
                     raise LookupError("the caller's own error")
 
         expected: type[Exception] = TodoBackendError if caught else LookupError
-        with pytest.raises(expected) as raised, _next_rollback_fails(engine):
+        with pytest.raises(expected) as raised, _next_rollback_fails():
             block()
         error = raised.value
         assert ("rolled back" if caught else "the caller's own error") in str(error)
@@ -771,8 +789,8 @@ class CutShort:
 
 
 @contextlib.contextmanager
-def once_at(engine: Engine, event_name: str, action: Callable[[], None]) -> Iterator[None]:
-    """Run *action* at the next *event_name* event of *engine* (a fault injected once)."""
+def once_at(target: Any, event_name: str, action: Callable[[], None]) -> Iterator[None]:
+    """Run *action* at the next *event_name* event of *target* (a fault injected once)."""
     armed = [True]
 
     def fire(*_args: object) -> None:
@@ -780,11 +798,11 @@ def once_at(engine: Engine, event_name: str, action: Callable[[], None]) -> Iter
             armed[0] = False
             action()
 
-    event.listen(engine, event_name, fire)
+    event.listen(target, event_name, fire)
     try:
         yield
     finally:
-        event.remove(engine, event_name, fire)
+        event.remove(target, event_name, fire)
 
 
 def _lose_the_connection() -> None:
@@ -792,9 +810,13 @@ def _lose_the_connection() -> None:
     raise OperationalError(None, None, lost, connection_invalidated=True)
 
 
-def _next_rollback_fails(engine: Engine) -> AbstractContextManager[None]:
-    """Make the next ROLLBACK on *engine* fail the way a lost connection does."""
-    return once_at(engine, "rollback", _lose_the_connection)
+def _next_rollback_fails() -> AbstractContextManager[None]:
+    """Make the next session ROLLBACK fail the way a lost connection does.
+
+    Raised as a session finishes rolling back (``after_rollback``), so it fires
+    whatever state the connection's transaction is in, on both faces.
+    """
+    return once_at(orm.Session, "after_rollback", _lose_the_connection)
 
 
 @contextlib.contextmanager

@@ -644,15 +644,9 @@ class Block:
         failed = self._session.info.pop(_ATOMIC)
         if error is not None or failed:
             raised = TodoBackendError(_BLOCK_FAILED) if error is None else error
-            try:
-                yield Step.ROLLBACK
-            except Exception as err:  # noted on the caller's error, never raised in its place
-                raised.add_note(_rollback_failed(err))
-                if error is None:
-                    raise raised from err
-                return
+            lost = yield from _roll_back(raised)
             if error is None:
-                raise raised
+                raise raised from lost
             return
         try:
             yield Step.COMMIT
@@ -660,13 +654,26 @@ class Block:
             raise
         except Exception as err:  # noqa: BLE001 - _fail decides and re-raises
             yield from _fail(self._session, err)
-        except BaseException:
+        except BaseException as err:
             # Cancelled or interrupted while committing: the outcome is unknown, and
             # SQLAlchemy would refuse every later statement of the session. SQLAlchemy
             # dropped a connection cut short mid-COMMIT, so this rollback sends nothing.
             if self._session.in_transaction():
-                yield Step.ROLLBACK
+                yield from _roll_back(err)
             raise
+
+
+def _roll_back(error: BaseException) -> Steps[Exception | None]:
+    """Roll the block back; a failed ROLLBACK is noted on *error*, never raised in its place.
+
+    Returns the ROLLBACK's own error, if any. Nothing was committed either way.
+    """
+    try:
+        yield Step.ROLLBACK
+    except Exception as err:  # noqa: BLE001 - noted on *error*, never raised in its place
+        error.add_note(_rollback_failed(err))
+        return err
+    return None
 
 
 def _rollback_failed(err: Exception) -> str:

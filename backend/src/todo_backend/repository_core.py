@@ -565,8 +565,8 @@ def _fail(session: Session, err: BaseException) -> Generator[Step | Run, Any, No
     committing) comes here. Inside an atomic block any error marks the block failed
     (a refused argument as much as a database error; it rolls back at its end), and
     so does a call cut short by a BaseException (``asyncio.CancelledError``,
-    ``KeyboardInterrupt``): its statement's fate is unknown and SQLAlchemy has
-    dropped the connection under the block. Otherwise a transaction a database error
+    ``KeyboardInterrupt``): its statement's fate is unknown, and SQLAlchemy drops a
+    connection interrupted mid-statement. Otherwise a transaction a database error
     left open is rolled back here. A BaseException is raised as it is, with no I/O
     after it; an error as :func:`translate` maps it.
     """
@@ -644,7 +644,7 @@ class Block:
         failed = self._session.info.pop(_ATOMIC)
         if error is not None or failed:
             raised = TodoBackendError(_BLOCK_FAILED) if error is None else error
-            lost = yield from _roll_back(raised)
+            lost = yield from _roll_back(raised, _NOTHING_STORED)
             if error is None:
                 raise raised from lost
             return
@@ -655,30 +655,33 @@ class Block:
         except Exception as err:  # noqa: BLE001 - _fail decides and re-raises
             yield from _fail(self._session, err)
         except BaseException as err:
-            # Cancelled or interrupted while committing: the outcome is unknown, and
-            # SQLAlchemy would refuse every later statement of the session. SQLAlchemy
-            # dropped a connection cut short mid-COMMIT, so this rollback sends nothing.
+            # Cancelled or interrupted while committing: the outcome is unknown, and the
+            # session would refuse every later statement. This rollback only resets the
+            # session: SQLAlchemy has already dropped or ended the connection's transaction.
             if self._session.in_transaction():
-                yield from _roll_back(err)
+                yield from _roll_back(err, _COMMIT_UNKNOWN)
             raise
 
 
-def _roll_back(error: BaseException) -> Steps[Exception | None]:
+_NOTHING_STORED: Final = (
+    "Nothing of the block was stored: the server discards a transaction that is never committed."
+)
+_COMMIT_UNKNOWN: Final = (
+    "The block was cut short during its COMMIT, which may or may not have been applied: "
+    "check before repeating it."
+)
+
+
+def _roll_back(error: BaseException, outcome: str) -> Steps[Exception | None]:
     """Roll the block back; a failed ROLLBACK is noted on *error*, never raised in its place.
 
-    Returns the ROLLBACK's own error, if any. Nothing was committed either way.
+    The note names the failure (never the driver's text) and *outcome*, what the
+    caller can know of the block. Returns the ROLLBACK's own error, if any.
     """
     try:
         yield Step.ROLLBACK
     except Exception as err:  # noqa: BLE001 - noted on *error*, never raised in its place
-        error.add_note(_rollback_failed(err))
+        reason = "the database connection was lost" if _connection_lost(err) else type(err).__name__
+        error.add_note(f"The atomic() block's ROLLBACK failed too ({reason}). {outcome}")
         return err
     return None
-
-
-def _rollback_failed(err: Exception) -> str:
-    reason = "the database connection was lost" if _connection_lost(err) else type(err).__name__
-    return (
-        f"The atomic() block's ROLLBACK failed too ({reason}). Nothing of the block was "
-        "stored: the server discards a transaction that is never committed."
-    )

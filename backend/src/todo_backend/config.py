@@ -20,7 +20,14 @@ from sqlalchemy.exc import ArgumentError
 
 from todo_backend.errors import ConfigurationError
 
-__all__ = ["Settings", "load_settings", "mask_url", "normalize_database_url"]
+__all__ = [
+    "MigrationSettings",
+    "Settings",
+    "load_migration_settings",
+    "load_settings",
+    "mask_url",
+    "normalize_database_url",
+]
 
 _POSTGRES_DRIVER: Final = "postgresql+psycopg2"
 _POSTGRES_SCHEMES: Final = frozenset({"postgres", "postgresql", "postgresql+psycopg2"})
@@ -212,3 +219,44 @@ def _bool(values: dict[str, str], name: str, *, default: bool) -> bool:
     if raw in _FALSE:
         return False
     raise ConfigurationError(f"{name} must be one of true/false/1/0/yes/no/on/off, got {raw!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSettings:
+    """How long a migration may wait for a table lock, and how long it keeps retrying.
+
+    ``lock_timeout`` (``DB_MIGRATION_LOCK_TIMEOUT``, seconds) bounds each wait of a
+    migration's statements for a lock, and so how long the application's calls can
+    queue behind a waiting migration; ``retry_for`` (``DB_MIGRATION_RETRY_FOR``,
+    seconds) bounds how long a step that ran out of lock time is retried. Separate
+    from :class:`Settings` because a migration needs no pool settings and offline
+    SQL needs no ``DATABASE_URL``.
+    """
+
+    lock_timeout: float = 3.0
+    retry_for: float = 60.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.lock_timeout >= 0.001,
+            "DB_MIGRATION_LOCK_TIMEOUT",
+            "a number of seconds of at least 0.001",
+        )
+        _require(self.retry_for >= 0, "DB_MIGRATION_RETRY_FOR", "a number of seconds of at least 0")
+
+
+def load_migration_settings(env_file: str | os.PathLike[str] | None = ".env") -> MigrationSettings:
+    """Build :class:`MigrationSettings` from the environment, falling back to *env_file*.
+
+    Reads ``DB_MIGRATION_LOCK_TIMEOUT`` (default 3) and ``DB_MIGRATION_RETRY_FOR``
+    (default 60) the way :func:`load_settings` reads its variables; ``DATABASE_URL``
+    is not needed. Raises :class:`ConfigurationError` naming a malformed variable.
+    """
+    values: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(os.environ)
+    return MigrationSettings(
+        lock_timeout=_float(values, "DB_MIGRATION_LOCK_TIMEOUT", 3.0),
+        retry_for=_float(values, "DB_MIGRATION_RETRY_FOR", 60.0),
+    )

@@ -92,10 +92,12 @@ def install(session: nox.Session, *groups: str) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Ruff lint and format check, shellcheck, GitHub workflow schema and security audit."""
+    """Ruff, shellcheck, squawk over every revision, workflow schema and security audit."""
     install(session, "lint")
     session.run("ruff", "check", *CODE)
     session.run("ruff", "format", "--check", *CODE)
+    # Each revision's PostgreSQL SQL, one revision at a time: what it locks on a live table.
+    session.run("python", "-m", "todo_backend.migration_lint")
     session.run("shellcheck", *_shell_scripts())
     github = ROOT / ".github"
     if WORKFLOWS:

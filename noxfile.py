@@ -275,3 +275,15 @@ def bench(session: nox.Session) -> None:
     install(session, "bench")
     session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
     session.run("python", "backend/bench/run.py", *session.posargs)
+
+
+@nox.session(default=False)
+def rehearse(session: nox.Session) -> None:
+    """Time each revision on a 1,000,000-row tasks table and its longest ACCESS EXCLUSIVE hold.
+
+    On a scratch database of TEST_DATABASE_URL (default: the local server); figures go
+    to docs/benchmarks/migrations.md and .json (``-- --rows N --no-write`` to try).
+    """
+    install(session)
+    session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
+    session.run("python", "backend/bench/rehearse.py", *session.posargs)

@@ -86,7 +86,6 @@ def test_the_online_forms_of_the_same_changes_pass(tmp_path: Path) -> None:
         op.add_column(
             "tasks",
             sa.Column("rank", sa.BigInteger(), nullable=False, server_default="0"),
-            if_not_exists=True,
         )
         op.execute(
             "ALTER TABLE tasks ADD CONSTRAINT ck_tasks_title_short"

@@ -52,18 +52,19 @@ def url(scratch_url: URL) -> str:
 
 
 @pytest.fixture(params=["direct", pytest.param("pgbouncer", marks=pytest.mark.pgbouncer)])
-def live_url(
-    request: pytest.FixtureRequest,
-    scratch_url: URL,
-    own_scratch_url: URL,
-    pgbouncer: PgBouncerFactory,
-) -> str:
-    """An emptied database, direct or through our own PgBouncer in transaction mode."""
+def live_url(request: pytest.FixtureRequest, scratch_url: URL) -> str:
+    """An emptied database: direct on the server under test, or through our own PgBouncer.
+
+    The PgBouncer (transaction mode, four server connections) fronts a database on
+    our own cluster, since the server under test may not be reachable to one.
+    """
     if request.param == "direct":
         return _emptied(scratch_url)
-    _emptied(own_scratch_url)
-    bouncer = pgbouncer(own_scratch_url, pool_size=4)
-    database = own_scratch_url.database
+    own: URL = request.getfixturevalue("own_scratch_url")
+    pgbouncer: PgBouncerFactory = request.getfixturevalue("pgbouncer")
+    _emptied(own)
+    bouncer = pgbouncer(own, pool_size=4)
+    database = own.database
     assert database is not None
     return bouncer.url(database).render_as_string(hide_password=False)
 

@@ -92,12 +92,17 @@ def run_migrations_on(connection: Connection) -> None:
 
 
 def run_migrations_online() -> None:
-    """Run the migrations on the caller's connection, or on a new one in a transaction."""
+    """Run the migrations on the caller's connection, or on a new one in a transaction.
+
+    ``config.attributes["connection"]`` may also hold an engine (pytest-alembic puts
+    its ``alembic_engine`` there): the run then opens its transaction on that engine.
+    """
     connection = config.attributes.get("connection")
     if isinstance(connection, Connection):
         run_migrations_on(connection)
         return
-    with migration_connection(_database()) as new_connection:
+    database = connection if isinstance(connection, Engine) else _database()
+    with migration_connection(database) as new_connection:
         run_migrations_on(new_connection)
 
 

@@ -346,8 +346,8 @@ def outside_transaction() -> Iterator[None]:
     if connection.dialect.name != "postgresql":
         yield
         return
+    level = connection.default_isolation_level  # no query: nothing may begin here
     connection.commit()
-    level = connection.get_isolation_level()
     connection.execution_options(isolation_level="AUTOCOMMIT")
     try:
         yield

@@ -296,7 +296,10 @@ def _begin(connection: Connection) -> None:
     if connection.dialect.name == "sqlite":
         connection.exec_driver_sql("BEGIN")
     elif connection.dialect.name == "postgresql":
-        milliseconds = max(1, round(float(connection.info[_LOCK_TIMEOUT_KEY]) * 1000))
+        seconds = connection.info.get(_LOCK_TIMEOUT_KEY)  # absent on a caller's connection
+        if seconds is None:
+            seconds = load_migration_settings().lock_timeout
+        milliseconds = max(1, round(float(seconds) * 1000))
         connection.exec_driver_sql(f"SET LOCAL lock_timeout = {milliseconds}")
 
 

@@ -787,7 +787,9 @@ def check(url_or_engine: UrlOrEngine = None) -> MigrationCheck:
     not know), and, for a database at the newest revision, every difference between
     the models and its schema: a model changed without a new revision, or a schema
     changed by hand. Like ``alembic check``, models are compared only once the
-    database is current, since a database behind head differs by design.
+    database is current, since a database behind head differs by design. On
+    PostgreSQL it also reports INVALID indexes on the package's tables, which a failed
+    ``CREATE INDEX CONCURRENTLY`` leaves (:func:`invalid_indexes`), at any revision.
     """
     with _alembic_errors():
         script = ScriptDirectory.from_config(alembic_config())

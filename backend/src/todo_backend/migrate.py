@@ -41,6 +41,7 @@ import logging
 import random
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -237,6 +238,7 @@ def _engine_for(url_or_engine: UrlOrEngine) -> tuple[Engine, bool]:
 
 _LOCK_TIMEOUT_KEY: Final = "todo_backend_migration_lock_timeout"
 _LOCK_NOT_AVAILABLE: Final = "55P03"
+_PID_KEY: Final = "todo_backend_migration_pid"
 
 
 @contextmanager
@@ -300,7 +302,12 @@ def _begin(connection: Connection) -> None:
         if seconds is None:
             seconds = load_migration_settings().lock_timeout
         milliseconds = max(1, round(float(seconds) * 1000))
-        connection.exec_driver_sql(f"SET LOCAL lock_timeout = {milliseconds}")
+        # One message; the backend's pid (for pg_blocking_pids) rides along, and through
+        # PgBouncer it is the server connection of this very transaction.
+        pid = connection.exec_driver_sql(
+            f"SET LOCAL lock_timeout = {milliseconds}; SELECT pg_backend_pid()"
+        ).scalar()
+        connection.info[_PID_KEY] = pid
 
 
 def commit_point() -> None:
@@ -373,8 +380,9 @@ def offline_lock_timeout() -> str:
 class MigrationLockTimeoutError(MigrationError):
     """A migration step could not get its locks within the retry budget; nothing of it stayed.
 
-    ``blockers`` lists the sessions that held locks on the package's tables when the
-    migration gave up, one line each (pid, application_name, state, transaction age).
+    ``blockers`` lists the sessions in the migration's way, one line each (pid,
+    application_name, state, transaction age, its locks on the package's tables), from
+    ``pg_blocking_pids()`` while the migration waited, else from the granted locks.
     """
 
     def __init__(self, message: str, blockers: Sequence[str]) -> None:
@@ -405,11 +413,79 @@ def _is_lock_timeout(err: BaseException) -> bool:
     return False
 
 
+_BLOCKING_PIDS: Final = """
+select a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
+       extract(epoch from now() - a.xact_start)::float8,
+       coalesce(string_agg(distinct l.mode || ' on ' || c.relname, ', '), 'a lock')
+  from pg_stat_activity a
+  left join pg_locks l on l.pid = a.pid and l.granted
+  left join pg_class c on c.oid = l.relation and c.relname = any(%(tables)s)
+ where a.pid = any(pg_blocking_pids(%(pid)s))
+ group by 1, 2, 3, 4
+ order by 4 desc nulls last, 1
+"""
+
+
+def _describe_session(pid: int, application: str, state: str, age: float | None) -> str:
+    opened = "no transaction" if age is None else f"transaction open {age:.1f} s"
+    return f"pid {pid} (application_name {application!r}, {state or 'unknown state'}, {opened})"
+
+
+class _BlockerWatch:
+    """Ask ``pg_blocking_pids()`` who blocks the migration's backend, while it waits.
+
+    A second connection of the same engine, opened only once an attempt has run for
+    half its lock bound (so a quick attempt never opens it), polls every 0.2 s and
+    keeps the last non-empty answer. A one-connection PgBouncer pool can make it
+    wait for the migration's transaction: it then learns nothing, and the caller
+    falls back to the granted locks on the tables (:func:`_blocking_sessions`).
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.seen: list[str] = []
+
+    def __enter__(self) -> _BlockerWatch:
+        if self._connection.dialect.name == "postgresql":
+            self._thread = threading.Thread(target=self._run, name="blocker-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        seconds = float(self._connection.info.get(_LOCK_TIMEOUT_KEY) or 1.0)
+        if self._stop.wait(seconds / 2):
+            return
+        tables = [table.name for table in package_tables()] + ["alembic_version"]
+        try:
+            with self._connection.engine.connect().execution_options(**UNBOUNDED) as watcher:
+                while not self._stop.is_set():
+                    pid = self._connection.info.get(_PID_KEY)
+                    rows = watcher.exec_driver_sql(_BLOCKING_PIDS, {"pid": pid, "tables": tables})
+                    found = [
+                        f"{_describe_session(int(p), app, state, age)} holds {what}"
+                        for p, app, state, age, what in rows.all()
+                    ]
+                    watcher.rollback()
+                    if found:
+                        self.seen = found
+                    self._stop.wait(0.2)
+        except SQLAlchemyError:  # pragma: no cover - a diagnosis, never a failure
+            return
+
+
 def _blocking_sessions(connection: Connection) -> list[str]:
     """Describe the sessions holding locks on the package's tables (or alembic_version).
 
-    pg_blocking_pids() needs the waiting session, which has given up by now; the
-    granted locks on the tables it wanted name the same sessions.
+    The fallback when :class:`_BlockerWatch` saw nothing: the waiting statement has
+    given up by now, so pg_blocking_pids() cannot be asked; the granted locks on the
+    tables it wanted name the same sessions.
     """
     tables = [table.name for table in package_tables()] + ["alembic_version"]
     try:
@@ -420,11 +496,9 @@ def _blocking_sessions(connection: Connection) -> list[str]:
         return []
     described: dict[int, str] = {}
     for pid, application, state, age, mode, table in rows:
-        opened = "no transaction" if age is None else f"transaction open {age:.1f} s"
         described.setdefault(
             int(pid),
-            f"pid {pid} (application_name {application!r}, {state or 'unknown state'}, "
-            f"{opened}) holds {mode} on {table}",
+            f"{_describe_session(int(pid), application, state, age)} holds {mode} on {table}",
         )
     return list(described.values())
 
@@ -444,13 +518,14 @@ def _with_lock_retries(
     while True:
         attempts += 1
         try:
-            run()
+            with _BlockerWatch(connection) as watch:
+                run()
         except DBAPIError as err:
             if not _is_lock_timeout(err):
                 raise
             left = deadline - time.monotonic()
             if left <= 0:
-                blockers = _blocking_sessions(connection)
+                blockers = watch.seen or _blocking_sessions(connection)
                 raise _lock_error(step, attempts, retry_for, blockers) from None
             wait = min(pause * random.uniform(0.75, 1.25), left)  # noqa: S311 - jitter
             logger.warning(

@@ -270,10 +270,22 @@ def timeout_error(err: BaseException) -> DatabaseTimeoutError | None:
     # psycopg2 names the SQLSTATE pgcode, psycopg 3 (the async engine) sqlstate.
     code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
     if code == _LOCK_NOT_AVAILABLE:
+        # The server says which row it waited for ("while updating tuple (0,1) in
+        # relation ...") when it was a row; a wait for the table itself says nothing.
+        context = str(getattr(getattr(orig, "diag", None), "context", None) or "")
+        if "tuple" in context:
+            return DatabaseTimeoutError(
+                "the task is locked by another transaction that did not finish within "
+                "DB_LOCK_TIMEOUT; nothing was changed. Retry the call; if it keeps happening, "
+                "look for a long-running transaction or admin session holding the row.",
+                bound="DB_LOCK_TIMEOUT",
+            )
         return DatabaseTimeoutError(
-            "the task is locked by another transaction that did not finish within "
-            "DB_LOCK_TIMEOUT; nothing was changed. Retry the call; if it keeps happening, "
-            "look for a long-running transaction or admin session holding the row.",
+            "the tasks table stayed locked longer than DB_LOCK_TIMEOUT: the call queued "
+            "behind a table lock, such as a schema change (`todo-db migrate`) waiting for "
+            "or holding it, or an admin session's LOCK TABLE; nothing was changed. Retry "
+            "the call; if it keeps happening, look in pg_stat_activity for a migration or "
+            "admin session holding the table.",
             bound="DB_LOCK_TIMEOUT",
         )
     if code == _STATEMENT_CANCELED:

@@ -250,7 +250,7 @@ def test_a_failing_revision_through_pgbouncer_leaves_nothing_behind(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The whole upgrade is one transaction: a failing revision rolls back its DDL too."""
+    """A revision is one transaction: a failing revision rolls back its DDL too."""
     bouncer = pgbouncer(own_scratch_url, pool_size=1)
     pooled = _through(bouncer, own_url)
     migrate.upgrade(pooled, "0002")

@@ -12,7 +12,9 @@ import pytest
 from todo_backend.config import (
     MAX_SECONDS,
     VARIABLES,
+    MigrationSettings,
     Settings,
+    load_migration_settings,
     load_settings,
     mask_url,
     normalize_database_url,
@@ -399,8 +401,45 @@ def test_env_example_documents_every_variable_with_its_default() -> None:
     root = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
     example = root / ".env.example"
     lines = example.read_text(encoding="utf-8").splitlines()
-    assert {line.split("=")[0] for line in lines if "=" in line and line[0] != "#"} == set(
-        VARIABLES.values()
-    )
+    migration_variables = {"DB_MIGRATION_LOCK_TIMEOUT", "DB_MIGRATION_RETRY_FOR"}
+    assert {line.split("=")[0] for line in lines if "=" in line and line[0] != "#"} == {
+        *VARIABLES.values(),
+        *migration_variables,
+    }
     settings = load_settings(example)
     assert settings == Settings(database_url=settings.database_url)
+    assert load_migration_settings(example) == MigrationSettings()
+
+
+def test_migration_settings_default_to_a_short_lock_wait_and_a_minute_of_retries(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """DB_MIGRATION_LOCK_TIMEOUT (3 s) and DB_MIGRATION_RETRY_FOR (60 s) need no DATABASE_URL."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("DB_MIGRATION_LOCK_TIMEOUT", raising=False)
+    monkeypatch.delenv("DB_MIGRATION_RETRY_FOR", raising=False)
+    assert load_migration_settings(None) == MigrationSettings(lock_timeout=3.0, retry_for=60.0)
+    env_file = tmp_path / ".env"
+    env_file.write_text("DB_MIGRATION_LOCK_TIMEOUT=2.5\nDB_MIGRATION_RETRY_FOR=10\n")
+    assert load_migration_settings(env_file) == MigrationSettings(2.5, 10.0)
+    monkeypatch.setenv("DB_MIGRATION_RETRY_FOR", "0")
+    assert load_migration_settings(env_file).retry_for == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DB_MIGRATION_LOCK_TIMEOUT", "0"),
+        ("DB_MIGRATION_LOCK_TIMEOUT", "soon"),
+        ("DB_MIGRATION_RETRY_FOR", "-1"),
+        ("DB_MIGRATION_RETRY_FOR", "inf"),
+        ("DB_MIGRATION_LOCK_TIMEOUT", "2147484"),
+    ],
+)
+def test_bad_migration_settings_name_their_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """A malformed or out-of-range DB_MIGRATION_* value raises ConfigurationError naming it."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=name):
+        load_migration_settings(None)

@@ -1,33 +1,76 @@
-"""A copy of the package's migrations with one extra revision, for migration tests."""
+"""A copy of the package's migrations with one extra revision, and model changes, for tests."""
 
 from __future__ import annotations
 
 import shutil
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from sqlalchemy import CheckConstraint, Column, Table
 
 from todo_backend import migrate
+from todo_backend.models import Task
+
+# Not a number, so never the id of a real revision (those are 0001, 0002, ...).
+SCRATCH = "scratch_test_change"
 
 
 def scripts_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upgrade_body: str) -> Path:
-    """Point :mod:`todo_backend.migrate` at a copy of its scripts plus a revision 0003.
+    """Point :mod:`todo_backend.migrate` at a copy of its scripts plus a revision SCRATCH.
 
-    The copy lives in *tmp_path*; revision 0003 revises 0002, runs *upgrade_body*
-    (Python statements using ``op`` and ``sa``) and downgrades as a no-op. Returns the
-    copied script directory; *monkeypatch* undoes the redirection after the test.
+    The copy lives in *tmp_path*; revision :data:`SCRATCH` revises the package's head,
+    runs *upgrade_body* (Python statements using ``op`` and ``sa``) and downgrades as
+    a no-op. Returns the copied script directory; *monkeypatch* undoes the
+    redirection after the test.
     """
+    head = migrate.head_revision()
     scripts = tmp_path / "migrations"
     shutil.copytree(migrate.MIGRATIONS_DIR, scripts, ignore=shutil.ignore_patterns("__pycache__"))
     body = textwrap.indent(textwrap.dedent(upgrade_body).strip(), "    ")
-    (scripts / "versions" / "0003_test_change.py").write_text(
+    (scripts / "versions" / f"{SCRATCH}.py").write_text(
         '"""A change made by a test."""\n\n'
         "import sqlalchemy as sa\nfrom alembic import op\n\n"
-        'revision = "0003"\ndown_revision = "0002"\n'
+        f"revision = {SCRATCH!r}\ndown_revision = {head!r}\n"
         "branch_labels = None\ndepends_on = None\n\n\n"
         f"def upgrade() -> None:\n{body}\n\n\n"
         "def downgrade() -> None:\n    pass\n"
     )
     monkeypatch.setattr(migrate, "MIGRATIONS_DIR", scripts)
     return scripts
+
+
+def tasks_table() -> Table:
+    """The ``tasks`` table the models declare."""
+    table: Table = Task.__table__  # type: ignore[attr-defined]
+    return table
+
+
+@contextmanager
+def model_column(column: Column[object]) -> Iterator[Column[object]]:
+    """Declare *column* on the models' ``tasks`` table for the block (a field added in code).
+
+    The column is taken off again afterwards (SQLAlchemy has no public way to remove
+    a column from a Table; its column collection's ``remove`` is used).
+    """
+    table = tasks_table()
+    table.append_column(column)
+    try:
+        yield column
+    finally:
+        table._columns.remove(column)
+
+
+@contextmanager
+def model_checks(*checks: CheckConstraint) -> Iterator[None]:
+    """Declare *checks* on the models' ``tasks`` table for the block."""
+    table = tasks_table()
+    for check in checks:
+        table.append_constraint(check)
+    try:
+        yield
+    finally:
+        for check in checks:
+            table.constraints.discard(check)

@@ -3,9 +3,10 @@
 Everything a repository call decides lives here once: argument validation, the owner
 condition, the statements (each shape built once, so SQLAlchemy compiles it once: at
 import, or for an update's set of changed fields when first needed), how a result row
-becomes a :class:`Task`, where a call runs (a pooled autocommit connection, the session's transaction, an atomic block), when it commits,
-that a read is retried once on a dropped connection and a write never is, and how a
-driver error becomes this package's error. :class:`~todo_backend.repository.TaskRepository`
+becomes a :class:`Task`, where a call runs (a pooled autocommit connection, the
+session's transaction, an atomic block), when it commits, that a read is retried once
+on a dropped connection and a write never is, and how a driver error becomes this
+package's error. :class:`~todo_backend.repository.TaskRepository`
 and :class:`~todo_backend.aio.AsyncTaskRepository` only carry out the I/O these
 functions ask for: :func:`execute` is a generator that yields each :class:`Step`
 (run the statement, commit, roll back) and receives its outcome, so the policy is

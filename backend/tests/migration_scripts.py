@@ -7,6 +7,7 @@ import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Final
 
 import pytest
 from sqlalchemy import CheckConstraint, Column, Table
@@ -16,6 +17,16 @@ from todo_backend.models import Task
 
 # Not a number, so never the id of a real revision (those are 0001, 0002, ...).
 SCRATCH = "scratch_test_change"
+
+
+def _shipped_head() -> str:
+    head = migrate.head_revision()
+    assert head is not None, "the package ships no revision"
+    return head
+
+
+HEAD: Final = _shipped_head()
+"""The newest revision the package ships: tests name no revision as the head."""
 
 
 def scripts_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upgrade_body: str) -> Path:

@@ -23,10 +23,9 @@ from tests.cli_runner import (
     cli_json,
     use_workdir,
 )
-from todo_backend import __version__, migrate
+from tests.migration_scripts import HEAD
+from todo_backend import __version__
 from todo_backend.cli import ExitCode, describe_endpoint, redact, resolve_settings
-
-HEAD = migrate.head_revision()
 
 
 @pytest.fixture(autouse=True)

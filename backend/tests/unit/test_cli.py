@@ -24,7 +24,7 @@ from tests.cli_runner import (
     use_workdir,
 )
 from tests.migration_scripts import HEAD
-from todo_backend import __version__
+from todo_backend import TaskRead, __version__
 from todo_backend.cli import ExitCode, describe_endpoint, redact, resolve_settings
 
 
@@ -110,15 +110,7 @@ def test_add_and_done_print_one_line_or_json(capsys: pytest.CaptureFixture[str])
     assert out.splitlines()[1].endswith(" " + "x" * 59 + "…")
 
     added = cli_json(capsys, "add", "--user", "bob", "with json", "--json")
-    assert set(added) == {
-        "id",
-        "user_id",
-        "title",
-        "description",
-        "complete",
-        "created_at",
-        "updated_at",
-    }
+    assert set(added) == set(TaskRead.model_fields)  # every column
     assert (added["id"], added["user_id"], added["complete"]) == (2, "bob", False)
     assert cli_json(capsys, "done", "--user", "bob", "2", "--json")["complete"] is True
 

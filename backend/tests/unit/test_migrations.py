@@ -420,6 +420,39 @@ def test_check_constraints_the_models_add_are_written_into_new_revisions(
         assert migrate.check(url).problems  # the models have them, the database does not
 
 
+def test_a_check_changed_by_a_revision_is_restored_by_the_next_one(
+    url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CHECK whose condition strayed is dropped and added again as the models state it."""
+    scripts_with(
+        tmp_path,
+        monkeypatch,
+        """
+        with op.batch_alter_table("tasks") as batch:
+            batch.drop_constraint("ck_tasks_title_valid", type_="check")
+            batch.create_check_constraint(
+                "ck_tasks_title_valid", "length(trim(title)) BETWEEN 1 AND 300"
+            )
+            batch.create_check_constraint("ck_tasks_not_in_the_models", "id > 0")
+        """,
+    )
+    migrate.upgrade(url)
+    assert len(migrate.check(url).problems) == 2
+    source = migrate.revision("restore the checks").read_text()
+    upgrade, downgrade = source.split("def downgrade()")
+    assert upgrade.count("drop_constraint(") == 2
+    assert "BETWEEN 1 AND 200" in upgrade
+    assert "BETWEEN 1 AND 300" in downgrade
+    assert "id > 0" in downgrade
+    migrate.upgrade(url)
+    result = migrate.check(url)
+    assert result.ok, result.problems
+    migrate.downgrade(url, "-1")
+    checks = {ck["name"]: ck["sqltext"] for ck in inspect(engine).get_check_constraints("tasks")}
+    assert "BETWEEN 1 AND 300" in str(checks["ck_tasks_title_valid"])
+    assert "ck_tasks_not_in_the_models" in checks
+
+
 def test_an_empty_revision_is_a_typed_skeleton(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import CheckConstraint, Column, Table
 
 from todo_backend import migrate
-from todo_backend.models import Task
+from todo_backend.models import Task, TextCheck
 
 # Not a number, so never the id of a real revision (those are 0001, 0002, ...).
 SCRATCH = "scratch_test_change"
@@ -75,9 +75,18 @@ def model_column(column: Column[object]) -> Iterator[Column[object]]:
 
 
 @contextmanager
-def model_checks(*checks: CheckConstraint) -> Iterator[None]:
-    """Declare *checks* on the models' ``tasks`` table for the block."""
+def probe_checks() -> Iterator[None]:
+    """Declare two CHECK constraints on the models' ``tasks`` for the block, as a new rule.
+
+    ``ck_tasks_probe_short`` (one condition on every database: titles under 150
+    characters) and ``ck_tasks_probe_text`` (written per database by ``TextCheck``: no
+    tilde in a title).
+    """
     table = tasks_table()
+    checks = (
+        CheckConstraint("length(title) < 150", name="ck_tasks_probe_short"),
+        CheckConstraint(TextCheck("title", ((0x7E, 0x7E),)), name="ck_tasks_probe_text"),
+    )
     for check in checks:
         table.append_constraint(check)
     try:

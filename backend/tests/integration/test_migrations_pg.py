@@ -22,10 +22,10 @@ from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlmodel import SQLModel
 
 from tests.fix_servers import PgBouncer, PgBouncerFactory
-from tests.migration_scripts import HEAD, SCRATCH, model_checks, model_column, scripts_with
+from tests.migration_scripts import HEAD, SCRATCH, model_column, probe_checks, scripts_with
 from todo_backend import migrate
 from todo_backend.db import create_db_engine, get_session, init_db
-from todo_backend.models import TaskCreate, TextCheck
+from todo_backend.models import TaskCreate
 from todo_backend.repository import TaskRepository
 
 _CATALOG = text(
@@ -250,9 +250,7 @@ def test_check_constraints_are_compared_by_meaning_and_written_into_revisions(
     """PostgreSQL rewrites a CHECK's text; check() compares meaning, and revisions add CHECKs."""
     scripts_with(tmp_path, monkeypatch, "pass")
     migrate.upgrade(url)
-    plain = CheckConstraint("length(title) < 150", name="ck_tasks_probe_short")
-    per_database = CheckConstraint(TextCheck("title", ((0x7E, 0x7E),)), name="ck_tasks_probe_text")
-    with model_checks(plain, per_database):
+    with probe_checks():
         missing = migrate.check(url).problems
         assert len(missing) == 2, missing
         migrate.revision("add checks")

@@ -25,11 +25,11 @@ from sqlalchemy.engine import Row, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import SQLModel
 
-from tests.migration_scripts import HEAD, SCRATCH, model_checks, model_column, scripts_with
+from tests.migration_scripts import HEAD, SCRATCH, model_column, probe_checks, scripts_with
 from todo_backend import migrate
 from todo_backend.db import create_db_engine, get_session, init_db
 from todo_backend.errors import ConfigurationError
-from todo_backend.models import TaskCreate, TextCheck
+from todo_backend.models import TaskCreate
 from todo_backend.repository import TaskRepository
 
 
@@ -395,9 +395,7 @@ def test_check_constraints_the_models_add_are_written_into_new_revisions(
     """Autogenerate ignores CHECKs; revision() adds them, one text or one per database."""
     scripts_with(tmp_path, monkeypatch, "pass")
     migrate.upgrade(url)
-    plain = CheckConstraint("length(title) < 150", name="ck_tasks_probe_short")
-    per_database = CheckConstraint(TextCheck("title", ((0x7E, 0x7E),)), name="ck_tasks_probe_text")
-    with model_checks(plain, per_database):
+    with probe_checks():
         problems = migrate.check(url).problems
         assert any("ck_tasks_probe_short on tasks: declared by the models" in p for p in problems)
         assert any("`python -m todo_backend.migrate revision" in p for p in problems)

@@ -51,7 +51,7 @@ def compat(target: Target, made: list[Engine]) -> Engine:
     return engine
 
 
-def shown(conn: Connection | Session) -> dict[str, str]:
+def shown(conn: Connection) -> dict[str, str]:
     """The three bounds as the server applies them to the current transaction."""
     return {name: str(conn.execute(text(f"SHOW {name}")).scalar_one()) for name in SHOWN}
 
@@ -76,7 +76,7 @@ def test_begin_nested_recovers_from_an_integrity_error(
         with pytest.raises(IntegrityError), session.begin_nested():  # noqa: PT012
             session.add(Task(id=first.id, user_id=ALICE, title="duplicate"))
             session.flush()
-        assert shown(session) == SHOWN
+        assert shown(session.connection()) == SHOWN
         session.add(Task(user_id=ALICE, title="second"))
         session.commit()
     assert sorted(_titles(target, made)) == ["first", "second"]
@@ -97,7 +97,7 @@ def test_the_create_savepoint_fixture_pattern_runs_repository_calls(
         session.rollback()
         repo.create(ALICE, TaskCreate(title="after"))
         assert [t.title for t in repo.list(ALICE)] == ["after", "kept"]
-        assert shown(session) == SHOWN
+        assert shown(session.connection()) == SHOWN
         session.close()
         outer.rollback()
     assert _titles(target, made) == []
@@ -127,7 +127,7 @@ def test_executemany_of_a_text_statement(
 
 
 def test_a_bulk_orm_insert(compat: Engine) -> None:
-    """session.execute(insert(Task), [...]) stores every row."""
+    """session.exec(insert(Task), params=[...]) stores every row (a bulk ORM insert)."""
     now = utc_now()
     values = [
         {
@@ -140,7 +140,7 @@ def test_a_bulk_orm_insert(compat: Engine) -> None:
         for i in range(5)
     ]
     with Session(compat) as session:
-        session.execute(insert(Task), values)
+        session.exec(insert(Task), params=values)
         session.commit()
     assert TaskRepository(Session(compat)).count(ALICE) == 5
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.engine import URL
 
 from tests.async_face import AwaitedRepository, open_session
@@ -352,3 +352,115 @@ def test_single_calls_run_in_driver_autocommit(engine: Engine) -> None:
         assert dbapi is not None
         assert dbapi.autocommit is False  # the pool's connections rest in normal mode
         assert dbapi.info.transaction_status == 0  # TRANSACTION_STATUS_IDLE
+
+
+# -- the engines as ordinary SQLAlchemy engines --------------------------------------
+
+Body = Callable[[Connection], None]
+
+
+@pytest.fixture(params=["sync", "async"])
+def wired_run(
+    request: pytest.FixtureRequest, wired_engine: Engine, wired_url: str
+) -> Iterator[Callable[[Body], None]]:
+    """Run a body on a connection of the sync engine, or of the async one (via run_sync).
+
+    The connection is opened, and the engine's first-connect queries sent, before
+    anything is recorded.
+    """
+    if request.param == "sync":
+        with wired_engine.connect() as conn:
+            conn.rollback()  # the first connect's own transaction
+        yield lambda body: _run_sync(wired_engine, body)
+        return
+    with asyncio.Runner() as runner:
+        engine = create_async_db_engine(wired_url)
+
+        async def run(body: Body) -> None:
+            async with engine.connect() as conn:
+                await conn.run_sync(body)
+
+        runner.run(run(lambda conn: None))
+        yield lambda body: runner.run(run(body))
+        runner.run(engine.dispose())
+
+
+def _run_sync(engine: Engine, body: Body) -> None:
+    with engine.connect() as conn:
+        body(conn)
+
+
+def test_a_transaction_carries_the_bounds_once(
+    wired_run: Callable[[Body], None], wire: Wire
+) -> None:
+    """The first statement of a transaction carries the bounds; savepoints and the rest never."""
+
+    def body(conn: Connection) -> None:
+        conn.execute(text("SELECT 1"))
+        with conn.begin_nested():
+            conn.execute(text("SELECT 2"))
+        nested = conn.begin_nested()
+        conn.execute(text("SELECT 3"))
+        nested.rollback()
+        conn.execute(text("SELECT 4"))
+        conn.commit()
+
+    with wire.recording() as seen:
+        wired_run(body)
+    assert [q.split()[0] for q in seen.queries] == [
+        *("BEGIN", "SELECT", "SAVEPOINT", "SELECT", "RELEASE"),
+        *("SAVEPOINT", "SELECT", "ROLLBACK", "SELECT", "COMMIT"),
+    ]
+    assert seen.bounded == ["SELECT 1"]
+    assert seen.round_trips == len(seen.queries)
+
+
+def test_bounds_undone_by_a_savepoint_rollback_are_sent_again(
+    wired_run: Callable[[Body], None], wire: Wire
+) -> None:
+    """Bounds set inside a savepoint that is rolled back go out again with the next statement."""
+
+    def body(conn: Connection) -> None:
+        nested = conn.begin_nested()
+        conn.execute(text("SELECT 1"))
+        nested.rollback()
+        conn.execute(text("SELECT 2"))
+        conn.execute(text("SELECT 3"))
+        conn.rollback()
+
+    with wire.recording() as seen:
+        wired_run(body)
+    assert seen.bounded == ["SELECT 1", "SELECT 2"]
+
+
+def test_an_executemany_first_in_a_transaction_gets_the_bounds_alone(
+    wired_run: Callable[[Body], None], wire: Wire
+) -> None:
+    """An executemany carries nothing; first in its transaction, the bounds go just before it."""
+
+    def body(conn: Connection) -> None:
+        conn.execute(text("SELECT CAST(:n AS int)"), [{"n": 1}, {"n": 2}])
+        conn.execute(text("SELECT CAST(:n AS int)"), [{"n": 3}, {"n": 4}])
+        conn.rollback()
+
+    with wire.recording() as seen:
+        wired_run(body)
+    assert seen.queries[:2] == ["BEGIN", BOUNDS_ALONE]
+    assert seen.bounded == [BOUNDS_ALONE]
+    assert [q for q in seen.queries if q.startswith("SELECT")] == [
+        f"SELECT CAST({n} AS int)" for n in (1, 2, 3, 4)
+    ]
+
+
+def test_a_callers_autocommit_statement_carries_nothing(
+    wired_run: Callable[[Body], None], wire: Wire
+) -> None:
+    """A statement the caller runs in autocommit goes out exactly as written."""
+
+    def body(conn: Connection) -> None:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("SELECT 1"))
+
+    with wire.recording() as seen:
+        wired_run(body)
+    assert seen.queries == ["SELECT 1"]
+    assert seen.bounded == []

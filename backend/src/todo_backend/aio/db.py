@@ -60,7 +60,9 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
     """Create the async engine for *settings_or_url*, tuned like :func:`create_db_engine`.
 
     Takes the same Settings or URL (``postgresql://``, ``postgres://``,
-    ``sqlite:///FILE``, ``sqlite://``) and picks the async driver itself. PostgreSQL:
+    ``postgresql+psycopg://``, ``postgresql+psycopg2://``, ``sqlite:///FILE``,
+    ``sqlite://``) and picks the async driver itself: psycopg 3 or aiosqlite, whichever
+    driver the URL names. PostgreSQL:
     a pool of ``pool_size`` plus ``max_overflow`` connections, ``connect_timeout``,
     keepalives, recycling below Neon's 300 s idle suspend, ``sslmode=require`` for a
     non-local host whose URL does not choose one, no server-side prepared statements,

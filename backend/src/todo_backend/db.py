@@ -5,7 +5,8 @@ One engine factory (:func:`create_db_engine`), one session helper
 are built for Neon: TLS for remote hosts, a bounded pool recycled before Neon's idle
 timeout, TCP keepalives, nothing that PgBouncer's transaction pooling breaks, a
 zero-round-trip liveness check that replaces dead pooled connections before use, and
-server-side bounds on every statement (:func:`timeout_error` names the one a failed
+server-side bounds set once per transaction, in its first statement's own query
+message (:func:`bound_every_statement`; :func:`timeout_error` names the one a failed
 call ran into).
 """
 
@@ -234,8 +235,19 @@ class _Transaction:
         self.idle_since: float | None = None
         self.sent_at: float | None = None
 
-    def control(self, verb: str, rest: str) -> None:
-        """Follow a transaction-control statement: savepoints, and the transaction's end."""
+    def follow(self, statement: str) -> bool:
+        """Tell whether *statement* controls the transaction; if so, follow what it does.
+
+        Savepoints are tracked by name (``SAVEPOINT``, ``RELEASE``, ``ROLLBACK TO``);
+        a ``COMMIT`` or ``ROLLBACK`` sent as a statement ends the transaction.
+        """
+        control = _CONTROL.match(statement)
+        if control is None:
+            return False
+        self._control(control[1].upper(), control[2])
+        return True
+
+    def _control(self, verb: str, rest: str) -> None:
         if verb == "SAVEPOINT":
             self.savepoints.append(rest)
             return
@@ -341,9 +353,7 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
         if tx is None:
             tx = info[_TRANSACTION] = _Transaction()
         tx.sent_at = time.monotonic()
-        control = _CONTROL.match(statement)
-        if control is not None:
-            tx.control(control[1].upper(), control[2])
+        if tx.follow(statement):
             return statement, parameters
         if not own or alone:
             tx.trusted = False

@@ -225,9 +225,8 @@ def migration_connection(url_or_engine: UrlOrEngine) -> Iterator[Connection]:
     """
     engine, owned = _engine_for(url_or_engine)
     try:
-        # Migrations run without the per-statement bounds: DDL on a big table may
-        # legitimately take longer, and some (CREATE INDEX CONCURRENTLY) refuse to run
-        # in the implicit transaction the bounds put them in.
+        # Migrations run without the engine's bounds: DDL on a big table may
+        # legitimately take longer than a request's statement bound.
         with engine.connect().execution_options(**UNBOUNDED) as connection, connection.begin():
             if connection.dialect.name == "sqlite":
                 dbapi_connection: Any = connection.connection.dbapi_connection

@@ -374,7 +374,9 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
                 tx.idle_since = time.monotonic()
 
     def begin(conn: Connection) -> None:
-        conn.info[_TRANSACTION] = _Transaction()
+        # The next statement sent in a transaction starts a fresh record (autocommit
+        # statements, the repository's common case, never need one).
+        conn.info.pop(_TRANSACTION, None)
 
     def commit(conn: Connection) -> None:
         tx = conn.info.get(_TRANSACTION)

@@ -278,9 +278,9 @@ def _migration_session(
         lock_timeout = load_migration_settings().lock_timeout
     engine, owned = _engine_for(url_or_engine)
     try:
-        # Migrations run without the per-statement bounds: DDL on a big table may
-        # legitimately take longer, and some (CREATE INDEX CONCURRENTLY) refuse to run
-        # in the implicit transaction the bounds put them in.
+        # Migrations run without the engine's bounds: DDL on a big table may
+        # legitimately take longer than a request's statement bound; each revision's
+        # transaction sets its own lock_timeout instead.
         with engine.connect().execution_options(**UNBOUNDED) as connection:
             connection.info[_LOCK_TIMEOUT_KEY] = lock_timeout
             yield connection

@@ -48,7 +48,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import InstanceState, Session, configure_mappers
 
-from todo_backend.db import cannot_connect, timeout_error
+from todo_backend.db import BOUNDED, cannot_connect, timeout_error
 from todo_backend.errors import DatabaseUnavailableError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_user_id
 
@@ -105,8 +105,14 @@ _BLOCK_FAILED: Final = (
 )
 _OWNED = (_c.user_id == bindparam("owner"), _c.id == bindparam("task_id"))
 
-_INSERT: Final = insert(_table).returning(*_ALL_COLUMNS, sort_by_parameter_order=True)
-_GET: Final = select(*_ALL_COLUMNS).where(*_OWNED)
+# Every statement is marked as the package's own: the engine bounds it even when it
+# autocommits (todo_backend.db.bound_every_statement).
+_INSERT: Final = (
+    insert(_table)
+    .returning(*_ALL_COLUMNS, sort_by_parameter_order=True)
+    .execution_options(**BOUNDED)
+)
+_GET: Final = select(*_ALL_COLUMNS).where(*_OWNED).execution_options(**BOUNDED)
 
 
 def _array_of(column: Any) -> ARRAY[Any]:
@@ -145,8 +151,9 @@ _INSERT_BATCH: Final = (
         ).order_by(_BATCH.c.ordinal),
     )
     .returning(*_ALL_COLUMNS)
+    .execution_options(**BOUNDED)
 )
-_DELETE: Final = delete(_table).where(*_OWNED)
+_DELETE: Final = delete(_table).where(*_OWNED).execution_options(**BOUNDED)
 
 
 def _list_statement(*, by_complete: bool, keyset: bool) -> Select[Any]:
@@ -155,14 +162,14 @@ def _list_statement(*, by_complete: bool, keyset: bool) -> Select[Any]:
         stmt = stmt.where(_c.complete == bindparam("complete"))
     if keyset:
         stmt = stmt.where(_c.id < bindparam("before_id"))
-    return stmt.order_by(_c.id.desc()).limit(bindparam("limit"))
+    return stmt.order_by(_c.id.desc()).limit(bindparam("limit")).execution_options(**BOUNDED)
 
 
 def _count_statement(*, by_complete: bool) -> Select[Any]:
     stmt = select(func.count()).select_from(_table).where(_c.user_id == bindparam("owner"))
     if by_complete:
         stmt = stmt.where(_c.complete == bindparam("complete"))
-    return stmt
+    return stmt.execution_options(**BOUNDED)
 
 
 # Every list/count shape, built once: (filter on complete?, after a cursor?).
@@ -189,6 +196,7 @@ class _Updates(dict[frozenset[str], Update]):
             .where(*_OWNED)
             .values(**values, updated_at=bindparam("new_updated_at"))
             .returning(*_ALL_COLUMNS)
+            .execution_options(**BOUNDED)
         )
         self[fields] = stmt
         return stmt

@@ -3,13 +3,14 @@
 PostgreSQL runs on psycopg 3 (``postgresql+psycopg_async``) with the sync engine's
 pool bounds, recycling, connect timeout, keepalives and TLS rule, and the same
 zero-round-trip check that replaces dead pooled connections before a statement is
-sent, and the same statement, lock and idle-in-transaction bounds in each statement's
-own query message (:func:`todo_backend.db.bound_every_statement`). For that, psycopg 3
-binds parameters on the client (:class:`_LastResultCursor`): the statement goes out as
-one simple-protocol message, as psycopg2 sends it, and is never prepared on the
-server, which PgBouncer in transaction mode (Neon's pooled endpoint) would break by
-handing the next transaction to a server connection that lacks the prepared
-statement. SQLite runs on aiosqlite.
+sent, and the same statement, lock and idle-in-transaction bounds, set once per
+transaction in its first statement's own query message
+(:func:`todo_backend.db.bound_every_statement`). For that, psycopg 3 binds parameters
+on the client (:class:`_LastResultCursor`): a statement goes out as one
+simple-protocol message, as psycopg2 sends it, and is never prepared on the server,
+which PgBouncer in transaction mode (Neon's pooled endpoint) would break by handing
+the next transaction to a server connection that lacks the prepared statement.
+SQLite runs on aiosqlite.
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ _SQLITE_DRIVER: Final = "sqlite+aiosqlite"
 class _LastResultCursor(AsyncClientCursor[Any]):
     """psycopg 3's client-binding cursor, positioned on the last statement's result.
 
-    The bounds travel as ``SET LOCAL ...;`` statements in front of each statement, in
-    the same message. psycopg leaves a cursor on the first result of such a message;
-    the caller (SQLAlchemy) wants the statement's own, the last: rows, ``RETURNING``
-    and rowcount. The results are all in memory already, so moving costs nothing.
+    The bounds travel as a ``SELECT set_config(...);`` in front of a transaction's
+    first statement, in the same message. psycopg leaves a cursor on the first result
+    of such a message; the caller (SQLAlchemy) wants the statement's own, the last:
+    rows, ``RETURNING`` and rowcount. The results are all in memory already, so moving
+    costs nothing. An executemany never carries the bounds and runs as psycopg runs it.
     """
 
     async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:

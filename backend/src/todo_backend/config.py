@@ -87,13 +87,15 @@ class Settings:
     """Connection settings for one database, validated when built.
 
     ``pool_size + max_overflow`` bounds the connections one engine opens (5 to 20 by
-    default, within Neon's per-compute limits). The repr masks the password.
+    default, within Neon's per-compute limits); those above ``pool_size`` are closed
+    once idle for ``pool_idle_timeout`` seconds. The repr masks the password.
     """
 
     database_url: str = field(repr=False)
     pool_size: int = 5
     max_overflow: int = 15
     pool_timeout: float = 30
+    pool_idle_timeout: float = 60
     connect_timeout: int = 10
     statement_timeout: float = 15
     lock_timeout: float = 5
@@ -106,6 +108,7 @@ class Settings:
         _require(self.pool_size >= 1, "DB_POOL_SIZE", "an integer of at least 1")
         _require(self.max_overflow >= 0, "DB_MAX_OVERFLOW", "an integer of at least 0")
         _require(self.pool_timeout > 0, "DB_POOL_TIMEOUT", "a number of seconds above 0")
+        _require(self.pool_idle_timeout > 0, "DB_POOL_IDLE_TIMEOUT", "a number of seconds above 0")
         _require(self.connect_timeout >= 1, "DB_CONNECT_TIMEOUT", "an integer of at least 1")
         # PostgreSQL counts these bounds in whole milliseconds; 0 there means "no bound".
         for name, value in (
@@ -129,6 +132,7 @@ class Settings:
         return (
             f"Settings(database_url={self.masked_url!r}, pool_size={self.pool_size}, "
             f"max_overflow={self.max_overflow}, pool_timeout={self.pool_timeout}, "
+            f"pool_idle_timeout={self.pool_idle_timeout}, "
             f"connect_timeout={self.connect_timeout}, statement_timeout={self.statement_timeout}, "
             f"lock_timeout={self.lock_timeout}, "
             f"idle_in_transaction_timeout={self.idle_in_transaction_timeout}, echo={self.echo})"
@@ -141,7 +145,8 @@ def load_settings(
     """Build :class:`Settings` from the environment, falling back to *env_file*.
 
     Variables: ``DATABASE_URL`` (required unless *database_url* is given),
-    ``DB_POOL_SIZE``, ``DB_MAX_OVERFLOW``, ``DB_POOL_TIMEOUT``, ``DB_CONNECT_TIMEOUT``,
+    ``DB_POOL_SIZE``, ``DB_MAX_OVERFLOW``, ``DB_POOL_TIMEOUT``, ``DB_POOL_IDLE_TIMEOUT``,
+    ``DB_CONNECT_TIMEOUT``,
     ``DB_STATEMENT_TIMEOUT``, ``DB_LOCK_TIMEOUT``, ``DB_IDLE_IN_TRANSACTION_TIMEOUT``,
     ``DB_ECHO``. A variable set in the process environment wins over the file; the
     file is optional and is read without touching ``os.environ``. *database_url*
@@ -166,6 +171,7 @@ def load_settings(
         pool_size=_int(values, "DB_POOL_SIZE", 5),
         max_overflow=_int(values, "DB_MAX_OVERFLOW", 15),
         pool_timeout=_float(values, "DB_POOL_TIMEOUT", 30.0),
+        pool_idle_timeout=_float(values, "DB_POOL_IDLE_TIMEOUT", 60.0),
         connect_timeout=_int(values, "DB_CONNECT_TIMEOUT", 10),
         statement_timeout=_float(values, "DB_STATEMENT_TIMEOUT", 15.0),
         lock_timeout=_float(values, "DB_LOCK_TIMEOUT", 5.0),

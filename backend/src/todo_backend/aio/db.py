@@ -32,6 +32,7 @@ from todo_backend.db import (
     sqlite_engine_options,
     sqlite_on_connect,
 )
+from todo_backend.pool import AsyncIdleQueuePool
 
 __all__ = ["create_async_db_engine", "get_async_session"]
 
@@ -61,7 +62,8 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
 
     Takes the same Settings or URL (``postgresql://``, ``postgres://``,
     ``sqlite:///FILE``, ``sqlite://``) and picks the async driver itself. PostgreSQL:
-    a pool of ``pool_size`` plus ``max_overflow`` connections, ``connect_timeout``,
+    a pool of ``pool_size`` plus ``max_overflow`` connections kept while busy, those
+    above ``pool_size`` closed once idle for ``pool_idle_timeout``, ``connect_timeout``,
     keepalives, recycling below Neon's 300 s idle suspend, ``sslmode=require`` for a
     non-local host whose URL does not choose one, no server-side prepared statements,
     and dead pooled connections replaced at checkout without a round trip. SQLite:
@@ -78,6 +80,7 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
             event.listen(engine.sync_engine, "connect", sqlite_on_connect)
         return engine
     options = postgres_engine_options(url, settings)
+    options["poolclass"] = AsyncIdleQueuePool
     options["connect_args"]["cursor_factory"] = _LastResultCursor
     # Client-side binding never prepares; this keeps it so should a cursor of another
     # kind ever be used.

@@ -401,7 +401,10 @@ def init_db(engine: Engine) -> None:
 
 
 def get_session(engine: Engine) -> Generator[Session, None, None]:
-    """Yield a session on *engine* and close it afterwards: a FastAPI dependency.
+    """Yield a session on *engine* and close it afterwards.
+
+    Not a FastAPI dependency by itself (FastAPI cannot supply *engine*): wrap it in a
+    function of no arguments that yields from it.
 
     Objects stay readable after commit (``expire_on_commit=False``): re-reading them
     would cost a round trip per object for data the caller already has.

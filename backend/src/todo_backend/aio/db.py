@@ -94,7 +94,10 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
 
 
 async def get_async_session(engine: AsyncEngine) -> AsyncGenerator[AsyncSession, None]:
-    """Yield an async session on *engine* and close it afterwards: a FastAPI dependency.
+    """Yield an async session on *engine* and close it afterwards.
+
+    Not a FastAPI dependency by itself (FastAPI cannot supply *engine*):
+    :func:`todo_backend.fastapi.session_dependency` makes one from an engine.
 
     Objects stay readable after commit (``expire_on_commit=False``), as with
     :func:`~todo_backend.get_session`: an async session could not lazily re-read them.

@@ -12,6 +12,7 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, timedelta
 from typing import Any
 
@@ -19,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from sqlalchemy import Engine, event, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, event, orm, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
 from todo_backend.errors import TodoBackendError
@@ -398,6 +399,145 @@ class RepositoryContract:
             block()
         assert [t.title for t in repo.list(ALICE)] == ["already there"]
 
+    def test_a_nested_block_that_raises_fails_the_whole_block(self, repo: TaskRepository) -> None:
+        """A nested block that exits with an exception, caught outside it, fails the outer block."""
+        done = _new(repo, title="already there")
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="outer")
+                with contextlib.suppress(LookupError), repo.atomic():
+                    _new(repo, title="inner")
+                    repo.update(ALICE, done.id or 0, TaskUpdate(complete=True))
+                    raise LookupError
+                with pytest.raises(TodoBackendError, match="rolled back"):
+                    _new(repo, title="after the nested block")
+
+        with pytest.raises(TodoBackendError, match="rolled back"):
+            block()
+        assert [(t.title, t.complete) for t in repo.list(ALICE)] == [("already there", False)]
+
+    def test_a_call_cut_short_fails_the_whole_block(
+        self, repo: TaskRepository, cut_short: CutShort
+    ) -> None:
+        """A call cut short (cancelled, interrupted), its error caught, fails the block."""
+        done = _new(repo, title="already there")
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+                with pytest.raises(cut_short.error), cut_short.at("before_execute"):
+                    repo.update(ALICE, done.id or 0, TaskUpdate(title="second"))
+                with pytest.raises(TodoBackendError, match="rolled back"):
+                    _new(repo, title="third")
+
+        with pytest.raises(TodoBackendError, match="rolled back"):
+            block()
+        assert [(t.title, t.complete) for t in repo.list(ALICE)] == [("already there", False)]
+        assert repo.count(ALICE) == 1  # the session works after the block
+
+    def test_a_call_cut_short_that_leaves_the_block_rolls_it_back(
+        self, repo: TaskRepository, cut_short: CutShort
+    ) -> None:
+        """A cancellation or interrupt leaving the block reaches the caller; nothing is stored."""
+        done = _new(repo, title="already there")
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+                with cut_short.at("before_execute"):
+                    repo.update(ALICE, done.id or 0, TaskUpdate(title="second"))
+
+        with pytest.raises(cut_short.error):
+            block()
+        assert [t.title for t in repo.list(ALICE)] == ["already there"]
+
+    def test_a_block_cut_short_at_its_commit_leaves_the_session_usable(
+        self, repo: TaskRepository, cut_short: CutShort
+    ) -> None:
+        """A block cancelled or interrupted at its COMMIT raises as is; the session goes on."""
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+                _new(repo, title="second")
+
+        with pytest.raises(cut_short.error), cut_short.at("commit"):
+            block()
+        # The COMMIT may or may not have happened; the block is never applied in part.
+        assert [t.title for t in repo.list(ALICE)] in ([], ["second", "first"])
+        with repo.atomic():
+            _new(repo, title="next block")
+        assert repo.count(ALICE, complete=False) in (1, 3)
+
+    def test_a_failed_rollback_never_hides_an_interrupted_commit(
+        self, repo: TaskRepository, cut_short: CutShort
+    ) -> None:
+        """A block cut short at COMMIT whose ROLLBACK fails too still raises the interruption."""
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+
+        with (
+            pytest.raises(cut_short.error) as raised,
+            cut_short.at("commit"),
+            _next_rollback_fails(),
+        ):
+            block()
+        notes = "\n".join(getattr(raised.value, "__notes__", []))
+        assert "ROLLBACK failed" in notes
+        assert "may or may not have been applied" in notes  # never "nothing was stored"
+        assert repo.count(ALICE) in (0, 1)
+
+    def test_a_call_cut_short_in_its_argument_checks_fails_the_block(
+        self, repo: TaskRepository, cut_short: CutShort
+    ) -> None:
+        """An interrupt while a call checks its arguments fails the block like any failed call."""
+        error = cut_short.error
+
+        class Interrupting(TaskUpdate):
+            def model_dump(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+                raise error
+
+        done = _new(repo, title="already there")
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+                with pytest.raises(error):
+                    repo.update(ALICE, done.id or 0, Interrupting(title="second"))
+
+        with pytest.raises(TodoBackendError, match="rolled back"):
+            block()
+        assert [t.title for t in repo.list(ALICE)] == ["already there"]
+
+    @pytest.mark.parametrize("caught", [False, True], ids=["raised", "caught"])
+    def test_a_failed_rollback_never_hides_the_callers_error(
+        self, repo: TaskRepository, caught: bool
+    ) -> None:
+        """When the block's ROLLBACK fails too, the caller gets its own error, the failure noted."""
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+                if caught:
+                    with contextlib.suppress(LookupError), repo.atomic():
+                        raise LookupError("the caller's own error")
+                else:
+                    raise LookupError("the caller's own error")
+
+        expected: type[Exception] = TodoBackendError if caught else LookupError
+        with pytest.raises(expected) as raised, _next_rollback_fails():
+            block()
+        error = raised.value
+        assert ("rolled back" if caught else "the caller's own error") in str(error)
+        notes = "\n".join(getattr(error, "__notes__", []))
+        assert "ROLLBACK failed too (the database connection was lost)" in notes
+        assert "Nothing of the block was stored" in notes
+        assert "server closed the connection" not in str(error) + notes  # no raw driver text
+        assert repo.list(ALICE) == []
+
     @pytest.mark.parametrize(
         "refused",
         [
@@ -637,6 +777,49 @@ class RepositoryContract:
             with repo.atomic():
                 _new(repo, title="inside")
             assert repo.count(ALICE) == 2
+
+
+@dataclass(frozen=True)
+class CutShort:
+    """How a face cuts a repository call short mid-statement, and what its caller then sees.
+
+    The sync face raises a KeyboardInterrupt-like BaseException as the statement starts;
+    the async face cancels the awaiting task, which lands at the driver's await.
+    """
+
+    error: type[BaseException]
+    at: Callable[[str], AbstractContextManager[None]]  # cut at the next event of this name
+
+
+@contextlib.contextmanager
+def once_at(target: Any, event_name: str, action: Callable[[], None]) -> Iterator[None]:
+    """Run *action* at the next *event_name* event of *target* (a fault injected once)."""
+    armed = [True]
+
+    def fire(*_args: object) -> None:
+        if armed[0]:
+            armed[0] = False
+            action()
+
+    event.listen(target, event_name, fire)
+    try:
+        yield
+    finally:
+        event.remove(target, event_name, fire)
+
+
+def _lose_the_connection() -> None:
+    lost = ConnectionError("server closed the connection unexpectedly")
+    raise OperationalError(None, None, lost, connection_invalidated=True)
+
+
+def _next_rollback_fails() -> AbstractContextManager[None]:
+    """Make the next session ROLLBACK fail the way a lost connection does.
+
+    Raised as a session finishes rolling back (``after_rollback``), so it fires
+    whatever state the connection's transaction is in, on both faces.
+    """
+    return once_at(orm.Session, "after_rollback", _lose_the_connection)
 
 
 @contextlib.contextmanager

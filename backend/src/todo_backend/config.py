@@ -1,42 +1,98 @@
 """Settings from the process environment and an optional ``.env`` file.
 
 One loader, :func:`load_settings`, turns ``DATABASE_URL`` and the ``DB_*`` variables
-into an immutable :class:`Settings`. The URL is normalised to the psycopg2 driver
-(SQLAlchemy 2.1 would pick psycopg 3 for a bare ``postgresql://``) and is never shown
-with its password: not in a repr, not in an error.
+into an immutable :class:`Settings`; pydantic-settings reads them (the environment
+over the file) and pydantic checks each against its allowed range. The URL is
+normalised to the psycopg2 driver, whichever PostgreSQL driver it names (the async
+engine swaps in psycopg 3 itself), and is never shown with its password: not in a
+repr, not in an error. Errors are :class:`ConfigurationError` naming the variable and
+what it accepts, never the value given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Final
+from collections.abc import Mapping
+from typing import Annotated, Any, Final
 
-from dotenv import dotenv_values
+from pydantic import (
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from todo_backend.errors import ConfigurationError
 
-__all__ = ["Settings", "load_settings", "mask_url", "normalize_database_url"]
+__all__ = [
+    "MAX_POOL",
+    "MAX_SECONDS",
+    "VARIABLES",
+    "Settings",
+    "load_settings",
+    "mask_url",
+    "normalize_database_url",
+]
 
 _POSTGRES_DRIVER: Final = "postgresql+psycopg2"
-_POSTGRES_SCHEMES: Final = frozenset({"postgres", "postgresql", "postgresql+psycopg2"})
-_SQLITE_SCHEMES: Final = frozenset({"sqlite", "sqlite+pysqlite"})
+# The spellings users bring: libpq's and Heroku's/Neon's consoles', and SQLAlchemy's
+# names of psycopg2 and psycopg 3 (what the FastAPI full-stack template's settings
+# produce). Each engine picks its own driver; the URL only says "PostgreSQL".
+_POSTGRES_SCHEMES: Final = frozenset(
+    {
+        "postgres",
+        "postgresql",
+        "postgresql+psycopg2",
+        "postgresql+psycopg",
+        "postgresql+psycopg_async",
+    }
+)
+_SQLITE_SCHEMES: Final = frozenset({"sqlite", "sqlite+pysqlite", "sqlite+aiosqlite"})
 _QUERY_PASSWORD: Final = re.compile(r"(?P<key>[?&]password=)[^&]*")
 _URL_HINT: Final = (
     "expected postgresql://USER:PASSWORD@HOST/DBNAME?sslmode=require "
+    "(or postgres://, postgresql+psycopg://, postgresql+psycopg2://) "
     "or sqlite:///PATH (see .env.example)"
 )
+_NOT_SET: Final = (
+    "DATABASE_URL is not set: export it or put it in .env "
+    "(copy .env.example and fill in your Neon connection string)"
+)
+
+MAX_SECONDS: Final = 2_147_483.647
+"""The longest duration any setting takes: PostgreSQL's bounds are 32-bit milliseconds.
+
+``statement_timeout``, ``lock_timeout`` and ``idle_in_transaction_session_timeout``
+stop at 2,147,483,647 ms (about 24.8 days), and so does SQLite's busy timeout, which
+``DB_POOL_TIMEOUT`` sets; the other durations share the limit.
+"""
+MAX_POOL: Final = 1000
+"""The most connections ``DB_POOL_SIZE`` or ``DB_MAX_OVERFLOW`` asks of one engine.
+
+PostgreSQL's ``max_connections`` defaults to 100, and a process wanting more than a
+thousand connections of its own wants a pooler in front (Neon's pooled endpoint).
+"""
+
+_Seconds = Annotated[float, Field(ge=0.001, le=MAX_SECONDS, allow_inf_nan=False)]
 
 
 def normalize_database_url(raw: str) -> URL:
     """Parse *raw* and return it as a SQLAlchemy URL on a driver this package ships.
 
-    ``postgres://`` (Heroku and Neon consoles) and ``postgresql://`` become
-    ``postgresql+psycopg2://``; SQLite URLs pass through. Anything else raises
+    ``postgres://`` (Heroku and Neon consoles), ``postgresql://``,
+    ``postgresql+psycopg://`` and ``postgresql+psycopg_async://`` (psycopg 3) become
+    ``postgresql+psycopg2://``, the sync engine's driver (the async engine swaps in
+    psycopg 3 whichever was named); ``sqlite://``, ``sqlite+pysqlite://`` and
+    ``sqlite+aiosqlite://`` become ``sqlite://``. Anything else raises
     :class:`ConfigurationError` with a message that does not echo the URL, since an
     unparseable URL cannot be masked reliably.
     """
@@ -45,12 +101,9 @@ def normalize_database_url(raw: str) -> URL:
         raise ConfigurationError(
             "DATABASE_URL is empty: set it in the environment or in .env (see .env.example)"
         )
-    try:
-        url = make_url(text)
-    except (ArgumentError, ValueError):
-        # The parser's own message repeats the input, password included. (A port that
-        # is not a number surfaces as a bare ValueError.)
-        raise ConfigurationError(f"DATABASE_URL is not a valid URL: {_URL_HINT}") from None
+    url = _parse(text)
+    if url is None:
+        raise ConfigurationError(f"DATABASE_URL is not a valid URL: {_URL_HINT}")
     if "password" in url.query:
         # libpq also takes ?password=; move it where SQLAlchemy knows to mask it in
         # every repr of the URL and the engine.
@@ -70,53 +123,74 @@ def normalize_database_url(raw: str) -> URL:
     )
 
 
+def _parse(text: str) -> URL | None:
+    """Parse *text* as a URL, or return None: the parser's error repeats the input.
+
+    Raised inside an ``except`` block, a ConfigurationError would still carry that
+    error as its ``__context__`` (password included) even ``from None``; the caller
+    raises its own outside of one. (A port that is not a number is a bare ValueError.)
+    """
+    try:
+        return make_url(text)
+    except (ArgumentError, ValueError):
+        return None
+
+
 def mask_url(url: URL | str) -> str:
     """Render *url* with its password replaced by ``***``, for logs and messages."""
     if isinstance(url, str):
-        try:
-            url = make_url(url)
-        except (ArgumentError, ValueError):
+        parsed = _parse(url)
+        if parsed is None:
             return "<unparseable URL>"
+        url = parsed
     rendered = url.render_as_string(hide_password=True)
     # libpq also takes the password as a query parameter (?password=...).
     return _QUERY_PASSWORD.sub(r"\g<key>***", rendered) if "password" in url.query else rendered
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class Settings:
     """Connection settings for one database, validated when built.
 
     ``pool_size + max_overflow`` bounds the connections one engine opens (5 to 20 by
     default, within Neon's per-compute limits); those above ``pool_size`` are closed
-    once idle for ``pool_idle_timeout`` seconds. The repr masks the password.
+    once idle for ``pool_idle_timeout``. Every duration is in seconds, at most
+    :data:`MAX_SECONDS`; the statement, lock and idle-in-transaction bounds at least
+    0.001 (PostgreSQL counts them in whole milliseconds, and 0 would mean "no bound").
+    A value out of range, infinite, NaN or of the wrong type raises
+    :class:`ConfigurationError` naming its variable and the range, not the value.
+    Built directly, it reads no environment: that is :func:`load_settings`' job. The
+    repr masks the password.
     """
 
-    database_url: str = field(repr=False)
-    pool_size: int = 5
-    max_overflow: int = 15
-    pool_timeout: float = 30
-    pool_idle_timeout: float = 60
-    connect_timeout: int = 10
-    statement_timeout: float = 15
-    lock_timeout: float = 5
-    idle_in_transaction_timeout: float = 30
+    database_url: str = Field(repr=False)
+    pool_size: Annotated[int, Field(ge=1, le=MAX_POOL)] = 5
+    max_overflow: Annotated[int, Field(ge=0, le=MAX_POOL)] = 15
+    pool_timeout: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] = 30
+    connect_timeout: Annotated[int, Field(ge=1, le=int(MAX_SECONDS))] = 10
+    statement_timeout: _Seconds = 15
+    lock_timeout: _Seconds = 5
+    idle_in_transaction_timeout: _Seconds = 30
     echo: bool = False
+    # Last, so that positional arguments written before it keep their meaning.
+    pool_idle_timeout: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] = 60
 
-    def __post_init__(self) -> None:
-        url = normalize_database_url(self.database_url)
-        object.__setattr__(self, "database_url", url.render_as_string(hide_password=False))
-        _require(self.pool_size >= 1, "DB_POOL_SIZE", "an integer of at least 1")
-        _require(self.max_overflow >= 0, "DB_MAX_OVERFLOW", "an integer of at least 0")
-        _require(self.pool_timeout > 0, "DB_POOL_TIMEOUT", "a number of seconds above 0")
-        _require(self.pool_idle_timeout > 0, "DB_POOL_IDLE_TIMEOUT", "a number of seconds above 0")
-        _require(self.connect_timeout >= 1, "DB_CONNECT_TIMEOUT", "an integer of at least 1")
-        # PostgreSQL counts these bounds in whole milliseconds; 0 there means "no bound".
-        for name, value in (
-            ("DB_STATEMENT_TIMEOUT", self.statement_timeout),
-            ("DB_LOCK_TIMEOUT", self.lock_timeout),
-            ("DB_IDLE_IN_TRANSACTION_TIMEOUT", self.idle_in_transaction_timeout),
-        ):
-            _require(value >= 0.001, name, "a number of seconds of at least 0.001")
+    @field_validator("database_url")
+    @classmethod
+    def _normalise(cls, value: str) -> str:
+        # ConfigurationError is no ValueError: pydantic lets it through as it is.
+        return normalize_database_url(value).render_as_string(hide_password=False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _name_the_variable(cls, data: Any, handler: Any) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as error:
+            problem = error.errors(include_input=False)[0]
+        # pydantic's message repeats the input: name the variable and its range only,
+        # and raise outside the handler, where the error is no one's __context__.
+        raise _configuration_error(problem)
 
     @property
     def url(self) -> URL:
@@ -129,14 +203,79 @@ class Settings:
         return mask_url(self.database_url)
 
     def __repr__(self) -> str:
-        return (
-            f"Settings(database_url={self.masked_url!r}, pool_size={self.pool_size}, "
-            f"max_overflow={self.max_overflow}, pool_timeout={self.pool_timeout}, "
-            f"pool_idle_timeout={self.pool_idle_timeout}, "
-            f"connect_timeout={self.connect_timeout}, statement_timeout={self.statement_timeout}, "
-            f"lock_timeout={self.lock_timeout}, "
-            f"idle_in_transaction_timeout={self.idle_in_transaction_timeout}, echo={self.echo})"
+        fields = ", ".join(
+            f"{name}={getattr(self, name)!r}"
+            for name in (field.name for field in dataclasses.fields(self))
+            if name != "database_url"
         )
+        return f"Settings(database_url={self.masked_url!r}, {fields})"
+
+
+def _variable(field: str) -> str:
+    return "DATABASE_URL" if field == "database_url" else f"DB_{field.upper()}"
+
+
+# Each field's type and bounds, as pydantic read them from the annotations.
+_FIELDS: Final[Mapping[str, FieldInfo]] = Settings.__pydantic_fields__  # type: ignore[attr-defined]
+
+VARIABLES: Final[Mapping[str, str]] = {field: _variable(field) for field in _FIELDS}
+"""Each :class:`Settings` field's environment variable (``pool_size``: ``DB_POOL_SIZE``)."""
+
+
+def _allowed(info: FieldInfo) -> str:
+    """Say in words what a field accepts, from its type and its bounds."""
+    if info.annotation is bool:
+        return "one of true/false, 1/0, yes/no, on/off"
+    kind = "an integer" if info.annotation is int else "a number of seconds"
+    # The metadata holds annotated_types' Ge, Gt and Le, one bound each.
+    bounds = {
+        name: getattr(item, name)
+        for item in info.metadata
+        for name in ("ge", "gt", "le")
+        if hasattr(item, name)
+    }
+    low = f"from {bounds['ge']} to" if "ge" in bounds else f"above {bounds['gt']} and at most"
+    return f"{kind} {low} {bounds['le']}"
+
+
+def _configuration_error(error: Any) -> Exception:
+    location = error["loc"]
+    field = str(location[0]) if location else ""
+    if field not in VARIABLES:
+        # A mistake in the calling code, not in the environment: what Python raises.
+        where = f"at position {field}" if isinstance(location[0], int) else repr(field)
+        return TypeError(f"Settings() got an unexpected argument {where}")
+    name = VARIABLES[field]
+    if field == "database_url":
+        return ConfigurationError(
+            _NOT_SET
+            if error["type"] in {"missing", "missing_argument"}
+            else f"{name} must be a URL string: {_URL_HINT}"
+        )
+    return ConfigurationError(
+        f"{name} must be {_allowed(_FIELDS[field])}: "
+        "fix it in the environment or in .env (see .env.example)"
+    )
+
+
+class _EnvironmentBase(BaseSettings):
+    # A variable set blank in the environment still wins over .env (and then means
+    # the default), as a variable set at all does.
+    model_config = SettingsConfigDict(
+        case_sensitive=True, extra="ignore", env_ignore_empty=False, env_file_encoding="utf-8"
+    )
+
+
+# The raw text of each variable, one field per Settings field; Settings then checks it.
+_RAW_FIELDS: Final[dict[str, Any]] = {
+    field: (str | None, Field(default=None, validation_alias=name))
+    for field, name in VARIABLES.items()
+}
+_Environment = create_model(
+    "_Environment",
+    __base__=_EnvironmentBase,
+    **_RAW_FIELDS,
+)
 
 
 def load_settings(
@@ -146,75 +285,22 @@ def load_settings(
 
     Variables: ``DATABASE_URL`` (required unless *database_url* is given),
     ``DB_POOL_SIZE``, ``DB_MAX_OVERFLOW``, ``DB_POOL_TIMEOUT``, ``DB_POOL_IDLE_TIMEOUT``,
-    ``DB_CONNECT_TIMEOUT``,
-    ``DB_STATEMENT_TIMEOUT``, ``DB_LOCK_TIMEOUT``, ``DB_IDLE_IN_TRANSACTION_TIMEOUT``,
-    ``DB_ECHO``. A variable set in the process environment wins over the file; the
-    file is optional and is read without touching ``os.environ``. *database_url*
-    (a command line's ``--database-url``) replaces ``DATABASE_URL`` while the ``DB_*``
-    settings still apply. Raises :class:`ConfigurationError` naming the variable that
-    is missing or malformed.
+    ``DB_CONNECT_TIMEOUT``, ``DB_STATEMENT_TIMEOUT``, ``DB_LOCK_TIMEOUT``,
+    ``DB_IDLE_IN_TRANSACTION_TIMEOUT``, ``DB_ECHO``; one that is unset or blank takes its
+    default. A variable set in the process environment wins over the file; the file is
+    optional, is read without touching ``os.environ``, and may hold other variables too.
+    *database_url* (a command line's ``--database-url``) replaces ``DATABASE_URL`` while
+    the ``DB_*`` settings still apply. Raises :class:`ConfigurationError` naming the variable that
+    is missing or out of range, and the range.
     """
-    values: dict[str, str] = {}
-    if env_file is not None and Path(env_file).is_file():
-        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-    values.update(os.environ)
-
-    if database_url is None:
-        database_url = values.get("DATABASE_URL", "").strip()
-    if not database_url:
-        raise ConfigurationError(
-            "DATABASE_URL is not set: export it or put it in .env "
-            "(copy .env.example and fill in your Neon connection string)"
-        )
-    return Settings(
-        database_url=database_url,
-        pool_size=_int(values, "DB_POOL_SIZE", 5),
-        max_overflow=_int(values, "DB_MAX_OVERFLOW", 15),
-        pool_timeout=_float(values, "DB_POOL_TIMEOUT", 30.0),
-        pool_idle_timeout=_float(values, "DB_POOL_IDLE_TIMEOUT", 60.0),
-        connect_timeout=_int(values, "DB_CONNECT_TIMEOUT", 10),
-        statement_timeout=_float(values, "DB_STATEMENT_TIMEOUT", 15.0),
-        lock_timeout=_float(values, "DB_LOCK_TIMEOUT", 5.0),
-        idle_in_transaction_timeout=_float(values, "DB_IDLE_IN_TRANSACTION_TIMEOUT", 30.0),
-        echo=_bool(values, "DB_ECHO", default=False),
-    )
-
-
-def _require(ok: bool, name: str, expected: str) -> None:
-    if not ok:
-        raise ConfigurationError(f"{name} must be {expected}")
-
-
-def _int(values: dict[str, str], name: str, default: int) -> int:
-    raw = values.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
-
-
-def _float(values: dict[str, str], name: str, default: float) -> float:
-    raw = values.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
-
-
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off"})
-
-
-def _bool(values: dict[str, str], name: str, *, default: bool) -> bool:
-    raw = values.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ConfigurationError(f"{name} must be one of true/false/1/0/yes/no/on/off, got {raw!r}")
+    read = _Environment(_env_file=None if env_file is None else os.fspath(env_file))
+    values = {
+        field: value.strip()
+        for field, value in read.model_dump().items()
+        if value is not None and value.strip()
+    }
+    if database_url is not None:
+        values["database_url"] = database_url
+    if not values.get("database_url", "").strip():
+        raise ConfigurationError(_NOT_SET)
+    return Settings(**values)

@@ -88,7 +88,9 @@ def create_db_engine(settings_or_url: Settings | str) -> Engine:
     ``connect_timeout``, keepalives, recycling below Neon's 300 s idle suspend, and
     ``sslmode=require`` for any non-local host whose URL does not choose an sslmode.
     Dead pooled connections (Neon suspend, restart, terminated backends) are detected
-    at checkout without a round trip and replaced transparently.
+    at checkout without a round trip and replaced transparently. The URL may name any
+    PostgreSQL driver (``postgresql://``, ``postgres://``, ``postgresql+psycopg2://``,
+    ``postgresql+psycopg://``): this engine runs psycopg2.
 
     SQLite: ``sqlite://`` is one in-memory database shared by every session and
     thread (a static pool); file databases enforce foreign keys.

@@ -90,11 +90,12 @@ _c = _table.c
 _ALL_COLUMNS: Final = tuple(_c)
 _KEYS: Final = tuple(column.key for column in _ALL_COLUMNS)
 _FIELDS: Final = frozenset(_KEYS)
-# session.info key: present while an atomic() block runs; True once a call in it failed.
+# session.info key: present while an atomic() block runs; True once a call in it, or a
+# nested block, failed.
 _ATOMIC: Final = "todo_backend.atomic_block_failed"
 _BLOCK_FAILED: Final = (
-    "a call inside this atomic() block failed, so the whole block is rolled back "
-    "and nothing of it is stored"
+    "a call or a nested block inside this atomic() block failed, so the whole block is "
+    "rolled back and nothing of it is stored"
 )
 _OWNED = (_c.user_id == bindparam("owner"), _c.id == bindparam("task_id"))
 
@@ -455,7 +456,7 @@ class Driver(Generic[_T]):
     def __init__(self, steps: Steps[_T]) -> None:
         self._steps = steps
         self._outcome: Any = None
-        self._failure: Exception | None = None
+        self._failure: BaseException | None = None
         self.result: _T
 
     def __iter__(self) -> Driver[_T]:
@@ -476,8 +477,13 @@ class Driver(Generic[_T]):
         """Report the value of the step just performed."""
         self._outcome = outcome
 
-    def failed(self, err: Exception) -> None:
-        """Report the exception the step just performed raised."""
+    def failed(self, err: BaseException) -> None:
+        """Report the exception the step just performed raised, whatever it is.
+
+        A BaseException too: a cancelled await (``asyncio.CancelledError``) or a
+        ``KeyboardInterrupt`` cuts a call short, and the policy must see it to fail
+        the atomic block around the call; it reaches the caller unchanged.
+        """
         self._failure = err
 
 
@@ -491,7 +497,7 @@ def checked(
     """Check a call's arguments with *plan*; a failure there is a failed call like any other."""
     try:
         return plan(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - _fail decides and re-raises
+    except BaseException as err:  # noqa: BLE001 - _fail decides and re-raises
         return (yield from _fail(session, err))
 
 
@@ -513,7 +519,8 @@ def execute(
     Reads are safe to repeat, unless they ran inside a transaction that the failure
     ended (an atomic block, or the caller's own): that is reported, never papered
     over. Writes are not retried after being sent (the server may have applied them);
-    dead idle connections are replaced before sending, at pool checkout.
+    dead idle connections are replaced before sending, at pool checkout. A call cut
+    short by a BaseException (cancelled, interrupted) is never retried either.
     """
     call = yield from checked(session, plan, *args, **kwargs)
     if isinstance(call, Known):
@@ -522,7 +529,7 @@ def execute(
     while True:
         try:
             return (yield from _attempt(call, session, pooled=pooled))
-        except Exception as err:  # noqa: BLE001 - _fail decides and re-raises
+        except BaseException as err:  # noqa: BLE001 - _fail decides and re-raises
             if not (retry and _connection_lost(err)):
                 yield from _fail(session, err)
             retry = False
@@ -549,24 +556,29 @@ def _attempt(call: Call[_T], session: Session, *, pooled: bool) -> Steps[_T]:
     return value
 
 
-def _connection_lost(err: Exception) -> bool:
+def _connection_lost(err: BaseException) -> bool:
     return isinstance(err, DBAPIError) and err.connection_invalidated
 
 
-def _fail(session: Session, err: Exception) -> Generator[Step | Run, Any, NoReturn]:
+def _fail(session: Session, err: BaseException) -> Generator[Step | Run, Any, NoReturn]:
     """Settle the session after a failed call, then raise the call's error, translated.
 
     The one place where a failed call marks the session, in both faces: whatever a
     call raises (its argument checks, sending the statement, reading the result,
     committing) comes here. Inside an atomic block any error marks the block failed
-    (a refused argument as much as a database error; it rolls back at its end);
-    otherwise a transaction a database error left open is rolled back here. The error
-    is then raised as :func:`translate` maps it.
+    (a refused argument as much as a database error; it rolls back at its end), and
+    so does a call cut short by a BaseException (``asyncio.CancelledError``,
+    ``KeyboardInterrupt``): its statement's fate is unknown, and SQLAlchemy drops a
+    connection interrupted mid-statement. Otherwise a transaction a database error
+    left open is rolled back here. A BaseException is raised as it is, with no I/O
+    after it; an error as :func:`translate` maps it.
     """
     if _ATOMIC in session.info:
         session.info[_ATOMIC] = True
     elif isinstance(err, _DB_ERRORS) and session.in_transaction():
         yield Step.ROLLBACK
+    if not isinstance(err, Exception):
+        raise err
     translated = translate(err)
     if translated is err:
         raise err
@@ -618,7 +630,9 @@ class Block:
     """One ``atomic()`` block on a session: the outermost opens it, nested ones join it.
 
     The block is kept on the session, not the repository: every repository sharing
-    the session must see it.
+    the session must see it. It fails as a whole: a failed call inside it, or a nested
+    block that exits with an exception, fails the outermost block even when the caller
+    catches the error (no savepoints; research D17).
     """
 
     __slots__ = ("_outermost", "_session")
@@ -630,21 +644,61 @@ class Block:
             session.info[_ATOMIC] = False  # becomes True when a call inside the block fails
 
     def end(self, error: BaseException | None) -> Steps[None]:
-        """End the block: commit it, or roll all of it back; a joined block does nothing.
+        """End the block: commit it, or roll all of it back.
 
-        It rolls back when the block raised *error*, and also when a call inside it
-        failed even though the caller caught that: then it raises
-        :class:`TodoBackendError`. A failed COMMIT is translated like any call.
+        It rolls back when the block raised *error*, and also when a call or a nested
+        block inside it failed even though the caller caught that: then it raises
+        :class:`TodoBackendError`. A nested block only marks the outermost one failed
+        when it exits with *error*. A failed ROLLBACK never replaces the caller's
+        error: it is added to that error as a note (the transaction was never
+        committed, so nothing of it is stored either way). A failed COMMIT is
+        translated like any call.
         """
         if not self._outermost:
+            if error is not None:
+                self._session.info[_ATOMIC] = True
             return
         failed = self._session.info.pop(_ATOMIC)
         if error is not None or failed:
-            yield Step.ROLLBACK
+            raised = TodoBackendError(_BLOCK_FAILED) if error is None else error
+            lost = yield from _roll_back(raised, _NOTHING_STORED)
             if error is None:
-                raise TodoBackendError(_BLOCK_FAILED)
+                raise raised from lost
             return
         try:
             yield Step.COMMIT
+        except GeneratorExit:
+            raise
         except Exception as err:  # noqa: BLE001 - _fail decides and re-raises
             yield from _fail(self._session, err)
+        except BaseException as err:
+            # Cancelled or interrupted while committing: the outcome is unknown, and the
+            # session would refuse every later statement. This rollback only resets the
+            # session: SQLAlchemy has already dropped or ended the connection's transaction.
+            if self._session.in_transaction():
+                yield from _roll_back(err, _COMMIT_UNKNOWN)
+            raise
+
+
+_NOTHING_STORED: Final = (
+    "Nothing of the block was stored: the server discards a transaction that is never committed."
+)
+_COMMIT_UNKNOWN: Final = (
+    "The block was cut short during its COMMIT, which may or may not have been applied: "
+    "check before repeating it."
+)
+
+
+def _roll_back(error: BaseException, outcome: str) -> Steps[Exception | None]:
+    """Roll the block back; a failed ROLLBACK is noted on *error*, never raised in its place.
+
+    The note names the failure (never the driver's text) and *outcome*, what the
+    caller can know of the block. Returns the ROLLBACK's own error, if any.
+    """
+    try:
+        yield Step.ROLLBACK
+    except Exception as err:  # noqa: BLE001 - noted on *error*, never raised in its place
+        reason = "the database connection was lost" if _connection_lost(err) else type(err).__name__
+        error.add_note(f"The atomic() block's ROLLBACK failed too ({reason}). {outcome}")
+        return err
+    return None

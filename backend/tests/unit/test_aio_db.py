@@ -61,6 +61,38 @@ def test_postgres_urls_get_psycopg3_and_the_sync_pool(runner: asyncio.Runner) ->
 
 
 @pytest.mark.parametrize(
+    ("scheme", "sync_driver", "async_driver"),
+    [
+        ("postgresql", "psycopg2", "psycopg"),
+        ("postgres", "psycopg2", "psycopg"),
+        ("postgresql+psycopg2", "psycopg2", "psycopg"),
+        ("postgresql+psycopg", "psycopg2", "psycopg"),
+        ("postgresql+psycopg_async", "psycopg2", "psycopg"),
+        ("sqlite", "pysqlite", "aiosqlite"),
+        ("sqlite+pysqlite", "pysqlite", "aiosqlite"),
+        ("sqlite+aiosqlite", "pysqlite", "aiosqlite"),
+    ],
+)
+def test_every_driver_spelling_runs_on_each_faces_own_driver(
+    runner: asyncio.Runner, tmp_path: Path, scheme: str, sync_driver: str, async_driver: str
+) -> None:
+    """Whichever driver a URL names, the sync face runs psycopg2 and the async face psycopg 3."""
+    where = f"/{tmp_path}/t.db" if scheme.startswith("sqlite") else "u:p@db.example.com/app"
+    url = f"{scheme}://{where}"
+    for settings_or_url in (url, Settings(database_url=url)):
+        sync = create_db_engine(settings_or_url)
+        engine = create_async_db_engine(settings_or_url)
+        try:
+            assert sync.dialect.driver == sync_driver
+            assert not sync.dialect.is_async
+            assert engine.dialect.driver == async_driver
+            assert engine.dialect.is_async
+        finally:
+            runner.run(engine.dispose())
+            sync.dispose()
+
+
+@pytest.mark.parametrize(
     ("url", "sslmode"),
     [
         ("postgresql://u:p@ep-x-pooler.eu-central-1.aws.neon.tech/db", "require"),

@@ -193,7 +193,8 @@ def test_configuration_errors_exit_3(
     code, _, err = cli(capsys, "init")
     assert (code, err) == (
         ExitCode.CONFIGURATION,
-        "todo-db: error: DB_POOL_SIZE must be an integer, got 'many'\n",
+        "todo-db: error: DB_POOL_SIZE must be an integer from 1 to 1000: "
+        "fix it in the environment or in .env (see .env.example)\n",
     )
 
     (workdir / ".env").write_text("DATABASE_URL=:not a url:\n")

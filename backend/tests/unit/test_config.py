@@ -2,31 +2,87 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from todo_backend.config import Settings, load_settings, mask_url, normalize_database_url
+from todo_backend.config import (
+    MAX_SECONDS,
+    VARIABLES,
+    Settings,
+    load_settings,
+    mask_url,
+    normalize_database_url,
+)
 from todo_backend.errors import ConfigurationError, TodoBackendError
 
 SECRET = "Sup3rSecretSentinel"
-VARIABLES = (
-    "DATABASE_URL",
-    "DB_POOL_SIZE",
-    "DB_MAX_OVERFLOW",
-    "DB_POOL_TIMEOUT",
-    "DB_CONNECT_TIMEOUT",
-    "DB_STATEMENT_TIMEOUT",
-    "DB_LOCK_TIMEOUT",
-    "DB_IDLE_IN_TRANSACTION_TIMEOUT",
-    "DB_ECHO",
+# What each numeric variable refuses beyond what every one of them refuses
+# (COMMON_REFUSED), and the lowest and highest value it takes. Keyed by the
+# variables the code declares: a new numeric setting must be added here.
+POSTGRES_BOUNDS = ("DB_STATEMENT_TIMEOUT", "DB_LOCK_TIMEOUT", "DB_IDLE_IN_TRANSACTION_TIMEOUT")
+COMMON_REFUSED = (
+    "inf",
+    "-inf",
+    "Infinity",
+    "nan",
+    "NaN",
+    "1e400",  # overflows to inf
+    "-1",
+    "2147483.648",  # one millisecond past PostgreSQL's 2,147,483,647 ms
+    "3000000",
+    "1e10",
+    "twelve",
+    "",  # placeholder replaced by a value holding the secret, see refused_values()
 )
+REFUSED: dict[str, tuple[str, ...]] = {
+    "DB_POOL_SIZE": ("0", "1001", "2.5"),
+    "DB_MAX_OVERFLOW": ("1001", "2.5"),
+    "DB_POOL_TIMEOUT": ("0", "-0.001"),
+    "DB_POOL_IDLE_TIMEOUT": ("0", "-0.001"),
+    "DB_CONNECT_TIMEOUT": ("0", "2147484", "1.5"),
+    **dict.fromkeys(POSTGRES_BOUNDS, ("0", "0.0009", "-0.001")),
+}
+ACCEPTED: dict[str, tuple[str, str]] = {
+    "DB_POOL_SIZE": ("1", "1000"),
+    "DB_MAX_OVERFLOW": ("0", "1000"),
+    "DB_POOL_TIMEOUT": ("0.001", "2147483.647"),
+    "DB_POOL_IDLE_TIMEOUT": ("0.001", "2147483.647"),
+    "DB_CONNECT_TIMEOUT": ("1", "2147483"),
+    **dict.fromkeys(POSTGRES_BOUNDS, ("0.001", "2147483.647")),
+}
+NUMERIC = tuple(name for name in VARIABLES.values() if name not in {"DATABASE_URL", "DB_ECHO"})
+
+
+def refused_values() -> Iterator[tuple[str, str]]:
+    """Yield (variable, value) for every value a numeric variable must refuse."""
+    for name in NUMERIC:
+        for value in (*COMMON_REFUSED, *REFUSED[name]):
+            yield name, value or f"{SECRET}:{SECRET}@host"
+
+
+def field_of(name: str) -> str:
+    """The Settings field that *name* (an environment variable) sets."""
+    return next(field for field, variable in VARIABLES.items() if variable == name)
+
+
+def error_chain(error: BaseException) -> str:
+    """Every message of *error*, its cause and its context, as one text."""
+    texts: list[str] = []
+    seen: BaseException | None = error
+    while seen is not None:
+        texts += [str(seen), repr(seen), *getattr(seen, "__notes__", [])]
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(texts)
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Run each test in an empty directory with none of the settings variables set."""
-    for name in VARIABLES:
+    for name in VARIABLES.values():
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -40,6 +96,7 @@ def test_defaults_with_only_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_overflow == 15
     assert settings.pool_size + settings.max_overflow == 20
     assert settings.pool_timeout == 30
+    assert settings.pool_idle_timeout == 60
     assert settings.connect_timeout == 10
     assert (settings.statement_timeout, settings.lock_timeout) == (15, 5)
     assert settings.idle_in_transaction_timeout == 30
@@ -52,6 +109,7 @@ def test_reads_every_variable_from_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DB_POOL_SIZE", "7")
     monkeypatch.setenv("DB_MAX_OVERFLOW", "3")
     monkeypatch.setenv("DB_POOL_TIMEOUT", "2.5")
+    monkeypatch.setenv("DB_POOL_IDLE_TIMEOUT", "45")
     monkeypatch.setenv("DB_CONNECT_TIMEOUT", "4")
     monkeypatch.setenv("DB_STATEMENT_TIMEOUT", "20")
     monkeypatch.setenv("DB_LOCK_TIMEOUT", "0.5")
@@ -67,6 +125,7 @@ def test_reads_every_variable_from_the_environment(monkeypatch: pytest.MonkeyPat
         lock_timeout=0.5,
         idle_in_transaction_timeout=60,
         echo=True,
+        pool_idle_timeout=45,
     )
 
 
@@ -76,11 +135,14 @@ def test_env_file_is_read_and_environment_wins(
     """Values come from .env, but a variable set in the process environment wins."""
     (clean_env / ".env").write_text(
         "DATABASE_URL=postgresql://file:pw@file-host/db\nDB_POOL_SIZE=9\nDB_ECHO=true\n"
+        "DB_LOCK_TIMEOUT=2\n"
     )
     assert load_settings().database_url.endswith("@file-host/db")
     monkeypatch.setenv("DATABASE_URL", "sqlite:///env.db")
+    monkeypatch.setenv("DB_LOCK_TIMEOUT", "0.25")
     settings = load_settings()
     assert settings.database_url == "sqlite:///env.db"
+    assert settings.lock_timeout == 0.25
     assert settings.pool_size == 9
     assert settings.echo is True
 
@@ -124,13 +186,17 @@ def test_missing_or_blank_url_names_the_variable(
             "postgresql+psycopg2://u:p@h:6543/db?sslmode=require",
         ),
         ("postgresql+psycopg2://u@h/db", "postgresql+psycopg2://u@h/db"),
+        ("postgresql+psycopg://u:p@h/db", "postgresql+psycopg2://u:p@h/db"),
+        ("postgresql+psycopg_async://u:p@h/db", "postgresql+psycopg2://u:p@h/db"),
+        ("POSTGRESQL+PSYCOPG://u:p@h/db", "postgresql+psycopg2://u:p@h/db"),
         ("sqlite://", "sqlite://"),
+        ("sqlite+aiosqlite:///todo.db", "sqlite:///todo.db"),
         ("sqlite:///todo.db", "sqlite:///todo.db"),
         ("sqlite+pysqlite:////abs/path.db", "sqlite:////abs/path.db"),
     ],
 )
 def test_urls_are_normalised_to_shipped_drivers(raw: str, normalised: str) -> None:
-    """postgres:// and postgresql:// name psycopg2 explicitly; SQLite passes through."""
+    """Every PostgreSQL spelling names psycopg2 (the sync face); SQLite ones become sqlite://."""
     assert normalize_database_url(raw).render_as_string(hide_password=False) == normalised
     assert Settings(database_url=raw).database_url == normalised
 
@@ -140,18 +206,19 @@ def test_urls_are_normalised_to_shipped_drivers(raw: str, normalised: str) -> No
     [
         f"mysql://u:{SECRET}@h/db",
         f"postgresql+asyncpg://u:{SECRET}@h/db",
+        f"postgresql+pg8000://u:{SECRET}@h/db",
         f"not a url {SECRET}",
         f"://u:{SECRET}@",
         f"postgresql://u:{SECRET}@/db",
         f"postgresql://u:{SECRET}@h:notaport/db",
+        "   ",
     ],
 )
 def test_bad_urls_are_configuration_errors_without_the_password(raw: str) -> None:
     """Unsupported schemes and malformed URLs raise ConfigurationError that hides the password."""
     with pytest.raises(ConfigurationError) as info:
         Settings(database_url=raw)
-    assert SECRET not in str(info.value)
-    assert info.value.__cause__ is None or SECRET not in str(info.value.__cause__)
+    assert SECRET not in error_chain(info.value)
     assert "DATABASE_URL" in str(info.value)
 
 
@@ -224,3 +291,121 @@ def test_explicit_url_replaces_database_url_but_keeps_the_tuning(
     assert settings.database_url == "sqlite:///explicit.db"
     assert settings.echo is True
     assert settings.pool_timeout == 4
+
+
+@pytest.mark.parametrize(("name", "value"), list(refused_values()))
+def test_numeric_variables_refuse_what_their_consumers_cannot_take(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """Out of range, infinite, NaN or not a number: ConfigurationError with name and range only."""
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://u:{SECRET}@h/db")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith(f"{name} must be ")
+    assert ACCEPTED[name][1] in message  # the top of the allowed range
+    assert SECRET not in error_chain(info.value)
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, MAX_SECONDS + 0.001, -1.0])
+def test_settings_built_in_code_refuse_the_same_numbers(name: str, value: float) -> None:
+    """Settings(...) refuses infinite, NaN and out-of-range numbers as the loader does."""
+    arguments: dict[str, object] = {"database_url": "sqlite://", field_of(name): value}
+    with pytest.raises(ConfigurationError, match=f"^{name} must be "):
+        Settings(**arguments)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_numeric_variables_take_both_ends_of_their_range(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The lowest and the highest allowed value of each variable load as given."""
+    monkeypatch.setenv("DATABASE_URL", "sqlite://")
+    for value in ACCEPTED[name]:
+        monkeypatch.setenv(name, value)
+        assert getattr(load_settings(), field_of(name)) == float(value)
+
+
+def test_largest_bound_is_postgresqls_largest_millisecond_count() -> None:
+    """MAX_SECONDS is 2,147,483,647 ms, the most statement_timeout and its kin hold."""
+    assert round(MAX_SECONDS * 1000) == 2**31 - 1
+
+
+def test_wrong_types_in_code_hide_the_value() -> None:
+    """A value of the wrong type passed to Settings(...) is named by variable, never echoed."""
+    url = f"postgresql://u:{SECRET}@h/db"
+    for arguments in (
+        {"database_url": url, "statement_timeout": SECRET},
+        {"database_url": url, "echo": SECRET},
+        {"database_url": url, "pool_size": [SECRET]},
+        {"database_url": [url]},
+    ):
+        with pytest.raises(ConfigurationError) as info:
+            Settings(**arguments)
+        assert SECRET not in error_chain(info.value)
+        assert str(info.value).startswith(VARIABLES[next(reversed(arguments))])
+
+
+def test_unknown_arguments_are_type_errors() -> None:
+    """A misspelt keyword is a mistake in the calling code: TypeError, as for any function."""
+    with pytest.raises(TypeError, match="statement_timout"):
+        Settings(database_url="sqlite://", statement_timout=5)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="position 10"):
+        Settings("sqlite://", 5, 15, 30, 10, 15, 5, 30, False, 60, True)  # type: ignore[call-arg]
+
+
+def test_env_file_ignores_other_variables(clean_env: Path) -> None:
+    """Other programs' variables, DB_ lookalikes and lowercase names in .env are left alone."""
+    (clean_env / ".env").write_text(
+        f"SECRET_KEY={SECRET}\nDB_UNKNOWN=many\nDB_POOL=3\ndb_pool_size=many\n"
+        "database_url=mysql://u@h/db\nDATABASE_URL=sqlite:///f.db\nexport DB_ECHO=on\n"
+    )
+    assert load_settings() == Settings(database_url="sqlite:///f.db", echo=True)
+
+
+def test_blank_variables_take_their_defaults(
+    monkeypatch: pytest.MonkeyPatch, clean_env: Path
+) -> None:
+    """A DB_* variable set blank, in the environment or in .env, means its default."""
+    (clean_env / ".env").write_text(
+        "DATABASE_URL=sqlite://\nDB_POOL_SIZE=\nDB_ECHO=  \nDB_STATEMENT_TIMEOUT=99\n"
+    )
+    monkeypatch.setenv("DB_STATEMENT_TIMEOUT", "")  # set, so it wins over the file
+    monkeypatch.setenv("DB_LOCK_TIMEOUT", " 2 ")
+    assert load_settings() == Settings(database_url="sqlite://", lock_timeout=2)
+
+
+def test_settings_built_in_code_read_no_environment(
+    monkeypatch: pytest.MonkeyPatch, clean_env: Path
+) -> None:
+    """Settings(...) takes its arguments only: the environment and .env play no part."""
+    (clean_env / ".env").write_text("DB_POOL_SIZE=9\nDB_ECHO=true\n")
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///env.db")
+    monkeypatch.setenv("DB_STATEMENT_TIMEOUT", "99")
+    monkeypatch.setenv("DB_POOL_SIZE", "not a number")
+    assert Settings(database_url="sqlite://") == Settings("sqlite://", 5, 15, 30, 10, 15, 5, 30)
+
+
+def test_settings_are_immutable_hashable_and_checked_again_on_replace() -> None:
+    """A Settings cannot change in place, serves as a dict key, and replace() validates anew."""
+    settings = Settings(database_url="postgres://u:p@h/db")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.pool_size = 50  # type: ignore[misc]
+    assert {settings: 1}[Settings(database_url="postgresql+psycopg2://u:p@h/db")] == 1
+    assert dataclasses.replace(settings, pool_size=7).pool_size == 7
+    with pytest.raises(ConfigurationError, match=r"^DB_STATEMENT_TIMEOUT must be "):
+        dataclasses.replace(settings, statement_timeout=math.inf)
+
+
+def test_env_example_documents_every_variable_with_its_default() -> None:
+    """.env.example sets each variable, and loads as is to the documented defaults."""
+    root = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+    example = root / ".env.example"
+    lines = example.read_text(encoding="utf-8").splitlines()
+    assert {line.split("=")[0] for line in lines if "=" in line and line[0] != "#"} == set(
+        VARIABLES.values()
+    )
+    settings = load_settings(example)
+    assert settings == Settings(database_url=settings.database_url)

@@ -61,9 +61,11 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
     """Create the async engine for *settings_or_url*, tuned like :func:`create_db_engine`.
 
     Takes the same Settings or URL (``postgresql://``, ``postgres://``,
-    ``sqlite:///FILE``, ``sqlite://``) and picks the async driver itself. PostgreSQL:
-    a pool of ``pool_size`` plus ``max_overflow`` connections kept while busy, those
-    above ``pool_size`` closed once idle for ``pool_idle_timeout``, ``connect_timeout``,
+    ``postgresql+psycopg://``, ``postgresql+psycopg2://``, ``sqlite:///FILE``,
+    ``sqlite://``) and picks the async driver itself: psycopg 3 or aiosqlite, whichever
+    driver the URL names. PostgreSQL: a pool of ``pool_size`` plus ``max_overflow``
+    connections kept while busy, those above ``pool_size`` closed once idle for
+    ``pool_idle_timeout``, ``connect_timeout``,
     keepalives, recycling below Neon's 300 s idle suspend, ``sslmode=require`` for a
     non-local host whose URL does not choose one, no server-side prepared statements,
     and dead pooled connections replaced at checkout without a round trip. SQLite:

@@ -355,8 +355,8 @@ class RepositoryContract:
 
     @pytest.mark.parametrize("limit", [0, -1, MAX_PAGE_SIZE + 1])
     def test_list_rejects_limit_out_of_range(self, repo: TaskRepository, limit: int) -> None:
-        """A page size outside 1..100 is a ValueError, not a silent clamp."""
-        with pytest.raises(ValueError, match="limit"):
+        """A page size outside 1..100 is a ValidationError naming limit, not a silent clamp."""
+        with pytest.raises(ValidationError, match="limit"):
             repo.list(ALICE, limit=limit)
 
     def test_list_accepts_the_page_size_bounds(self, repo: TaskRepository) -> None:

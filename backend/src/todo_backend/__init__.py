@@ -20,6 +20,7 @@ from todo_backend.errors import (
     ConfigurationError,
     DatabaseTimeoutError,
     DatabaseUnavailableError,
+    SchemaMissingError,
     TodoBackendError,
 )
 from todo_backend.models import (
@@ -41,6 +42,7 @@ __all__ = [
     "DatabaseHealth",
     "DatabaseTimeoutError",
     "DatabaseUnavailableError",
+    "SchemaMissingError",
     "Settings",
     "Task",
     "TaskCreate",

@@ -32,6 +32,7 @@ from sqlmodel import Session, SQLModel
 from todo_backend.config import Settings, mask_url
 from todo_backend.errors import DatabaseTimeoutError, DatabaseUnavailableError
 from todo_backend.models import Task
+from todo_backend.pool import IdleQueuePool
 
 __all__ = [
     "BOUNDED",
@@ -87,13 +88,15 @@ def is_local_host(url: URL) -> bool:
 def create_db_engine(settings_or_url: Settings | str) -> Engine:
     """Create the engine for *settings_or_url*, tuned for its database.
 
-    PostgreSQL (psycopg2): a QueuePool of ``pool_size`` plus ``max_overflow``
-    connections, ``connect_timeout``, keepalives, recycling below Neon's 300 s idle
-    suspend, and ``sslmode=require`` for any non-local host whose URL does not choose
-    an sslmode. Dead pooled connections (Neon suspend, restart, terminated backends)
-    are detected at checkout without a round trip and replaced transparently. The
-    URL may name any PostgreSQL driver (``postgresql://``, ``postgres://``,
-    ``postgresql+psycopg2://``, ``postgresql+psycopg://``): this engine runs psycopg2.
+    PostgreSQL (psycopg2): a pool of ``pool_size`` plus ``max_overflow`` connections
+    that keeps them while busy and closes those above ``pool_size`` once idle for
+    ``pool_idle_timeout`` (:class:`~todo_backend.pool.IdleQueuePool`),
+    ``connect_timeout``, keepalives, recycling below Neon's 300 s idle suspend, and
+    ``sslmode=require`` for any non-local host whose URL does not choose an sslmode.
+    Dead pooled connections (Neon suspend, restart, terminated backends) are detected
+    at checkout without a round trip and replaced transparently. The URL may name any
+    PostgreSQL driver (``postgresql://``, ``postgres://``, ``postgresql+psycopg2://``,
+    ``postgresql+psycopg://``): this engine runs psycopg2.
 
     SQLite: ``sqlite://`` is one in-memory database shared by every session and
     thread (a static pool); file databases enforce foreign keys.
@@ -123,9 +126,10 @@ def _create_postgres_engine(url: URL, settings: Settings) -> Engine:
 def postgres_engine_options(url: URL, settings: Settings) -> dict[str, Any]:
     """Return the ``create_engine`` keywords of a Neon-ready PostgreSQL engine.
 
-    Shared by the sync and the async engine: the pool bounds and recycling, and the
-    libpq connection options (timeout, keepalives, TLS for non-local hosts), which
-    psycopg2 and psycopg 3 take alike.
+    Shared by the sync and the async engine: the pool (an :class:`IdleQueuePool`,
+    which the async engine swaps for its asyncio twin), its bounds, idle timeout and
+    recycling, and the libpq connection options (timeout, keepalives, TLS for
+    non-local hosts), which psycopg2 and psycopg 3 take alike.
     """
     connect_args: dict[str, Any] = {
         "connect_timeout": settings.connect_timeout,
@@ -137,9 +141,14 @@ def postgres_engine_options(url: URL, settings: Settings) -> dict[str, Any]:
         # silently fall back to plain text against any other server.
         connect_args["sslmode"] = "require"
     return {
+        # Keeps up to pool_size + max_overflow connections while busy and closes those
+        # above pool_size once idle (QueuePool would close each overflow connection
+        # as soon as it is returned: a new connection per call under steady load).
+        "poolclass": IdleQueuePool,
         "pool_size": settings.pool_size,
         "max_overflow": settings.max_overflow,
         "pool_timeout": settings.pool_timeout,
+        "idle_timeout": settings.pool_idle_timeout,
         "pool_recycle": POOL_RECYCLE_SECONDS,
         # No pre-ping: it costs a round trip per checkout. reject_dead_connection
         # catches server-closed sockets for free instead.
@@ -581,7 +590,10 @@ def init_db(engine: Engine) -> None:
 
 
 def get_session(engine: Engine) -> Generator[Session, None, None]:
-    """Yield a session on *engine* and close it afterwards: a FastAPI dependency.
+    """Yield a session on *engine* and close it afterwards.
+
+    Not a FastAPI dependency by itself (FastAPI cannot supply *engine*): wrap it in a
+    function of no arguments that yields from it.
 
     Objects stay readable after commit (``expire_on_commit=False``): re-reading them
     would cost a round trip per object for data the caller already has.

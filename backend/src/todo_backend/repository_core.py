@@ -24,8 +24,9 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
 from operator import itemgetter
-from typing import Any, Final, Generic, NoReturn, ParamSpec, TypeAlias, TypeVar
+from typing import Annotated, Any, Final, Generic, NoReturn, ParamSpec, TypeAlias, TypeVar
 
+from pydantic import ConfigDict, Field, TypeAdapter
 from sqlalchemy import (
     ARRAY,
     CursorResult,
@@ -49,7 +50,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import InstanceState, Session, configure_mappers
 
 from todo_backend.db import BOUNDED, cannot_connect, timeout_error
-from todo_backend.errors import DatabaseUnavailableError, TodoBackendError
+from todo_backend.errors import DatabaseUnavailableError, SchemaMissingError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_user_id
 
 __all__ = [
@@ -76,6 +77,9 @@ __all__ = [
 ]
 
 MAX_PAGE_SIZE: Final = 100
+_PAGE_SIZE: Final = TypeAdapter(
+    Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)], config=ConfigDict(title="limit")
+)
 _MAX_ID: Final = 2**63 - 1  # BIGINT; a larger id cannot exist, so it matches nothing
 
 _T = TypeVar("_T")
@@ -347,8 +351,7 @@ def list_call(
     user_id = validate_user_id(user_id)
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise TypeError(f"limit must be an int, got {type(limit).__name__}")
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+    _PAGE_SIZE.validate_python(limit)  # 1..MAX_PAGE_SIZE, else a ValidationError
     _check_complete(complete)
     params: dict[str, Any] = {"owner": user_id, "limit": limit}
     if complete is not None:
@@ -610,7 +613,8 @@ def translate(err: Exception) -> Exception:
     """Map a driver error to this package's errors: the one translation boundary.
 
     Returns *err* itself when it is not the package's to translate. A bound that ran
-    out (pool, statement, lock, idle block) is a DatabaseTimeoutError.
+    out (pool, statement, lock, idle block) is a DatabaseTimeoutError; a database
+    without the tasks table is a SchemaMissingError that says to run ``todo-db migrate``.
     """
     timeout = timeout_error(err)
     if timeout is not None:
@@ -627,7 +631,20 @@ def translate(err: Exception) -> Exception:
     if err.statement is None:
         # Raised while opening a connection: nothing was sent.
         return cannot_connect(err)
+    if _no_such_table(err):
+        return SchemaMissingError(
+            "the database has no tasks table: its schema was never created. Run "
+            "`todo-db migrate` against it (with the same DATABASE_URL), then repeat the call."
+        )
     return err
+
+
+def _no_such_table(err: DBAPIError) -> bool:
+    # PostgreSQL's undefined_table (psycopg2 names the SQLSTATE pgcode, psycopg 3
+    # sqlstate); SQLite only says it in the message.
+    orig = err.orig
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    return code == "42P01" or str(orig).startswith("no such table")
 
 
 # -- atomic blocks --------------------------------------------------------------------

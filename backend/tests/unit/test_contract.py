@@ -36,6 +36,7 @@ PUBLIC_SURFACE = frozenset(
         "DatabaseHealth",
         "DatabaseTimeoutError",
         "DatabaseUnavailableError",
+        "SchemaMissingError",
         "Settings",
         "Task",
         "TaskCreate",

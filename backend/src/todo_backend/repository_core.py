@@ -171,14 +171,19 @@ def _list_statement(*, by_complete: bool, keyset: bool) -> Select[Any]:
     if by_complete:
         stmt = stmt.where(_c.complete == bindparam("complete"))
     if keyset:
-        # id < :before_id, spelt as a row comparison over the page's index columns: it
-        # bounds that index's range, while the primary key cannot use it, so a deep
-        # page of an owner of old rows is never a primary-key range plus a sort.
+        # id < :before_id bounds the user_id index's range. The row comparison over the
+        # same index's columns says the same again: the planner's estimate of the rows
+        # left drops, so it reads the few it needs from that index rather than a
+        # primary-key range below the cursor plus a sort, which it prefers otherwise
+        # for an owner of the oldest rows (it takes their rows for scattered pages).
         keys = (_c.user_id, _c.complete, _c.id) if by_complete else (_c.user_id, _c.id)
         bounds: list[BindParameter[Any]] = [
             bindparam(name) for name in ("owner", "complete", "before_id")
         ]
-        stmt = stmt.where(tuple_(*keys) < tuple_(*(bounds if by_complete else bounds[::2])))
+        stmt = stmt.where(
+            _c.id < bindparam("before_id"),
+            tuple_(*keys) < tuple_(*(bounds if by_complete else bounds[::2])),
+        )
     # user_id first: with _Owner, only an index led by user_id gives this order.
     return stmt.order_by(_c.user_id.desc(), _c.id.desc()).limit(bindparam("limit"))
 

@@ -107,8 +107,10 @@ def _assert_user_index_page(
         if complete is not None:
             assert node["Index Name"] == "ix_tasks_user_id_complete_id", plan
         assert "user_id" in node["Index Cond"], plan
-        if before_id is not None:  # the cursor bounds the index range
-            assert str(before_id) in node["Index Cond"], plan
+        if before_id is not None:
+            # The cursor as a bound on the index's id column, after the equalities:
+            # the scan starts at the cursor instead of walking down to it.
+            assert f"(id < {before_id})" in node["Index Cond"], plan
     if ordered:
         # Read in order, every condition bounding the index range: nothing is read
         # only to be filtered out, nothing sorted.

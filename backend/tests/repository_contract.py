@@ -906,6 +906,29 @@ class RepositoryContract:
         with pytest.raises(TypeError, match="complete"):
             repo.count(ALICE, complete="yes")  # type: ignore[arg-type]
 
+    def test_count_with_a_limit_answers_at_most_the_limit(self, repo: TaskRepository) -> None:
+        """count(limit=N) is the exact count up to N, then N ("N or more"), per filter and owner."""
+        repo.create_many(ALICE, [TaskCreate(title=f"t{i}", complete=i < 2) for i in range(5)])
+        _new(repo, BOB, title="bob's")
+        assert repo.count(ALICE, limit=3) == 3
+        assert repo.count(ALICE, limit=5) == 5
+        assert repo.count(ALICE, limit=100) == 5
+        assert repo.count(ALICE, limit=1) == 1
+        assert repo.count(ALICE, complete=True, limit=10) == 2
+        assert repo.count(ALICE, complete=False, limit=2) == 2
+        assert repo.count(BOB, limit=10) == 1
+        assert repo.count("nobody", limit=10) == 0
+        assert repo.count(ALICE, limit=2**70) == 5
+
+    def test_count_checks_its_limit(self, repo: TaskRepository) -> None:
+        """count(limit=...) takes an int of at least 1 or None; a bool is refused too."""
+        with pytest.raises(ValueError, match="at least 1"):
+            repo.count(ALICE, limit=0)
+        with pytest.raises(TypeError, match="limit"):
+            repo.count(ALICE, limit=True)
+        with pytest.raises(TypeError, match="limit"):
+            repo.count(ALICE, limit="10")  # type: ignore[arg-type]
+
     def test_session_bound_to_a_connection_in_a_transaction(
         self, repo_in_outer_transaction: Callable[[], AbstractContextManager[TaskRepository]]
     ) -> None:

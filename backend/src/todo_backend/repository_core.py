@@ -29,6 +29,7 @@ from typing import Annotated, Any, Final, Generic, NoReturn, ParamSpec, TypeAlia
 from pydantic import ConfigDict, Field, TypeAdapter
 from sqlalchemy import (
     ARRAY,
+    BindParameter,
     CursorResult,
     Dialect,
     Executable,
@@ -36,18 +37,24 @@ from sqlalchemy import (
     Select,
     String,
     Update,
+    any_,
     bindparam,
     delete,
     func,
     insert,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy import Enum as EnumType
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstanceState, Session, configure_mappers
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from todo_backend.db import BOUNDED, cannot_connect, timeout_error
 from todo_backend.errors import DatabaseUnavailableError, SchemaMissingError, TodoBackendError
@@ -160,29 +167,84 @@ _INSERT_BATCH: Final = (
 _DELETE: Final = delete(_table).where(*_OWNED).execution_options(**BOUNDED)
 
 
+class _Owner(FunctionElement[str]):
+    """A page's owner, compared with ``=``: ``:owner``, on PostgreSQL ``ANY (ARRAY[:owner])``.
+
+    An ``=`` puts user_id into an equivalence class with a constant, so the planner
+    drops ``user_id`` from ``ORDER BY user_id DESC, id DESC`` and may then walk the
+    primary key backward, filtering out every newer row of other owners (a user who
+    owns the oldest tenth of a million rows: about 100 ms a page). A one-element
+    ``= ANY`` is not an equality to the planner: the order keeps user_id, and only an
+    index led by user_id provides it. test_plans_pg.py pins the plans.
+    """
+
+    name = "owner"
+    type = String()
+    inherit_cache = True
+
+
+@compiles(_Owner)
+def _owner(element: _Owner, compiler: SQLCompiler, **kw: Any) -> str:
+    (owner,) = element.clauses
+    return compiler.process(owner, **kw)
+
+
+@compiles(_Owner, "postgresql")
+def _owner_postgresql(element: _Owner, compiler: SQLCompiler, **kw: Any) -> str:
+    (owner,) = element.clauses
+    return compiler.process(any_(array([owner])), **kw)
+
+
 def _list_statement(*, by_complete: bool, keyset: bool) -> Select[Any]:
-    stmt = select(*_ALL_COLUMNS).where(_c.user_id == bindparam("owner"))
+    stmt = select(*_ALL_COLUMNS).where(_c.user_id == _Owner(bindparam("owner")))
     if by_complete:
         stmt = stmt.where(_c.complete == bindparam("complete"))
     if keyset:
-        stmt = stmt.where(_c.id < bindparam("before_id"))
-    return stmt.order_by(_c.id.desc()).limit(bindparam("limit")).execution_options(**BOUNDED)
+        # id < :before_id bounds the user_id index's range. The row comparison over the
+        # same index's columns says the same again: the planner's estimate of the rows
+        # left drops, so it reads the few it needs from that index rather than a
+        # primary-key range below the cursor plus a sort, which it prefers otherwise
+        # for an owner of the oldest rows (it takes their rows for scattered pages).
+        keys = (_c.user_id, _c.complete, _c.id) if by_complete else (_c.user_id, _c.id)
+        bounds: list[BindParameter[Any]] = [
+            bindparam(name) for name in ("owner", "complete", "before_id")
+        ]
+        stmt = stmt.where(
+            _c.id < bindparam("before_id"),
+            tuple_(*keys) < tuple_(*(bounds if by_complete else bounds[::2])),
+        )
+    # user_id first: with _Owner, only an index led by user_id gives this order.
+    return (
+        stmt.order_by(_c.user_id.desc(), _c.id.desc())
+        .limit(bindparam("limit"))
+        .execution_options(**BOUNDED)
+    )
 
 
-def _count_statement(*, by_complete: bool) -> Select[Any]:
+def _count_statement(*, by_complete: bool, bounded: bool) -> Select[Any]:
     stmt = select(func.count()).select_from(_table).where(_c.user_id == bindparam("owner"))
     if by_complete:
         stmt = stmt.where(_c.complete == bindparam("complete"))
-    return stmt.execution_options(**BOUNDED)
+    if not bounded:
+        return stmt.execution_options(**BOUNDED)
+    # At most :limit rows are read from the index: the cost of a count stops growing
+    # with the owner's tasks.
+    capped = stmt.with_only_columns(_c.id).limit(bindparam("limit")).subquery("capped")
+    return select(func.count()).select_from(capped).execution_options(**BOUNDED)
 
 
-# Every list/count shape, built once: (filter on complete?, after a cursor?).
+# Every list shape, built once: (filter on complete?, after a cursor?).
 _LISTS: Final = {
     (by_complete, keyset): _list_statement(by_complete=by_complete, keyset=keyset)
     for by_complete in (False, True)
     for keyset in (False, True)
 }
-_COUNTS: Final = {flag: _count_statement(by_complete=flag) for flag in (False, True)}
+# Every count shape: (filter on complete?, bounded by a limit?).
+_COUNTS: Final = {
+    (by_complete, bounded): _count_statement(by_complete=by_complete, bounded=bounded)
+    for by_complete in (False, True)
+    for bounded in (False, True)
+}
 
 
 class _Updates(dict[frozenset[str], Update]):
@@ -384,14 +446,20 @@ def delete_call(user_id: str, task_id: int) -> Call[bool] | Known[bool]:
     return Call(_DELETE, {"owner": user_id, "task_id": task_id}, _deleted, write=True)
 
 
-def count_call(user_id: str, complete: bool | None) -> Call[int]:
-    """Check ``count``'s arguments; return its one ``SELECT count(*)``."""
+def count_call(user_id: str, complete: bool | None, limit: int | None = None) -> Call[int]:
+    """Check ``count``'s arguments; return its one ``SELECT count(*)``, capped at *limit*."""
     user_id = validate_user_id(user_id)
     _check_complete(complete)
     params: dict[str, Any] = {"owner": user_id}
     if complete is not None:
         params["complete"] = complete
-    return Call(_COUNTS[complete is not None], params, _count, write=False)
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be an int or None, got {type(limit).__name__}")
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1 (or None for an exact count), got {limit}")
+        params["limit"] = min(limit, _MAX_ID)
+    return Call(_COUNTS[complete is not None, limit is not None], params, _count, write=False)
 
 
 @dataclass(frozen=True, slots=True)

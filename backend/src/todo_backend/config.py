@@ -189,13 +189,7 @@ class Settings:
     @model_validator(mode="wrap")
     @classmethod
     def _name_the_variable(cls, data: Any, handler: Any) -> Any:
-        try:
-            return handler(data)
-        except ValidationError as error:
-            problem = error.errors(include_input=False)[0]
-        # pydantic's message repeats the input: name the variable and its range only,
-        # and raise outside the handler, where the error is no one's __context__.
-        raise _configuration_error(cls, problem)
+        return _validated(cls, data, handler)
 
     @property
     def url(self) -> URL:
@@ -244,6 +238,17 @@ def _allowed(info: FieldInfo) -> str:
     }
     low = f"from {bounds['ge']} to" if "ge" in bounds else f"above {bounds['gt']} and at most"
     return f"{kind} {low} {bounds['le']}"
+
+
+def _validated(cls: type, data: Any, handler: Any) -> Any:
+    """Run pydantic's validation of a settings class; a failure names the variable."""
+    try:
+        return handler(data)
+    except ValidationError as error:
+        problem = error.errors(include_input=False)[0]
+    # pydantic's message repeats the input: name the variable and its range only, and
+    # raise outside the handler, where the error is no one's __context__.
+    raise _configuration_error(cls, problem)
 
 
 def _configuration_error(cls: type, error: Any) -> Exception:
@@ -343,11 +348,7 @@ class MigrationSettings:
     @model_validator(mode="wrap")
     @classmethod
     def _name_the_variable(cls, data: Any, handler: Any) -> Any:
-        try:
-            return handler(data)
-        except ValidationError as error:
-            problem = error.errors(include_input=False)[0]
-        raise _configuration_error(cls, problem)
+        return _validated(cls, data, handler)
 
 
 _MigrationEnvironment: Final = _environment(_variables(MigrationSettings))

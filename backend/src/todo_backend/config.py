@@ -59,7 +59,8 @@ _POSTGRES_SCHEMES: Final = frozenset(
     }
 )
 _SQLITE_SCHEMES: Final = frozenset({"sqlite", "sqlite+pysqlite", "sqlite+aiosqlite"})
-_QUERY_PASSWORD: Final = re.compile(r"(?P<key>[?&]password=)[^&]*")
+# libpq's key is "password"; any capitalisation is treated as one, so none slips past.
+_QUERY_PASSWORD: Final = re.compile(r"(?P<key>[?&]password=)[^&]*", re.IGNORECASE)
 _URL_HINT: Final = (
     "expected postgresql://USER:PASSWORD@HOST/DBNAME?sslmode=require "
     "(or postgres://, postgresql+psycopg://, postgresql+psycopg2://) "
@@ -106,11 +107,19 @@ def normalize_database_url(raw: str) -> URL:
     url = _parse(text)
     if url is None:
         raise ConfigurationError(f"DATABASE_URL is not a valid URL: {_URL_HINT}")
-    if "password" in url.query:
+    if url.host and "@" in url.host:
+        # An unencoded @ in the password (or user name) splits it at the first @, and the
+        # rest of it would show as part of the host in every masked URL and message.
+        raise ConfigurationError(
+            "DATABASE_URL has more than one @ before its host: percent-encode @ in the "
+            "password (or user name) as %40"
+        )
+    keys = _password_keys(url)
+    if keys:
         # libpq also takes ?password=; move it where SQLAlchemy knows to mask it in
         # every repr of the URL and the engine.
-        password = url.query["password"]
-        url = url.difference_update_query(["password"]).set(
+        password = url.query[keys[-1]]
+        url = url.difference_update_query(keys).set(
             password=password if isinstance(password, str) else password[-1]
         )
     scheme = url.drivername.lower()
@@ -123,6 +132,11 @@ def normalize_database_url(raw: str) -> URL:
     raise ConfigurationError(
         f"DATABASE_URL scheme {url.drivername!r} is not supported: {_URL_HINT}"
     )
+
+
+def _password_keys(url: URL) -> list[str]:
+    """The query keys of *url* that name a password, whatever their capitalisation."""
+    return [key for key in url.query if key.lower() == "password"]
 
 
 def _parse(text: str) -> URL | None:
@@ -145,9 +159,12 @@ def mask_url(url: URL | str) -> str:
         if parsed is None:
             return "<unparseable URL>"
         url = parsed
+    if url.host and "@" in url.host:
+        # An unencoded @ in the password: the host part holds the rest of the password.
+        url = url.set(host=url.host.rpartition("@")[2], password="***")
     rendered = url.render_as_string(hide_password=True)
     # libpq also takes the password as a query parameter (?password=...).
-    return _QUERY_PASSWORD.sub(r"\g<key>***", rendered) if "password" in url.query else rendered
+    return _QUERY_PASSWORD.sub(r"\g<key>***", rendered) if _password_keys(url) else rendered
 
 
 @dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))

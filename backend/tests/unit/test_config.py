@@ -278,6 +278,46 @@ def test_mask_url_handles_strings_and_garbage() -> None:
     assert mask_url(f"postgresql://u:{SECRET}@h:notaport/db") == "<unparseable URL>"
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "postgresql://app:Tr0ub4dor@Horse-Battery@db.invalid/app",
+        "postgresql://app:Tr0ub4dor@Horse@Battery@db.invalid:5432/app?sslmode=require",
+        "postgres://app:Tr0ub4dor@Horse-Battery@db.invalid/app?password=Battery",
+    ],
+)
+def test_an_unencoded_at_before_the_host_is_refused_without_echoing(raw: str) -> None:
+    """A URL with an @ left unencoded in its credentials is refused, saying to write %40."""
+    with pytest.raises(ConfigurationError, match="%40") as info:
+        Settings(database_url=raw)
+    for piece in ("Tr0ub4dor", "Horse", "Battery"):
+        assert piece not in error_chain(info.value)
+    assert "Tr0ub4dor" not in mask_url(raw)
+    assert "Horse" not in mask_url(raw)
+    assert "Battery" not in mask_url(raw)
+
+
+def test_an_encoded_at_in_the_password_is_kept() -> None:
+    """A password with @ written as %40 connects with the @ and is masked whole."""
+    settings = Settings(database_url="postgresql://app:Tr0ub4dor%40Horse@db.invalid/app")
+    assert settings.url.password == "Tr0ub4dor@Horse"
+    assert settings.url.host == "db.invalid"
+    assert "Horse" not in settings.masked_url
+    assert "Horse" not in repr(settings)
+
+
+@pytest.mark.parametrize("key", ["PASSWORD", "Password", "passWord"])
+def test_a_query_password_in_any_case_is_moved_and_masked(key: str) -> None:
+    """?PASSWORD= in any capitalisation becomes the URL's password and never shows."""
+    raw = f"postgresql://u@h/db?{key}={SECRET}&sslmode=require"
+    assert mask_url(raw) == f"postgresql://u@h/db?{key}=***&sslmode=require"
+    settings = Settings(database_url=raw)
+    assert settings.url.password == SECRET
+    assert settings.url.query == {"sslmode": "require"}
+    assert SECRET not in repr(settings)
+    assert SECRET not in settings.masked_url
+
+
 def test_explicit_url_replaces_database_url_but_keeps_the_tuning(
     monkeypatch: pytest.MonkeyPatch, clean_env: Path
 ) -> None:

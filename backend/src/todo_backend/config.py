@@ -59,6 +59,7 @@ _POSTGRES_SCHEMES: Final = frozenset(
     }
 )
 _SQLITE_SCHEMES: Final = frozenset({"sqlite", "sqlite+pysqlite", "sqlite+aiosqlite"})
+_MASK: Final = "***"
 # libpq's key is "password"; any capitalisation is treated as one, so none slips past.
 _QUERY_PASSWORD: Final = re.compile(r"(?P<key>[?&]password=)[^&]*", re.IGNORECASE)
 _URL_HINT: Final = (
@@ -135,7 +136,7 @@ def normalize_database_url(raw: str) -> URL:
 
 
 def _password_keys(url: URL) -> list[str]:
-    """The query keys of *url* that name a password, whatever their capitalisation."""
+    """Return the query keys of *url* that name a password, whatever their capitalisation."""
     return [key for key in url.query if key.lower() == "password"]
 
 
@@ -161,7 +162,7 @@ def mask_url(url: URL | str) -> str:
         url = parsed
     if url.host and "@" in url.host:
         # An unencoded @ in the password: the host part holds the rest of the password.
-        url = url.set(host=url.host.rpartition("@")[2], password="***")
+        url = url.set(host=url.host.rpartition("@")[2], password=_MASK)
     rendered = url.render_as_string(hide_password=True)
     # libpq also takes the password as a query parameter (?password=...).
     return _QUERY_PASSWORD.sub(r"\g<key>***", rendered) if _password_keys(url) else rendered

@@ -302,8 +302,21 @@ def _environment(variables: Mapping[str, str]) -> type[BaseSettings]:
 
 
 def _read(reader: type[BaseSettings], env_file: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """Read the variables that are set and not blank, the environment over *env_file*."""
-    read = reader(_env_file=None if env_file is None else os.fspath(env_file))
+    """Read the variables that are set and not blank, the environment over *env_file*.
+
+    A file that is not UTF-8 raises :class:`ConfigurationError` naming the file only:
+    the decoder's error holds the file's bytes (secrets too), so it is raised outside
+    the ``except`` block, where it is no one's ``__context__``.
+    """
+    path = None if env_file is None else os.fspath(env_file)
+    try:
+        read = reader(_env_file=path)
+    except UnicodeDecodeError:
+        read = None
+    if read is None:
+        raise ConfigurationError(
+            f"the env file {path} is not UTF-8 text: save it as UTF-8 (see .env.example)"
+        )
     return {
         field: value.strip()
         for field, value in read.model_dump().items()
@@ -327,7 +340,8 @@ def load_settings(
     touching ``os.environ``, and may hold other variables too. *database_url* (a
     command line's ``--database-url``) replaces ``DATABASE_URL`` while the ``DB_*``
     settings still apply. Raises :class:`ConfigurationError` naming the variable that
-    is missing or out of range, and the range.
+    is missing or out of range, and the range, or saying to save a *env_file* that is
+    not UTF-8 as UTF-8.
     """
     values = _read(_Environment, env_file)
     if database_url is not None:

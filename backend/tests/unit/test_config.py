@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -151,6 +151,21 @@ def test_env_file_path_can_be_chosen(clean_env: Path) -> None:
     assert load_settings(custom).database_url == "sqlite:///custom.db"
     with pytest.raises(ConfigurationError):
         load_settings(None)
+
+
+@pytest.mark.parametrize("load", [load_settings, load_migration_settings])
+def test_an_env_file_that_is_not_utf8_is_a_configuration_error(
+    clean_env: Path, load: Callable[[], object]
+) -> None:
+    """A .env in another encoding raises ConfigurationError saying to save it as UTF-8."""
+    (clean_env / ".env").write_bytes(
+        f"DATABASE_URL=postgresql://u:{SECRET}@h/db\n# caf\xe9\n".encode("latin-1")
+    )
+    with pytest.raises(ConfigurationError, match="UTF-8") as info:
+        load()
+    assert SECRET not in error_chain(info.value)
+    assert "caf" not in error_chain(info.value)
+    assert info.value.__context__ is None
 
 
 def test_env_file_does_not_leak_into_os_environ(clean_env: Path) -> None:

@@ -366,3 +366,11 @@ def rehearse(session: nox.Session) -> None:
     install(session)
     session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
     session.run("python", "backend/bench/rehearse.py", *session.posargs)
+
+
+@nox.session(default=False)
+def scale(session: nox.Session) -> None:
+    """Scale benchmark: every call at 10k and 1M rows (``-- --ten-million`` adds 10M)."""
+    install(session, "bench")
+    session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
+    session.run("python", "backend/bench/scale.py", *session.posargs)

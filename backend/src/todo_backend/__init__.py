@@ -22,6 +22,7 @@ from todo_backend.errors import (
     DatabaseStatementError,
     DatabaseTimeoutError,
     DatabaseUnavailableError,
+    SchemaMissingError,
     TodoBackendError,
 )
 from todo_backend.models import (
@@ -45,6 +46,7 @@ __all__ = [
     "DatabaseStatementError",
     "DatabaseTimeoutError",
     "DatabaseUnavailableError",
+    "SchemaMissingError",
     "Settings",
     "Task",
     "TaskCreate",

@@ -173,7 +173,8 @@ class Settings:
     """Connection settings for one database, validated when built.
 
     ``pool_size + max_overflow`` bounds the connections one engine opens (5 to 20 by
-    default, within Neon's per-compute limits). Every duration is in seconds, at most
+    default, within Neon's per-compute limits); those above ``pool_size`` are closed
+    once idle for ``pool_idle_timeout``. Every duration is in seconds, at most
     :data:`MAX_SECONDS`; the statement, lock and idle-in-transaction bounds at least
     0.001 (PostgreSQL counts them in whole milliseconds, and 0 would mean "no bound").
     A value out of range, infinite, NaN or of the wrong type raises
@@ -191,6 +192,8 @@ class Settings:
     lock_timeout: _Seconds = 5
     idle_in_transaction_timeout: _Seconds = 30
     echo: bool = False
+    # Last, so that positional arguments written before it keep their meaning.
+    pool_idle_timeout: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] = 60
 
     # Each field's variable is this prefix and its upper-cased name (DB_POOL_SIZE).
     variable_prefix: ClassVar[str] = "DB_"
@@ -333,15 +336,15 @@ def load_settings(
     """Build :class:`Settings` from the environment, falling back to *env_file*.
 
     Variables: ``DATABASE_URL`` (required unless *database_url* is given),
-    ``DB_POOL_SIZE``, ``DB_MAX_OVERFLOW``, ``DB_POOL_TIMEOUT``, ``DB_CONNECT_TIMEOUT``,
-    ``DB_STATEMENT_TIMEOUT``, ``DB_LOCK_TIMEOUT``, ``DB_IDLE_IN_TRANSACTION_TIMEOUT``,
-    ``DB_ECHO``; one that is unset or blank takes its default. A variable set in the
-    process environment wins over the file; the file is optional, is read without
-    touching ``os.environ``, and may hold other variables too. *database_url* (a
-    command line's ``--database-url``) replaces ``DATABASE_URL`` while the ``DB_*``
-    settings still apply. Raises :class:`ConfigurationError` naming the variable that
-    is missing or out of range, and the range, or saying to save a *env_file* that is
-    not UTF-8 as UTF-8.
+    ``DB_POOL_SIZE``, ``DB_MAX_OVERFLOW``, ``DB_POOL_TIMEOUT``, ``DB_POOL_IDLE_TIMEOUT``,
+    ``DB_CONNECT_TIMEOUT``, ``DB_STATEMENT_TIMEOUT``, ``DB_LOCK_TIMEOUT``,
+    ``DB_IDLE_IN_TRANSACTION_TIMEOUT``, ``DB_ECHO``; one that is unset or blank takes its
+    default. A variable set in the process environment wins over the file; the file is
+    optional, is read without touching ``os.environ``, and may hold other variables too.
+    *database_url* (a command line's ``--database-url``) replaces ``DATABASE_URL`` while
+    the ``DB_*`` settings still apply. Raises :class:`ConfigurationError` naming the
+    variable that is missing or out of range, and the range, or saying to save a
+    *env_file* that is not UTF-8 as UTF-8.
     """
     values = _read(_Environment, env_file)
     if database_url is not None:

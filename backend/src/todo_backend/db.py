@@ -5,7 +5,8 @@ One engine factory (:func:`create_db_engine`), one session helper
 are built for Neon: TLS for remote hosts, a bounded pool recycled before Neon's idle
 timeout, TCP keepalives, nothing that PgBouncer's transaction pooling breaks, a
 zero-round-trip liveness check that replaces dead pooled connections before use, and
-server-side bounds on every statement (:func:`timeout_error` names the one a failed
+server-side bounds set once per transaction, in its first statement's own query
+message (:func:`bound_every_statement`; :func:`timeout_error` names the one a failed
 call ran into).
 """
 
@@ -14,15 +15,17 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import select
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, ExceptionContext, ExecutionContext
+from sqlalchemy.engine.interfaces import ExecuteStyle
 from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
@@ -31,12 +34,15 @@ from sqlmodel import Session, SQLModel
 from todo_backend.config import Settings, mask_url
 from todo_backend.errors import DatabaseTimeoutError, DatabaseUnavailableError
 from todo_backend.models import Task
+from todo_backend.pool import IdleQueuePool
 
 __all__ = [
+    "BOUNDED",
     "UNBOUNDED",
     "DatabaseHealth",
     "as_settings",
     "bound_every_statement",
+    "bounds_settings",
     "cannot_connect",
     "check_database",
     "create_db_engine",
@@ -47,6 +53,7 @@ __all__ = [
     "is_local_host",
     "postgres_engine_options",
     "reject_dead_connection",
+    "set_local_sql",
     "sqlite_engine_options",
     "sqlite_on_connect",
     "timeout_error",
@@ -120,13 +127,15 @@ def is_local_host(url: URL) -> bool:
 def create_db_engine(settings_or_url: Settings | str) -> Engine:
     """Create the engine for *settings_or_url*, tuned for its database.
 
-    PostgreSQL (psycopg2): a QueuePool of ``pool_size`` plus ``max_overflow``
-    connections, ``connect_timeout``, keepalives, recycling below Neon's 300 s idle
-    suspend, and ``sslmode=require`` for any non-local host whose URL does not choose
-    an sslmode. Dead pooled connections (Neon suspend, restart, terminated backends)
-    are detected at checkout without a round trip and replaced transparently. The
-    URL may name any PostgreSQL driver (``postgresql://``, ``postgres://``,
-    ``postgresql+psycopg2://``, ``postgresql+psycopg://``): this engine runs psycopg2.
+    PostgreSQL (psycopg2): a pool of ``pool_size`` plus ``max_overflow`` connections
+    that keeps them while busy and closes those above ``pool_size`` once idle for
+    ``pool_idle_timeout`` (:class:`~todo_backend.pool.IdleQueuePool`),
+    ``connect_timeout``, keepalives, recycling below Neon's 300 s idle suspend, and
+    ``sslmode=require`` for any non-local host whose URL does not choose an sslmode.
+    Dead pooled connections (Neon suspend, restart, terminated backends) are detected
+    at checkout without a round trip and replaced transparently. The URL may name any
+    PostgreSQL driver (``postgresql://``, ``postgres://``, ``postgresql+psycopg2://``,
+    ``postgresql+psycopg://``): this engine runs psycopg2.
 
     SQLite: ``sqlite://`` is one in-memory database shared by every session and
     thread (a static pool); file databases enforce foreign keys.
@@ -156,9 +165,10 @@ def _create_postgres_engine(url: URL, settings: Settings) -> Engine:
 def postgres_engine_options(url: URL, settings: Settings) -> dict[str, Any]:
     """Return the ``create_engine`` keywords of a Neon-ready PostgreSQL engine.
 
-    Shared by the sync and the async engine: the pool bounds and recycling, and the
-    libpq connection options (timeout, keepalives, TLS for non-local hosts), which
-    psycopg2 and psycopg 3 take alike.
+    Shared by the sync and the async engine: the pool (an :class:`IdleQueuePool`,
+    which the async engine swaps for its asyncio twin), its bounds, idle timeout and
+    recycling, and the libpq connection options (timeout, keepalives, TLS for
+    non-local hosts), which psycopg2 and psycopg 3 take alike.
     """
     connect_args: dict[str, Any] = {
         "connect_timeout": settings.connect_timeout,
@@ -170,9 +180,14 @@ def postgres_engine_options(url: URL, settings: Settings) -> dict[str, Any]:
         # silently fall back to plain text against any other server.
         connect_args["sslmode"] = "require"
     return {
+        # Keeps up to pool_size + max_overflow connections while busy and closes those
+        # above pool_size once idle (QueuePool would close each overflow connection
+        # as soon as it is returned: a new connection per call under steady load).
+        "poolclass": IdleQueuePool,
         "pool_size": settings.pool_size,
         "max_overflow": settings.max_overflow,
         "pool_timeout": settings.pool_timeout,
+        "idle_timeout": settings.pool_idle_timeout,
         "pool_recycle": POOL_RECYCLE_SECONDS,
         # No pre-ping: it costs a round trip per checkout. reject_dead_connection
         # catches server-closed sockets for free instead.
@@ -189,46 +204,179 @@ def postgres_engine_options(url: URL, settings: Settings) -> dict[str, Any]:
 # Execution option that sends statements without the bounds (see bound_every_statement).
 UNBOUNDED: Final = {"todo_backend_unbounded": True}
 _UNBOUNDED_KEY: Final = "todo_backend_unbounded"
-# Connection.info keys: when the transaction's last statement returned, when the
-# next message (statement or COMMIT) was sent.
-_IDLE_SINCE: Final = "todo_backend.idle_since"
-_SENT_AT: Final = "todo_backend.sent_at"
+# Execution option of the package's own statements (the repository's): bounded even
+# when they autocommit, and the only statements after which the idle bound is inferred.
+BOUNDED: Final = {"todo_backend_bounded": True}
+_BOUNDED_KEY: Final = "todo_backend_bounded"
+# Connection.info key of the connection's _Transaction.
+_TRANSACTION: Final = "todo_backend.transaction"
 # Set on a disconnect error that the idle-in-transaction bound explains.
 _IDLE_EXPIRED: Final = "_todo_backend_idle_expired"
+# Statements that control the transaction itself: never carry the bounds, never use up
+# the first statement of a transaction. Group 1 the verb, group 2 the rest.
+_CONTROL: Final = re.compile(
+    r"\s*(SAVEPOINT|RELEASE|ROLLBACK|COMMIT|END|ABORT|BEGIN|START)\b\s*(.*?)[\s;]*\Z",
+    re.IGNORECASE | re.DOTALL,
+)
+_ROLLBACK_TO: Final = re.compile(
+    r"(?:(?:WORK|TRANSACTION)\s+)?TO\s+(.*)", re.IGNORECASE | re.DOTALL
+)
+_SAVEPOINT_WORD: Final = re.compile(r"\ASAVEPOINT\s+", re.IGNORECASE)
 
 
 def _milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def bound_every_statement(engine: Engine, settings: Settings) -> None:
-    """Apply the statement, lock and idle-in-transaction bounds to every statement sent.
+def bounds_settings(settings: Settings) -> list[tuple[str, str]]:
+    """Return the server settings that carry *settings*' statement, lock and idle bounds."""
+    return [
+        ("statement_timeout", str(_milliseconds(settings.statement_timeout))),
+        ("lock_timeout", str(_milliseconds(settings.lock_timeout))),
+        (
+            "idle_in_transaction_session_timeout",
+            str(_milliseconds(settings.idle_in_transaction_timeout)),
+        ),
+    ]
 
-    Each statement goes out as ``SET LOCAL statement_timeout = ...; SET LOCAL
-    lock_timeout = ...; SET LOCAL idle_in_transaction_session_timeout = ...;
-    <statement>`` in ONE simple-protocol query message: no extra round trip, and no
-    session state. In autocommit the server runs such a message as one implicit
-    transaction, so the bounds cover exactly that statement; inside a transaction
-    (``atomic()``) ``SET LOCAL`` lasts to its end. The server answers with the last
-    statement's result (rows, ``RETURNING``, rowcount). Session-level ways to set
-    these (the libpq ``options`` startup parameter, ``ALTER ROLE ... SET``) do not
-    survive PgBouncer's transaction pooling or are not per engine: see research.md.
+
+def set_local_sql(pairs: Sequence[tuple[str, str]]) -> str:
+    """Return ONE statement that sets each ``(name, value)`` for the current transaction only.
+
+    ``SELECT set_config('name', 'value', true), ...``: the server parses one statement
+    however many settings it carries (three ``SET LOCAL`` statements cost three), and
+    each setting ends with its transaction, like ``SET LOCAL``, so nothing outlives it
+    on a server connection PgBouncer hands to someone else. Add a pair to carry another
+    per-transaction setting. Names and values become SQL string literals; ``%`` is
+    refused, because the driver's parameter formatting would rewrite it.
+    """
+    if not pairs:
+        raise ValueError("set_local_sql needs at least one (name, value) pair")
+    calls = []
+    for name, value in pairs:
+        if "%" in name or "%" in value or "\0" in name or "\0" in value:
+            raise ValueError(f"setting {name!r}: '%' and NUL cannot be sent in a bound's text")
+        calls.append(f"set_config({_literal(name)}, {_literal(value)}, true)")
+    return "SELECT " + ", ".join(calls)
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+class _Transaction:
+    """What the bounds' hooks know of the transaction open on one connection.
+
+    ``bounded_at`` is the savepoint depth at which the bounds were set (None: not yet,
+    or undone by ``ROLLBACK TO SAVEPOINT``); ``trusted`` says whether everything sent in
+    it went through the hooks as the package's own statements with the bounds in force,
+    the only case in which a lost connection may be explained by the idle bound.
+    """
+
+    __slots__ = ("bounded_at", "idle_since", "savepoints", "sent_at", "trusted")
+
+    def __init__(self) -> None:
+        self.bounded_at: int | None = None
+        self.savepoints: list[str] = []
+        self.trusted = True
+        # When the last statement's answer arrived; when the next message was sent.
+        self.idle_since: float | None = None
+        self.sent_at: float | None = None
+
+    def follow(self, statement: str) -> bool:
+        """Tell whether *statement* controls the transaction; if so, follow what it does.
+
+        Savepoints are tracked by name (``SAVEPOINT``, ``RELEASE``, ``ROLLBACK TO``);
+        a ``COMMIT`` or ``ROLLBACK`` sent as a statement ends the transaction.
+        """
+        control = _CONTROL.match(statement)
+        if control is None:
+            return False
+        self._control(control[1].upper(), control[2])
+        return True
+
+    def _control(self, verb: str, rest: str) -> None:
+        if verb == "SAVEPOINT":
+            self.savepoints.append(rest)
+            return
+        if verb == "RELEASE":
+            depth = self._depth_of(_SAVEPOINT_WORD.sub("", rest, count=1))
+            if depth is None:
+                self.trusted = False
+                return
+            del self.savepoints[depth:]
+            # The settings of a released savepoint belong to its parent now.
+            if self.bounded_at is not None and self.bounded_at > depth:
+                self.bounded_at = depth
+            return
+        target = _ROLLBACK_TO.fullmatch(rest) if verb == "ROLLBACK" else None
+        if target is not None:
+            depth = self._depth_of(_SAVEPOINT_WORD.sub("", target[1], count=1))
+            if depth is not None:
+                del self.savepoints[depth + 1 :]
+            # Rolling back to a savepoint undoes the settings made after it: the next
+            # statement sets the bounds again, and they were not in force throughout.
+            if depth is None or (self.bounded_at is not None and self.bounded_at > depth):
+                self.bounded_at = None
+                self.trusted = False
+            return
+        if verb in ("COMMIT", "END", "ABORT", "ROLLBACK"):
+            # Ended behind SQLAlchemy's back: the driver begins anew with the next statement.
+            self.bounded_at = self.idle_since = None
+            self.savepoints.clear()
+            self.trusted = False
+
+    def _depth_of(self, name: str) -> int | None:
+        for depth in range(len(self.savepoints) - 1, -1, -1):
+            if self.savepoints[depth] == name:
+                return depth
+        return None
+
+
+def bound_every_statement(engine: Engine, settings: Settings) -> None:
+    """Apply the statement, lock and idle-in-transaction bounds, once per transaction.
+
+    The bounds are one ``SELECT set_config('statement_timeout', ..., true),
+    set_config('lock_timeout', ...), set_config('idle_in_transaction_session_timeout',
+    ...);`` (:func:`set_local_sql`) that rides in front of a statement in the SAME
+    simple-protocol query message: no extra round trip, and no session state, so they
+    hold through PgBouncer's transaction pooling. Session-level ways to set them (the
+    libpq ``options`` startup parameter, ``ALTER ROLE ... SET``) do not survive that
+    pooling or are not per engine: see research.md. The bounds go in front of:
+
+    * the first statement of each transaction (``engine.begin()``, a session, an
+      ``atomic()`` block). They last to its end, so every later statement is bounded
+      too, and a caller's own ``SET LOCAL`` later in the transaction stands;
+    * each autocommitted statement the package itself sends (the repository's single
+      calls, marked with the :data:`BOUNDED` execution option): the server runs such a
+      message as one implicit transaction, which the bounds cover exactly.
+
+    Nothing is put in front of ``SAVEPOINT``, ``RELEASE``, ``ROLLBACK [TO SAVEPOINT]``,
+    ``COMMIT``, a caller's own autocommitted statements (``VACUUM`` and ``CREATE INDEX
+    CONCURRENTLY`` refuse the implicit transaction a prefix would make), an
+    executemany, a server-side (``stream_results``) cursor's ``DECLARE``, or statements
+    run with :data:`UNBOUNDED`. When an executemany or a server-side cursor is the first
+    statement of a transaction, the bounds go out alone just before it: one extra round
+    trip, once in that transaction (the repository never does either). After ``ROLLBACK
+    TO SAVEPOINT`` has undone the bounds (they were set inside that savepoint), the next
+    statement carries them again.
 
     The server closes a connection idle in a transaction past its bound; the client
-    only sees a dropped connection, so the time the transaction sat idle before its
-    next message was sent is kept here to tell that apart from a lost connection.
+    only sees a dropped connection. A dropped connection is put down to the idle bound
+    (:func:`timeout_error`) only when the transaction sat idle longer than the bound
+    before the failed message was sent, the bound was set by the transaction's first
+    statement and never undone, and everything in the transaction went through these
+    hooks as the package's own statements: no :data:`UNBOUNDED` statement, no streamed
+    result (whose fetches the hooks do not see), no statement of the caller's (which
+    may change the bound). Otherwise, a lost COMMIT above all, the outcome is unknown.
 
     The driver must send the string as one simple-protocol message and hand back the
     last statement's result: psycopg2 does; the async engine gives psycopg 3 a
     client-binding cursor that does (``todo_backend.aio.db``). *engine* is a sync
     engine, or an async engine's ``sync_engine``.
     """
-    prefix = (
-        f"SET LOCAL statement_timeout = {_milliseconds(settings.statement_timeout)}; "
-        f"SET LOCAL lock_timeout = {_milliseconds(settings.lock_timeout)}; "
-        "SET LOCAL idle_in_transaction_session_timeout = "
-        f"{_milliseconds(settings.idle_in_transaction_timeout)}; "
-    )
+    bounds = set_local_sql(bounds_settings(settings))
+    prefix = bounds + "; "
     idle_bound = settings.idle_in_transaction_timeout
 
     def before(
@@ -240,36 +388,63 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
         _executemany: bool,
     ) -> tuple[str, Any]:
         options = context.execution_options if context else conn.get_execution_options()
-        # A server-side cursor (stream_results) wraps the statement in DECLARE, which
-        # takes one query only: it is bounded only if an earlier statement of its
-        # transaction set the bounds. The repository never streams.
-        if options.get(_UNBOUNDED_KEY) or getattr(cursor, "name", None) is not None:
+        own = options.get(_BOUNDED_KEY, False) and not options.get(_UNBOUNDED_KEY, False)
+        # A server-side cursor wraps the statement in DECLARE, which takes one query only;
+        # an executemany sends its statement once per row (psycopg2) or prepared (psycopg 3).
+        alone = getattr(cursor, "name", None) is not None or (
+            context is not None and context.execute_style is ExecuteStyle.EXECUTEMANY
+        )
+        if _autocommit(conn):
+            return (prefix + statement if own and not alone else statement), parameters
+        info = conn.info
+        tx: _Transaction | None = info.get(_TRANSACTION)
+        if tx is None:
+            tx = info[_TRANSACTION] = _Transaction()
+        tx.sent_at = time.monotonic()
+        if tx.follow(statement):
             return statement, parameters
-        if not _autocommit(conn):
-            conn.info[_SENT_AT] = time.monotonic()
+        if not own or alone:
+            tx.trusted = False
+            if options.get(_UNBOUNDED_KEY, False):
+                return statement, parameters
+        if tx.bounded_at is not None:
+            return statement, parameters
+        tx.bounded_at = len(tx.savepoints)
+        if alone:
+            _send_alone(conn, bounds)
+            return statement, parameters
         return prefix + statement, parameters
 
     def after(conn: Connection, *_args: Any) -> None:
         if not _autocommit(conn):
-            conn.info[_IDLE_SINCE] = time.monotonic()
+            tx = conn.info.get(_TRANSACTION)
+            if tx is not None:
+                tx.idle_since = time.monotonic()
 
     def begin(conn: Connection) -> None:
-        conn.info.pop(_IDLE_SINCE, None)
+        # The next statement sent in a transaction starts a fresh record (autocommit
+        # statements, the repository's common case, never need one).
+        conn.info.pop(_TRANSACTION, None)
 
     def commit(conn: Connection) -> None:
-        conn.info[_SENT_AT] = time.monotonic()
+        tx = conn.info.get(_TRANSACTION)
+        if tx is not None:
+            tx.sent_at = time.monotonic()
 
     def handle_error(context: ExceptionContext) -> None:
         conn = context.connection
         if not context.is_disconnect or conn is None:
             return
         try:
-            info = conn.info
+            tx = conn.info.get(_TRANSACTION)
         except SQLAlchemyError:  # pragma: no cover - already invalidated
             return
-        idle_since, sent_at = info.get(_IDLE_SINCE), info.get(_SENT_AT)
+        if tx is None or not tx.trusted or tx.bounded_at is None:
+            return
+        idle_since, sent_at = tx.idle_since, tx.sent_at
         if idle_since is not None and sent_at is not None and sent_at - idle_since > idle_bound:
-            # The server had ended the transaction before this message reached it.
+            # The server's idle timer started before the last answer left it and the
+            # message reached it after sent_at: the server had ended the transaction.
             setattr(context.sqlalchemy_exception, _IDLE_EXPIRED, True)
 
     event.listen(engine, "before_cursor_execute", before, retval=True)
@@ -277,6 +452,15 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
     event.listen(engine, "begin", begin)
     event.listen(engine, "commit", commit)
     event.listen(engine, "handle_error", handle_error)
+
+
+def _send_alone(conn: Connection, bounds: str) -> None:
+    """Send *bounds* as a statement of its own on *conn*'s driver connection."""
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(bounds)
+    finally:
+        cursor.close()
 
 
 def _autocommit(conn: Connection) -> bool:
@@ -445,7 +629,10 @@ def init_db(engine: Engine) -> None:
 
 
 def get_session(engine: Engine) -> Generator[Session, None, None]:
-    """Yield a session on *engine* and close it afterwards: a FastAPI dependency.
+    """Yield a session on *engine* and close it afterwards.
+
+    Not a FastAPI dependency by itself (FastAPI cannot supply *engine*): wrap it in a
+    function of no arguments that yields from it.
 
     Objects stay readable after commit (``expire_on_commit=False``): re-reading them
     would cost a round trip per object for data the caller already has.

@@ -9,6 +9,7 @@ catch the whole family at once::
     ├── DatabaseTimeoutError      a bounded wait ran out (pool, statement, lock, idle block)
     ├── DatabaseConflictError     a deadlock or serialization failure; nothing stored, retry
     ├── DatabaseStatementError    any other database error; carries its SQLSTATE
+    ├── SchemaMissingError        the database has no tasks table; run `todo-db migrate`
     └── migrate.MigrationError    a migration cannot run as asked; nothing was changed
 
 No error of the database driver or SQLAlchemy reaches a repository caller: each is
@@ -29,6 +30,7 @@ __all__ = [
     "DatabaseStatementError",
     "DatabaseTimeoutError",
     "DatabaseUnavailableError",
+    "SchemaMissingError",
     "TodoBackendError",
 ]
 
@@ -105,3 +107,11 @@ class DatabaseStatementError(TodoBackendError):
     def __reduce__(self) -> tuple[type[DatabaseStatementError], tuple[str], dict[str, str]]:
         # Keeps ``sqlstate`` when the error crosses a process boundary (pickle).
         return type(self), (str(self),), {"sqlstate": self.sqlstate}
+
+
+class SchemaMissingError(TodoBackendError):
+    """A repository call found no ``tasks`` table: the database's schema was never created.
+
+    Nothing was stored. The message says to run ``todo-db migrate`` against the
+    database (``init_db(engine)`` in tests and throwaway databases).
+    """

@@ -36,10 +36,12 @@ unknown revision, say) are raised as :class:`MigrationError`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import logging
 import random
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -50,14 +52,16 @@ from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple, TypeAlias, cast
 
 from alembic import command, op
-from alembic.autogenerate import compare_metadata
+from alembic.autogenerate import compare_metadata, renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.config import Config
+from alembic.operations import ops
 from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
 from alembic.script.revision import RevisionError
 from alembic.util.exc import CommandError
-from sqlalchemy import CheckConstraint, Connection, Engine, String, Table, inspect
+from sqlalchemy import CheckConstraint, Connection, Engine, String, Table, inspect, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.schema import SchemaItem
@@ -93,6 +97,7 @@ __all__ = [
     "package_tables",
     "render_item",
     "revision",
+    "schema_structure",
     "stamp",
     "upgrade",
     "upgrade_sql",
@@ -197,7 +202,9 @@ def context_options() -> dict[str, Any]:
     ``batch_alter_table`` blocks (``render_as_batch``) so one revision runs on SQLite,
     which can only rebuild a table to alter it, and on PostgreSQL, where a batch is
     plain ``ALTER TABLE``; sqlmodel types are rendered by :func:`render_item`.
-    Constraint and index names are the models' own.
+    Constraint and index names are the models' own. Autogenerate does not compare
+    CHECK constraints, so a hook adds to each new revision those the models declare
+    and the database lacks (and drops those it has that the models do not).
     """
     owned = frozenset((table.schema, table.name) for table in package_tables())
 
@@ -222,6 +229,7 @@ def context_options() -> dict[str, Any]:
         "compare_type": True,
         "render_as_batch": True,
         "render_item": render_item,
+        "process_revision_directives": _add_check_constraints,
     }
 
 
@@ -270,9 +278,9 @@ def _migration_session(
         lock_timeout = load_migration_settings().lock_timeout
     engine, owned = _engine_for(url_or_engine)
     try:
-        # Migrations run without the per-statement bounds: DDL on a big table may
-        # legitimately take longer, and some (CREATE INDEX CONCURRENTLY) refuse to run
-        # in the implicit transaction the bounds put them in.
+        # Migrations run without the engine's bounds: DDL on a big table may
+        # legitimately take longer than a request's statement bound; each revision's
+        # transaction sets its own lock_timeout instead.
         with engine.connect().execution_options(**UNBOUNDED) as connection:
             connection.info[_LOCK_TIMEOUT_KEY] = lock_timeout
             yield connection
@@ -753,13 +761,64 @@ def model_differences(connection: Connection) -> list[str]:
 
     Uses Alembic's autogenerate comparison (tables, columns, types, nullability,
     indexes) and adds what autogenerate does not compare: the named CHECK
-    constraints, by name on every database and by text on SQLite, which keeps the
-    text as written. Only :func:`package_tables` are compared. An empty list means
-    the package's schema is exactly what the models declare. Read-only.
+    constraints, by name and by meaning (the condition as the database keeps it:
+    SQLite its text, PostgreSQL its own canonical form, which a scratch table inside
+    a savepoint gives for the models' conditions). Only :func:`package_tables` are
+    compared. An empty list means the package's schema is exactly what the models
+    declare. Changes nothing.
     """
     context = MigrationContext.configure(connection, opts=context_options())
     found = [_describe(diff) for diff in _flatten(compare_metadata(context, SQLModel.metadata))]
     found.extend(_check_constraint_differences(connection))
+    return found
+
+
+def schema_structure(connection: Connection) -> dict[str, dict[str, Any]]:
+    """Describe the package's tables as the database on *connection* has them.
+
+    Per table: its columns (type as the database's dialect writes it, nullability,
+    default), primary key, indexes (columns, uniqueness), unique and foreign key
+    constraints and named CHECK constraints (by name and condition, as in
+    :func:`model_differences`). Column order is left out: a revision adds a column at
+    the end of the table, ``init_db`` where the model declares it, and both are the
+    same schema. Two databases with equal structures have the same schema, so one
+    made by ``init_db`` can be stamped at the revision whose structure it equals.
+    """
+    inspector = inspect(connection)
+    dialect = connection.dialect
+    found: dict[str, dict[str, Any]] = {}
+    for table in package_tables():
+        name, schema = table.name, table.schema
+        if not inspector.has_table(name, schema):
+            continue
+        found[name] = {
+            "columns": {
+                column["name"]: (
+                    column["type"].compile(dialect=dialect),
+                    column["nullable"],
+                    None if column.get("default") is None else str(column.get("default")),
+                )
+                for column in inspector.get_columns(name, schema)
+            },
+            "primary key": tuple(inspector.get_pk_constraint(name, schema)["constrained_columns"]),
+            "indexes": {
+                str(index["name"]): (tuple(index["column_names"]), bool(index["unique"]))
+                for index in inspector.get_indexes(name, schema)
+            },
+            "unique constraints": {
+                str(unique["name"]): tuple(unique["column_names"])
+                for unique in inspector.get_unique_constraints(name, schema)
+            },
+            "foreign keys": {
+                str(key["name"]): (
+                    tuple(key["constrained_columns"]),
+                    key["referred_table"],
+                    tuple(key["referred_columns"]),
+                )
+                for key in inspector.get_foreign_keys(name, schema)
+            },
+            "check constraints": _database_checks(connection, table),
+        }
     return found
 
 
@@ -792,40 +851,75 @@ def _describe(diff: tuple[Any, ...]) -> str:
     return f"{action}: {diff[1:]!r}"  # pragma: no cover - a kind alembic may add later
 
 
-def _check_constraint_differences(connection: Connection) -> list[str]:
+class _CheckChange(NamedTuple):
+    """A named CHECK constraint whose condition differs: None where one side lacks it."""
+
+    table: Table
+    name: str
+    database: str | None
+    models: str | None
+
+
+def _check_changes(connection: Connection) -> list[_CheckChange]:
+    """Every named CHECK constraint of :func:`package_tables` missing, extra or changed.
+
+    Conditions are compared as the database keeps them (:func:`_database_checks`
+    and :func:`_model_checks`); a model condition the database cannot take (it names
+    a column not there yet) is compared by name only.
+    """
     inspector = inspect(connection)
-    compare_text = connection.dialect.name == "sqlite"
-    found: list[str] = []
+    changes: list[_CheckChange] = []
     for table in package_tables():
         if not inspector.has_table(table.name, table.schema):
-            continue  # reported by compare_metadata already
-        models = _model_checks(table, connection.dialect)
-        database = {
-            str(ck["name"]): _normalise_sql(ck["sqltext"])
-            for ck in inspector.get_check_constraints(table.name, table.schema)
-            if ck.get("name")
-        }
-        where = f"check constraint {{}} on {table.name}"
-        found.extend(
-            f"{where.format(name)}: declared by the models, missing in the database"
-            for name in sorted(models.keys() - database.keys())
+            continue  # a table to create: reported (and created) with its constraints
+        database = _database_checks(connection, table)
+        models = _model_checks(table, connection)
+        changes.extend(
+            _CheckChange(table, name, database.get(name), models.get(name))
+            for name in sorted(models.keys() | database.keys())
+            if database.get(name) != models.get(name)
+            and not (name in database and models.get(name) == "")
         )
-        found.extend(
-            f"{where.format(name)}: in the database, not in the models"
-            for name in sorted(database.keys() - models.keys())
-        )
-        if compare_text:
-            found.extend(
-                f"{where.format(name)}: database has {database[name]!r}, "
-                f"models have {models[name]!r}"
-                for name in sorted(models.keys() & database.keys())
-                if models[name] != database[name]
+    return changes
+
+
+def _check_constraint_differences(connection: Connection) -> list[str]:
+    found: list[str] = []
+    for table, name, database, models in _check_changes(connection):
+        where = f"check constraint {name} on {table.name}"
+        if database is None:
+            found.append(
+                f"{where}: declared by the models, missing in the database: run "
+                "`python -m todo_backend.migrate revision -m ...`, which adds it"
             )
+        elif models is None:
+            found.append(f"{where}: in the database, not in the models")
+        else:
+            found.append(f"{where}: database has {database!r}, models have {models!r}")
     return found
 
 
-def _model_checks(table: Table, dialect: Dialect) -> dict[str, str]:
-    # Compiled for the database's dialect: a condition may differ per database.
+_CHECKS_ON_POSTGRESQL: Final = text(
+    "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+    "WHERE conrelid = to_regclass(:relation) AND contype = 'c' ORDER BY conname"
+)
+
+
+def _database_checks(connection: Connection, table: Table) -> dict[str, str]:
+    """Return the named CHECK constraints of *table* as the database keeps them, by name."""
+    if connection.dialect.name == "postgresql":
+        relation = connection.dialect.identifier_preparer.format_table(table)
+        rows = connection.execute(_CHECKS_ON_POSTGRESQL, {"relation": relation})
+        return {str(name): _normalise_sql(str(condition)) for name, condition in rows}
+    return {
+        str(check["name"]): _normalise_sql(check["sqltext"])
+        for check in inspect(connection).get_check_constraints(table.name, table.schema)
+        if check.get("name")
+    }
+
+
+def _compiled_checks(table: Table, dialect: Dialect) -> dict[str, str]:
+    # Compiled for the dialect: a condition may differ per database (TextCheck).
     return {
         str(constraint.name): _normalise_sql(str(constraint.sqltext.compile(dialect=dialect)))
         for constraint in table.constraints
@@ -833,8 +927,124 @@ def _model_checks(table: Table, dialect: Dialect) -> dict[str, str]:
     }
 
 
-def _normalise_sql(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
+def _model_checks(table: Table, connection: Connection) -> dict[str, str]:
+    """Return the models' named CHECK constraints of *table* as the database would keep them.
+
+    SQLite keeps a condition's text, so that is the compiled text. PostgreSQL keeps
+    its own canonical form: each condition is added to an empty copy of the table in
+    a savepoint, read back and rolled back. One it refuses (a column missing, say)
+    comes back as "" and is compared by name only.
+    """
+    compiled = _compiled_checks(table, connection.dialect)
+    if connection.dialect.name != "postgresql" or not compiled:
+        return compiled
+    preparer = connection.dialect.identifier_preparer
+    probe = "todo_backend_check_probe"
+    canonical = dict.fromkeys(compiled, "")
+    with connection.begin_nested() as outer:
+        connection.exec_driver_sql(
+            f"CREATE TEMPORARY TABLE {probe} (LIKE {preparer.format_table(table)})"
+        )
+        for name, condition in compiled.items():
+            try:
+                with connection.begin_nested():
+                    connection.exec_driver_sql(
+                        f"ALTER TABLE {probe} ADD CONSTRAINT {preparer.quote(name)} "
+                        f"CHECK ({condition})"
+                    )
+            except DBAPIError:
+                continue
+        rows = connection.execute(_CHECKS_ON_POSTGRESQL, {"relation": f"pg_temp.{probe}"})
+        canonical.update((str(name), _normalise_sql(str(text_))) for name, text_ in rows)
+        outer.rollback()
+    return canonical
+
+
+def _normalise_sql(sql: str) -> str:
+    return re.sub(r"\s+", " ", sql).strip()
+
+
+class _CreateCheck(ops.MigrateOperation):
+    """Add CHECK *name* in a table's batch: one condition, or one per database by name."""
+
+    def __init__(self, name: str, condition: str | Mapping[str, str]) -> None:
+        self.name = name
+        self.condition = condition
+
+
+def _literal(sql: str, width: int = 60) -> str:
+    """Render *sql* as a Python string literal, split into parts that fit a line."""
+    parts = [sql[start : start + width] for start in range(0, len(sql), width)] or [""]
+    if len(parts) == 1:
+        return repr(sql)
+    return "(" + " ".join(repr(part) for part in parts) + ")"
+
+
+@renderers.dispatch_for(_CreateCheck)
+def _render_check(_context: AutogenContext, op: _CreateCheck) -> str:
+    if isinstance(op.condition, str):
+        condition = _literal(op.condition)
+    else:
+        per_database = ", ".join(f"{name!r}: {_literal(sql)}" for name, sql in op.condition.items())
+        condition = f"{{{per_database}}}[op.get_context().dialect.name]"
+    return f"batch_op.create_check_constraint({op.name!r}, {condition})"
+
+
+_DIALECTS: Final[dict[str, Dialect]] = {
+    "postgresql": postgresql.dialect(),  # type: ignore[no-untyped-call]
+    "sqlite": sqlite.dialect(),
+}
+
+
+def _create_check(table: Table, name: str) -> _CreateCheck:
+    """Return the operation adding the models' CHECK *name*: one condition or one per database."""
+    conditions = {
+        dialect_name: _compiled_checks(table, dialect)[name]
+        for dialect_name, dialect in _DIALECTS.items()
+    }
+    if len(set(conditions.values())) == 1:
+        return _CreateCheck(name, conditions["sqlite"])
+    return _CreateCheck(name, conditions)
+
+
+def _table_ops(container: ops.OpContainer, table: Table) -> ops.ModifyTableOps:
+    """Return the batch of *table* in *container*, added when there is none yet."""
+    for item in container.ops:
+        if isinstance(item, ops.ModifyTableOps) and item.table_name == table.name:
+            return item
+    batch = ops.ModifyTableOps(table.name, [], schema=table.schema)
+    container.ops.append(batch)
+    return batch
+
+
+def _add_check_constraints(context: MigrationContext, _revision: Any, directives: Any) -> None:
+    """Put into an autogenerated revision the CHECK changes autogenerate cannot see.
+
+    For each named CHECK constraint the models declare and the database lacks (or has
+    with another condition), the upgrade adds it (dropping the old one first) and
+    the downgrade drops it (restoring the old one); one the database has and the
+    models do not is dropped. Each goes into the table's batch after its column
+    changes on the way up, before them on the way down, so a new column's CHECK comes
+    with it. A condition written per database (``TextCheck``) is rendered per
+    database. The database's old condition is restored as that database writes it.
+    """
+    connection = context.connection
+    if connection is None:  # pragma: no cover - revisions are autogenerated online
+        return
+    script = directives[0]
+    for table, name, database, models in _check_changes(connection):
+        up = _table_ops(script.upgrade_ops, table).ops
+        down = _table_ops(script.downgrade_ops, table).ops
+        undo: list[ops.MigrateOperation] = []
+        if database is not None:
+            up.append(ops.DropConstraintOp(name, table.name, type_="check", schema=table.schema))
+            undo.append(_CreateCheck(name, database))
+        if models is not None:
+            up.append(_create_check(table, name))
+            undo.insert(
+                0, ops.DropConstraintOp(name, table.name, type_="check", schema=table.schema)
+            )
+        down[:0] = undo
 
 
 @dataclass(frozen=True, slots=True)
@@ -924,14 +1134,18 @@ def revision(
     With *autogenerate* the upgrade and downgrade are filled in from the differences
     between the models and a database at head: by default (``"scratch"``) a throwaway
     in-memory SQLite database upgraded to head here, so no server is needed; pass a
-    URL to compare against a PostgreSQL database that is at head instead. The id is
-    the next four-digit number (``0002`` after ``0001``) unless *rev_id* is given.
-    Always review the file: autogenerate cannot see renames or data changes.
+    URL to compare against a PostgreSQL database that is at head instead. The CHECK
+    constraints the models add or change are in it too (:func:`context_options`).
+    The id is the four-digit number after the highest one (``0003`` after ``0002``)
+    unless *rev_id* is given. When ruff is installed the file is fixed and formatted
+    with it, so a generated revision passes the lint as written. Always review the
+    file: autogenerate cannot see renames or data changes.
     """
     if rev_id is None:
         with _alembic_errors():
             script = ScriptDirectory.from_config(alembic_config())
-            rev_id = f"{sum(1 for _ in script.walk_revisions()) + 1:04d}"
+            numbers = [int(r.revision) for r in script.walk_revisions() if r.revision.isdigit()]
+            rev_id = f"{max(numbers, default=0) + 1:04d}"
     if not autogenerate:
         with _alembic_errors():
             made = command.revision(alembic_config(), message, rev_id=rev_id)
@@ -946,7 +1160,19 @@ def revision(
         made = _autogenerate(url_or_engine, message, rev_id)
     if made is None or isinstance(made, list):  # pragma: no cover - one revision was asked for
         raise RuntimeError(f"alembic wrote no single revision for {message!r}")
-    return Path(made.path)
+    path = Path(made.path)
+    _ruff(path)
+    return path
+
+
+def _ruff(path: Path) -> None:
+    """Fix and format *path* with ruff, when installed (the dev tools), as the lint wants it."""
+    if importlib.util.find_spec("ruff") is None:  # pragma: no cover - installed without dev tools
+        return
+    for arguments in (["check", "--fix", "--quiet"], ["format", "--quiet"]):
+        subprocess.run(  # noqa: S603 - this interpreter's ruff on the file just written
+            [sys.executable, "-m", "ruff", *arguments, str(path)], check=False
+        )
 
 
 def _autogenerate(
@@ -1002,7 +1228,7 @@ def _main(args: argparse.Namespace) -> int:
         path = revision(
             args.message, autogenerate=not args.empty, url_or_engine=args.url, rev_id=args.rev_id
         )
-        print(f"wrote {path}: review it, then run `ruff check --fix` and `ruff format` on it")
+        print(f"wrote {path}: review it, then run `python -m todo_backend.migrate check`")
     elif args.action == "upgrade":
         upgrade(args.url, args.revision)
     elif args.action == "downgrade":

@@ -144,9 +144,13 @@ class TaskRepository:
         """Delete task *task_id* if *user_id* owns it; return whether a row was deleted."""
         return self._execute(core.delete_call, user_id, task_id)
 
-    def count(self, user_id: str, *, complete: bool | None = None) -> int:
-        """Count the user's tasks, optionally only complete or only pending ones."""
-        return self._execute(core.count_call, user_id, complete)
+    def count(self, user_id: str, *, complete: bool | None = None, limit: int | None = None) -> int:
+        """Count the user's tasks, optionally only complete or only pending ones.
+
+        With *limit*, the answer is at most *limit* ("*limit* or more" when it equals
+        it), and the count reads at most *limit* index entries, whatever the user owns.
+        """
+        return self._execute(core.count_call, user_id, complete, limit)
 
     # -- execution: the I/O of repository_core's policy -------------------------------
 

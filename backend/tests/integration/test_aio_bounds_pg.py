@@ -1,8 +1,8 @@
 """Bounded waits on the async face: the same bounds, the same DatabaseTimeoutError.
 
-The async engine sends the statement, lock and idle-in-transaction bounds in each
-statement's own message too (psycopg 3 with client-side binding), so they hold
-directly and through PgBouncer in transaction mode. Targets and helpers are those of
+The async engine sets the statement, lock and idle-in-transaction bounds in a
+transaction's first statement's own message too (psycopg 3 with client-side binding),
+so they hold directly and through PgBouncer in transaction mode. Targets and helpers are those of
 test_bounds_pg.py: the server under test directly, or a throwaway cluster behind
 PgBouncer.
 """

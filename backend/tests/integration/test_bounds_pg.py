@@ -1,8 +1,9 @@
 """Bounded waits on PostgreSQL: each bound raises DatabaseTimeoutError, direct and via PgBouncer.
 
-The engine sends the statement, lock and idle-in-transaction bounds with every
-statement (``SET LOCAL`` in the same query message), so they hold through PgBouncer's
-transaction pooling too. The direct variants run on the server under test (any role,
+The engine sets the statement, lock and idle-in-transaction bounds once per
+transaction, in the same query message as its first statement (and as each
+autocommitted repository call), so they hold through PgBouncer's transaction pooling
+too. The direct variants run on the server under test (any role,
 TLS or not); the PgBouncer variants on a throwaway cluster with its own PgBouncer. In
 every case nothing of the call is stored and no pooled connection is leaked.
 """

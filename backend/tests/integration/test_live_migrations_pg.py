@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 
 from tests.cli_runner import cli_env, run_cli
 from tests.fix_servers import PgBouncerFactory
-from tests.migration_scripts import scripts_with
+from tests.migration_scripts import HEAD, SCRATCH, scripts_with
 from todo_backend import migrate
 from todo_backend.config import Settings
 from todo_backend.db import create_db_engine, get_session
@@ -148,7 +148,7 @@ def test_the_application_waits_at_most_the_migration_bound_while_a_reader_blocks
         migration.join()
     app.dispose()
     assert not failures, failures
-    assert result == [("0002", "0003")]
+    assert result == [(HEAD, SCRATCH)]
     assert "rank" in _columns(live_url)
     assert any("retrying" in record.getMessage() for record in caplog.records)
     print(f"\nworst application call while the migration waited: {max(waits):.3f} s")
@@ -179,7 +179,7 @@ def test_a_migration_that_never_gets_its_lock_names_the_blocker_and_applies_noth
     assert "DB_MIGRATION_RETRY_FOR=1.5 s" in message
     assert "nothing of it is applied" in message
     assert len(caught.value.blockers) == 1
-    assert migrate.current_revision(live_url) == "0002"
+    assert migrate.current_revision(live_url) == HEAD
     assert "rank" not in _columns(live_url)
     engine = create_engine(live_url)
     assert "half_done" not in inspect(engine).get_table_names()
@@ -294,7 +294,7 @@ def test_an_index_revision_builds_concurrently_and_a_failed_build_is_reported(
     )
     with pytest.raises(IntegrityError, match="ix_tasks_title_unique"):
         migrate.upgrade(live_url)
-    assert migrate.current_revision(live_url) == "0002"
+    assert migrate.current_revision(live_url) == HEAD
     problems = migrate.check(live_url).problems
     assert any(
         "index ix_tasks_title_unique on tasks is INVALID" in problem
@@ -307,7 +307,7 @@ def test_an_index_revision_builds_concurrently_and_a_failed_build_is_reported(
         conn.execute(text("drop index concurrently ix_tasks_title_unique"))
         conn.execute(text("delete from tasks where user_id = 'bob'"))
     raw.dispose()
-    assert migrate.upgrade(live_url) == ("0002", "0003")
+    assert migrate.upgrade(live_url) == (HEAD, SCRATCH)
     with engine.connect() as conn:
         valid = conn.execute(
             text(

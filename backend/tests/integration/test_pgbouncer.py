@@ -169,37 +169,71 @@ def test_concurrent_clients_share_two_server_connections(
 # Anything that outlives one transaction on a server connection: PgBouncer's
 # transaction pooling would leak it to other clients or lose it between statements.
 # Checked at the start of every statement of a (multi-statement) query string; SET
-# LOCAL ends with its transaction and is the only SET allowed.
+# LOCAL and set_config(..., true) end with their transaction and are the only ways of
+# setting allowed.
 _SESSION_STATE = re.compile(
     r"(^|;)\s*(SET(?!\s+LOCAL\b)|RESET|PREPARE|EXECUTE|DEALLOCATE|LISTEN|UNLISTEN|DECLARE"
     r"|DISCARD|LOAD)\b"
-    r"|pg_advisory_lock|pg_advisory_unlock|\bTEMP(ORARY)?\s+TABLE\b|set_config\s*\(",
+    r"|pg_advisory_lock|pg_advisory_unlock|\bTEMP(ORARY)?\s+TABLE\b"
+    r"|set_config\s*\((?![^()]*,\s*true\s*\))",
     re.IGNORECASE,
 )
-# The engine's bounds, sent in the same query message as each statement.
+# The engine's bounds, sent in the same query message as a transaction's first statement.
 _BOUNDS = re.compile(
-    r"^SET LOCAL statement_timeout = \d+; SET LOCAL lock_timeout = \d+; "
-    r"SET LOCAL idle_in_transaction_session_timeout = \d+; "
+    r"^SELECT set_config\('statement_timeout', '\d+', true\), "
+    r"set_config\('lock_timeout', '\d+', true\), "
+    r"set_config\('idle_in_transaction_session_timeout', '\d+', true\)(; |$)"
 )
-_LOG_START = re.compile(r"^@@(?P<app>[^|]*)\|(?P<kind>[A-Z]+):  (?P<message>.*)$")
+_LOG_START = re.compile(r"^@@(?P<app>[^|]*)\|(?P<pid>\d+)\|(?P<kind>[A-Z]+):  (?P<message>.*)$")
+_SAVEPOINTS = re.compile(r"^(SAVEPOINT|RELEASE|ROLLBACK TO)\b")
+# SQLAlchemy's own probes of a new engine's first connection (server version, hstore),
+# sent on the driver connection before the engine's hooks exist for it.
+_DIALECT_PROBES = re.compile(r"^(select pg_catalog\.version\(\)|SELECT t\.oid, typarray\b)")
 
 
-def _app_log(log: str) -> list[str]:
-    """The messages the server logged for the application's sessions, multi-line joined."""
-    messages: list[tuple[str, str]] = []
+def _app_log(log: str) -> list[tuple[str, str]]:
+    """The (backend pid, message) the server logged for the application, multi-line joined."""
+    messages: list[tuple[str, str, str]] = []
     for line in log.splitlines():
         start = _LOG_START.match(line)
         if start:
-            messages.append((start["app"], start["message"]))
+            messages.append((start["app"], start["pid"], start["message"]))
         elif messages:
-            app, message = messages[-1]
-            messages[-1] = (app, f"{message}\n{line}")
-    return [message for app, message in messages if app == "todo-backend"]
+            app, pid, message = messages[-1]
+            messages[-1] = (app, pid, f"{message}\n{line}")
+    return [(pid, message) for app, pid, message in messages if app == "todo-backend"]
+
+
+def _misplaced_bounds(sent: list[tuple[str, str]]) -> tuple[list[str], list[str], list[str]]:
+    """Check each backend's statements: (unbounded firsts, bounded laters, unbounded autocommits).
+
+    psycopg2 opens a transaction with a BEGIN of its own: the transaction's first
+    statement after it must carry the bounds, later ones and savepoints must not; a
+    statement outside any transaction (autocommit) on tasks must carry them.
+    """
+    first: dict[str, bool | None] = {}  # pid -> awaiting the first statement? None: no tx
+    unbounded_firsts: list[str] = []
+    bounded_laters: list[str] = []
+    unbounded_autocommits: list[str] = []
+    for pid, statement in sent:
+        bounded = _BOUNDS.match(statement) is not None
+        if statement in ("BEGIN", "COMMIT", "ROLLBACK"):
+            first[pid] = True if statement == "BEGIN" else None
+        elif _SAVEPOINTS.match(statement) or first.get(pid) is False:
+            if bounded:
+                bounded_laters.append(statement)
+        elif first.get(pid):
+            first[pid] = False
+            if not bounded and not _DIALECT_PROBES.match(statement):
+                unbounded_firsts.append(statement)
+        elif re.search(r"\btasks\b", statement) and not bounded:
+            unbounded_autocommits.append(statement)
+    return unbounded_firsts, bounded_laters, unbounded_autocommits
 
 
 def test_engine_keeps_no_session_state(pg_cluster: ClusterFactory) -> None:
-    """Every statement the engine sends is bounded, transaction-scoped and a simple query."""
-    cluster = pg_cluster(settings={"log_statement": "all", "log_line_prefix": "@@%a|"})
+    """The engine bounds each transaction once, keeps nothing past it, and sends simple queries."""
+    cluster = pg_cluster(settings={"log_statement": "all", "log_line_prefix": "@@%a|%p|"})
     engine = create_db_engine(_url_text(cluster.url()))
     try:
         init_db(engine)
@@ -217,21 +251,34 @@ def test_engine_keeps_no_session_state(pg_cluster: ClusterFactory) -> None:
             repo.delete("alice", task.id or 0)
             repo.create("alice", TaskCreate(title="two"))
         assert repo.count("alice") == 4
+        # A caller's own transaction: an executemany first (the bounds go out alone
+        # before it), then a savepoint rolled back.
+        with engine.begin() as conn:
+            touch = text("UPDATE tasks SET complete = complete WHERE id = :id")
+            conn.execute(touch, [{"id": 1}, {"id": 2}])
+            savepoint = conn.begin_nested()
+            conn.execute(touch, {"id": 3})
+            savepoint.rollback()
     finally:
         engine.dispose()
     messages = _app_log(cluster.log_text())
-    sent = [m.removeprefix("statement: ") for m in messages if m.startswith("statement: ")]
-    statements = [_BOUNDS.sub("", s) for s in sent]
-    # Every statement on tasks carries the bounds in its own query message...
-    on_tasks = [s for s in sent if re.search(r"\btasks\b", s)]
-    assert on_tasks
-    assert [s for s in on_tasks if not _BOUNDS.match(s)] == []
+    sent = [
+        (pid, m.removeprefix("statement: ")) for pid, m in messages if m.startswith("statement: ")
+    ]
+    statements = [_BOUNDS.sub("", s) for _, s in sent]
+    # The bounds ride in each transaction's first statement and in each autocommitted
+    # repository call, in the same query message, and nowhere else...
+    assert _misplaced_bounds(sent) == ([], [], [])
+    assert sum(1 for _, s in sent if _BOUNDS.match(s)) >= 10
     # ...the log really holds the workload (so the checks below can fail)...
     assert any(s.startswith("INSERT INTO tasks") for s in statements)
     assert any(s.startswith("UPDATE tasks") for s in statements)
     assert any(s.startswith("DELETE FROM tasks") for s in statements)
+    assert "BEGIN" in statements
     # ...every message is a simple-protocol statement (no named prepared statements)...
-    assert [m for m in messages if not m.startswith("statement: ")] == []
+    assert [m for _, m in messages if not m.startswith("statement: ")] == []
     # ...and none of them leaves state on the server connection.
-    assert [s for s in sent if _SESSION_STATE.search(s)] == []
+    assert [s for _, s in sent if _SESSION_STATE.search(s)] == []
     assert _SESSION_STATE.search("SET LOCAL lock_timeout = 1; SET statement_timeout = 1")
+    assert _SESSION_STATE.search("SELECT set_config('lock_timeout', '1', false)")
+    assert not _SESSION_STATE.search("SELECT set_config('lock_timeout', '1', true)")

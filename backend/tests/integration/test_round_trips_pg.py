@@ -1,8 +1,10 @@
 """One network round trip per repository call, seen on the wire to PostgreSQL.
 
-Every test on ``wired_repo`` runs on both faces: TaskRepository (psycopg2, simple
-query protocol) and AsyncTaskRepository (psycopg 3, extended protocol: Parse, Bind,
-Execute, Sync; without the engine's SET LOCAL bounds, which need one message).
+Every test on ``wired_repo`` or ``wired_engines`` runs on both faces: TaskRepository
+and the sync engine (psycopg2), AsyncTaskRepository and the async engine (psycopg 3
+with client-side binding). Both send a statement as one simple-protocol query
+message, the engine's bounds in front of a transaction's first statement and of each
+autocommitted repository call.
 
 A small proxy on loopback sits between the package's engine and a throwaway cluster of
 our own (the wire to a hosted server is encrypted, so it is read here). It reads
@@ -23,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.engine import URL
 
 from tests.async_face import AwaitedRepository, open_session
@@ -37,12 +39,15 @@ _PROTOCOL_3: int = 196608  # the StartupMessage's protocol version; earlier ones
 # Bind, Describe, Execute, Sync follow a Parse in one extended-protocol query; X
 # (Terminate) is sent when a connection closes.
 _PARTS_OF_A_QUERY = frozenset({b"B", b"D", b"E", b"S", b"X"})
-# The statement, lock and idle bounds the engine puts in front of each statement, in
-# the same query message: recorded, then stripped so the tests see the statement.
+# The statement, lock and idle bounds the engine puts in front of a statement, in the
+# same query message: recorded, then stripped so the tests see the statement. Sent
+# alone (before an executemany or a server-side cursor), they are a query of their own.
 _BOUNDS = re.compile(
-    r"^SET LOCAL statement_timeout = \d+; SET LOCAL lock_timeout = \d+; "
-    r"SET LOCAL idle_in_transaction_session_timeout = \d+; "
+    r"^SELECT set_config\('statement_timeout', '\d+', true\), "
+    r"set_config\('lock_timeout', '\d+', true\), "
+    r"set_config\('idle_in_transaction_session_timeout', '\d+', true\)(; |\Z)"
 )
+BOUNDS_ALONE = "<bounds>"
 
 
 @dataclass
@@ -51,7 +56,7 @@ class Recording:
 
     queries: list[str] = field(default_factory=list)
     round_trips: int = 0
-    bounded: int = 0  # queries that carried the engine's SET LOCAL bounds (stripped above)
+    bounded: list[str] = field(default_factory=list)  # queries that carried the bounds
     prepared: list[str] = field(default_factory=list)  # names of server-side prepared statements
 
 
@@ -167,8 +172,8 @@ class Wire:
                     query = payload.rstrip(b"\0").decode()
                     bounded = _BOUNDS.match(query)
                     if bounded:
-                        seen.bounded += 1
-                        query = query[bounded.end() :]
+                        query = query[bounded.end() :] or BOUNDS_ALONE
+                        seen.bounded.append(query)
                     seen.queries.append(query)
                 elif kind == b"P":  # extended protocol (psycopg 3): Parse names the SQL
                     name, sql = payload.split(b"\0")[:2]
@@ -256,7 +261,7 @@ def test_single_task_call_is_one_query_and_one_round_trip(
         call(wired_repo, task)
     assert len(seen.queries) == 1, seen.queries
     assert seen.queries[0].startswith(verb), seen.queries
-    assert seen.bounded == 1  # the bounds ride in the same message, on both faces
+    assert seen.bounded == seen.queries  # the bounds ride in the same message, on both faces
     assert seen.round_trips == 1
     assert seen.prepared == []
 
@@ -307,6 +312,7 @@ def test_create_many_is_one_transaction_of_batched_inserts(
         )
     assert len(created) == page + 1
     assert [q.split()[0] for q in seen.queries] == ["BEGIN", "INSERT", "INSERT", "COMMIT"]
+    assert seen.bounded == [seen.queries[1]]  # once, in the transaction's first statement
     assert seen.round_trips == 4
 
 
@@ -317,7 +323,7 @@ def test_atomic_block_adds_only_begin_and_commit(wired_repo: TaskRepository, wir
         wired_repo.update(ALICE, task.id or 0, TaskUpdate(title="renamed"))
         wired_repo.create(ALICE, TaskCreate(title="second"))
     assert [q.split()[0] for q in seen.queries] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
-    assert seen.bounded == 2
+    assert seen.bounded == [seen.queries[1]]  # once, in the block's first statement
     assert seen.round_trips == 4
 
 
@@ -346,3 +352,115 @@ def test_single_calls_run_in_driver_autocommit(engine: Engine) -> None:
         assert dbapi is not None
         assert dbapi.autocommit is False  # the pool's connections rest in normal mode
         assert dbapi.info.transaction_status == 0  # TRANSACTION_STATUS_IDLE
+
+
+# -- the engines as ordinary SQLAlchemy engines --------------------------------------
+
+Body = Callable[[Connection], None]
+
+
+@pytest.fixture(params=["sync", "async"])
+def wired_run(
+    request: pytest.FixtureRequest, wired_engine: Engine, wired_url: str
+) -> Iterator[Callable[[Body], None]]:
+    """Run a body on a connection of the sync engine, or of the async one (via run_sync).
+
+    The connection is opened, and the engine's first-connect queries sent, before
+    anything is recorded.
+    """
+    if request.param == "sync":
+        with wired_engine.connect() as conn:
+            conn.rollback()  # the first connect's own transaction
+        yield lambda body: _run_sync(wired_engine, body)
+        return
+    with asyncio.Runner() as runner:
+        engine = create_async_db_engine(wired_url)
+
+        async def run(body: Body) -> None:
+            async with engine.connect() as conn:
+                await conn.run_sync(body)
+
+        runner.run(run(lambda conn: None))
+        yield lambda body: runner.run(run(body))
+        runner.run(engine.dispose())
+
+
+def _run_sync(engine: Engine, body: Body) -> None:
+    with engine.connect() as conn:
+        body(conn)
+
+
+def test_a_transaction_carries_the_bounds_once(
+    wired_run: Callable[[Body], None], wire: Wire
+) -> None:
+    """The first statement of a transaction carries the bounds; savepoints and the rest never."""
+
+    def body(conn: Connection) -> None:
+        conn.execute(text("SELECT 1"))
+        with conn.begin_nested():
+            conn.execute(text("SELECT 2"))
+        nested = conn.begin_nested()
+        conn.execute(text("SELECT 3"))
+        nested.rollback()
+        conn.execute(text("SELECT 4"))
+        conn.commit()
+
+    with wire.recording() as seen:
+        wired_run(body)
+    assert [q.split()[0] for q in seen.queries] == [
+        *("BEGIN", "SELECT", "SAVEPOINT", "SELECT", "RELEASE"),
+        *("SAVEPOINT", "SELECT", "ROLLBACK", "SELECT", "COMMIT"),
+    ]
+    assert seen.bounded == ["SELECT 1"]
+    assert seen.round_trips == len(seen.queries)
+
+
+def test_bounds_undone_by_a_savepoint_rollback_are_sent_again(
+    wired_run: Callable[[Body], None], wire: Wire
+) -> None:
+    """Bounds set inside a savepoint that is rolled back go out again with the next statement."""
+
+    def body(conn: Connection) -> None:
+        nested = conn.begin_nested()
+        conn.execute(text("SELECT 1"))
+        nested.rollback()
+        conn.execute(text("SELECT 2"))
+        conn.execute(text("SELECT 3"))
+        conn.rollback()
+
+    with wire.recording() as seen:
+        wired_run(body)
+    assert seen.bounded == ["SELECT 1", "SELECT 2"]
+
+
+def test_an_executemany_first_in_a_transaction_gets_the_bounds_alone(
+    wired_run: Callable[[Body], None], wire: Wire
+) -> None:
+    """An executemany carries nothing; first in its transaction, the bounds go just before it."""
+
+    def body(conn: Connection) -> None:
+        conn.execute(text("SELECT CAST(:n AS int)"), [{"n": 1}, {"n": 2}])
+        conn.execute(text("SELECT CAST(:n AS int)"), [{"n": 3}, {"n": 4}])
+        conn.rollback()
+
+    with wire.recording() as seen:
+        wired_run(body)
+    assert seen.queries[:2] == ["BEGIN", BOUNDS_ALONE]
+    assert seen.bounded == [BOUNDS_ALONE]
+    assert [q for q in seen.queries if q.startswith("SELECT")] == [
+        f"SELECT CAST({n} AS int)" for n in (1, 2, 3, 4)
+    ]
+
+
+def test_a_callers_autocommit_statement_carries_nothing(
+    wired_run: Callable[[Body], None], wire: Wire
+) -> None:
+    """A statement the caller runs in autocommit goes out exactly as written."""
+
+    def body(conn: Connection) -> None:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("SELECT 1"))
+
+    with wire.recording() as seen:
+        wired_run(body)
+    assert seen.queries == ["SELECT 1"]
+    assert seen.bounded == []

@@ -44,6 +44,7 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "DB_POOL_SIZE": ("0", "1001", "2.5"),
     "DB_MAX_OVERFLOW": ("1001", "2.5"),
     "DB_POOL_TIMEOUT": ("0", "-0.001"),
+    "DB_POOL_IDLE_TIMEOUT": ("0", "-0.001"),
     "DB_CONNECT_TIMEOUT": ("0", "2147484", "1.5"),
     **dict.fromkeys(POSTGRES_BOUNDS, ("0", "0.0009", "-0.001")),
 }
@@ -51,6 +52,7 @@ ACCEPTED: dict[str, tuple[str, str]] = {
     "DB_POOL_SIZE": ("1", "1000"),
     "DB_MAX_OVERFLOW": ("0", "1000"),
     "DB_POOL_TIMEOUT": ("0.001", "2147483.647"),
+    "DB_POOL_IDLE_TIMEOUT": ("0.001", "2147483.647"),
     "DB_CONNECT_TIMEOUT": ("1", "2147483"),
     **dict.fromkeys(POSTGRES_BOUNDS, ("0.001", "2147483.647")),
 }
@@ -96,6 +98,7 @@ def test_defaults_with_only_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_overflow == 15
     assert settings.pool_size + settings.max_overflow == 20
     assert settings.pool_timeout == 30
+    assert settings.pool_idle_timeout == 60
     assert settings.connect_timeout == 10
     assert (settings.statement_timeout, settings.lock_timeout) == (15, 5)
     assert settings.idle_in_transaction_timeout == 30
@@ -108,6 +111,7 @@ def test_reads_every_variable_from_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DB_POOL_SIZE", "7")
     monkeypatch.setenv("DB_MAX_OVERFLOW", "3")
     monkeypatch.setenv("DB_POOL_TIMEOUT", "2.5")
+    monkeypatch.setenv("DB_POOL_IDLE_TIMEOUT", "45")
     monkeypatch.setenv("DB_CONNECT_TIMEOUT", "4")
     monkeypatch.setenv("DB_STATEMENT_TIMEOUT", "20")
     monkeypatch.setenv("DB_LOCK_TIMEOUT", "0.5")
@@ -123,6 +127,7 @@ def test_reads_every_variable_from_the_environment(monkeypatch: pytest.MonkeyPat
         lock_timeout=0.5,
         idle_in_transaction_timeout=60,
         echo=True,
+        pool_idle_timeout=45,
     )
 
 
@@ -404,8 +409,8 @@ def test_unknown_arguments_are_type_errors() -> None:
     """A misspelt keyword is a mistake in the calling code: TypeError, as for any function."""
     with pytest.raises(TypeError, match="statement_timout"):
         Settings(database_url="sqlite://", statement_timout=5)  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match="position 9"):
-        Settings("sqlite://", 5, 15, 30, 10, 15, 5, 30, False, True)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="position 10"):
+        Settings("sqlite://", 5, 15, 30, 10, 15, 5, 30, False, 60, True)  # type: ignore[call-arg]
 
 
 def test_env_file_ignores_other_variables(clean_env: Path) -> None:

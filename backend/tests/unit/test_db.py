@@ -13,11 +13,14 @@ from todo_backend.config import Settings
 from todo_backend.db import (
     MAX_BACKOFF_SECONDS,
     POOL_RECYCLE_SECONDS,
+    _Transaction,
+    bounds_settings,
     check_database,
     create_db_engine,
     get_session,
     init_db,
     is_local_host,
+    set_local_sql,
     wait_for_database,
 )
 from todo_backend.errors import DatabaseTimeoutError, DatabaseUnavailableError, TodoBackendError
@@ -312,3 +315,99 @@ def test_no_free_pooled_connection_is_a_typed_timeout(tmp_path: Path) -> None:
         assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         engine.dispose()
+
+
+# -- the bounds' statement and the transaction the hooks follow -----------------------
+
+
+def test_the_bounds_are_one_set_config_statement_in_milliseconds() -> None:
+    """The three bounds become one SELECT of transaction-local set_config calls, in ms."""
+    settings = Settings(
+        database_url="postgresql://h/db",
+        statement_timeout=7,
+        lock_timeout=0.25,
+        idle_in_transaction_timeout=0.0014,
+    )
+    assert set_local_sql(bounds_settings(settings)) == (
+        "SELECT set_config('statement_timeout', '7000', true), "
+        "set_config('lock_timeout', '250', true), "
+        "set_config('idle_in_transaction_session_timeout', '1', true)"
+    )
+
+
+def test_set_local_sql_takes_more_settings_as_quoted_literals() -> None:
+    """Another per-transaction setting is one more pair; quotes are doubled, never closed."""
+    sql = set_local_sql([("app.user_id", "o'brien"), ("search_path", "public")])
+    assert sql == (
+        "SELECT set_config('app.user_id', 'o''brien', true), "
+        "set_config('search_path', 'public', true)"
+    )
+
+
+@pytest.mark.parametrize(
+    "pairs", [[], [("app.user_id", "100%")], [("a%", "b")], [("app.user_id", "x\0y")]]
+)
+def test_set_local_sql_refuses_what_it_cannot_send(pairs: list[tuple[str, str]]) -> None:
+    """No pair at all, a '%' (the driver's formatting would rewrite it) or NUL is refused."""
+    with pytest.raises(ValueError, match=r"set_local_sql|cannot be sent"):
+        set_local_sql(pairs)
+
+
+def _followed(*statements: str) -> _Transaction:
+    tx = _Transaction()
+    for statement in statements:
+        if statement == "<bounds>":  # the first statement that carried the bounds
+            tx.bounded_at = len(tx.savepoints)
+        else:
+            assert tx.follow(statement), statement
+    return tx
+
+
+def test_ordinary_statements_are_not_transaction_control() -> None:
+    """SELECT, SET, COMMENT, STARTS-like words: none is taken for transaction control."""
+    tx = _Transaction()
+    for statement in ("SELECT 1", "SET LOCAL x = 1", "COMMENT ON TABLE t IS 'x'", "ENDPOINT"):
+        assert not tx.follow(statement)
+
+
+def test_a_savepoint_rollback_undoes_bounds_set_inside_it() -> None:
+    """Bounds set after a savepoint are gone once the transaction rolls back to it."""
+    tx = _followed("SAVEPOINT sa_savepoint_1", "<bounds>", "ROLLBACK TO SAVEPOINT sa_savepoint_1")
+    assert tx.bounded_at is None
+    assert not tx.trusted
+    assert tx.savepoints == ["sa_savepoint_1"]  # ROLLBACK TO keeps the savepoint itself
+
+
+def test_a_savepoint_rollback_keeps_bounds_set_before_it() -> None:
+    """Bounds set before a savepoint survive a rollback to it."""
+    tx = _followed("<bounds>", "SAVEPOINT a", "ROLLBACK TO a", "RELEASE SAVEPOINT a")
+    assert tx.bounded_at == 0
+    assert tx.trusted
+    assert tx.savepoints == []
+
+
+def test_a_release_hands_the_bounds_to_the_parent() -> None:
+    """Released, a savepoint's settings belong to its parent: a rollback there undoes them."""
+    tx = _followed("SAVEPOINT a", "SAVEPOINT b", "<bounds>", "release savepoint b;")
+    assert tx.bounded_at == 1
+    tx.follow("ROLLBACK TRANSACTION TO SAVEPOINT a")
+    assert tx.bounded_at is None
+
+
+def test_an_unknown_savepoint_is_no_longer_trusted() -> None:
+    """A rollback to a savepoint the hooks never saw re-sends the bounds and trusts nothing."""
+    tx = _followed("<bounds>", "ROLLBACK TO SAVEPOINT elsewhere")
+    assert tx.bounded_at is None
+    assert not tx.trusted
+    tx = _followed("<bounds>", "RELEASE elsewhere")
+    assert tx.bounded_at == 0
+    assert not tx.trusted
+
+
+@pytest.mark.parametrize("end", ["COMMIT", "ROLLBACK", "END", "ABORT"])
+def test_a_transaction_ended_by_a_statement_starts_over(end: str) -> None:
+    """COMMIT or ROLLBACK sent as SQL: the next statement is a new transaction's first."""
+    tx = _followed("<bounds>", "SAVEPOINT a", end)
+    assert tx.bounded_at is None
+    assert tx.savepoints == []
+    assert not tx.trusted

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from tests.migration_scripts import scripts_with
+from tests.migration_scripts import HEAD, SCRATCH, scripts_with
 from todo_backend import migrate
 from todo_backend.db import create_db_engine
 
@@ -36,7 +36,7 @@ def test_an_online_index_revision_is_a_plain_index_build_on_sqlite(
             )
         """,
     )
-    assert migrate.upgrade(url) == (None, "0003")
+    assert migrate.upgrade(url) == (None, SCRATCH)
     engine = create_db_engine(url)
     assert "ix_tasks_title" in {ix["name"] for ix in inspect(engine).get_indexes("tasks")}
     engine.dispose()
@@ -45,7 +45,7 @@ def test_an_online_index_revision_is_a_plain_index_build_on_sqlite(
 def test_a_failing_revision_keeps_the_revisions_before_it(
     url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each revision is one transaction: a failing 0003 leaves 0002 applied, nothing of 0003."""
+    """Each revision is one transaction: a failing one keeps those before it, nothing of its own."""
     scripts_with(
         tmp_path,
         monkeypatch,
@@ -56,7 +56,7 @@ def test_a_failing_revision_keeps_the_revisions_before_it(
     )
     with pytest.raises(OperationalError, match="no_such_function"):
         migrate.upgrade(url)
-    assert migrate.current_revision(url) == "0002"
+    assert migrate.current_revision(url) == HEAD
     engine = create_db_engine(url)
     assert "half_done" not in inspect(engine).get_table_names()
     engine.dispose()
@@ -95,7 +95,7 @@ def test_a_concurrent_block_renders_outside_any_transaction_offline(
             )
         """,
     )
-    sql = migrate.upgrade_sql("postgresql://", "0002:0003")
+    sql = migrate.upgrade_sql("postgresql://", f"{HEAD}:{SCRATCH}")
     before, after = sql.split("CREATE INDEX CONCURRENTLY ix_tasks_title ON tasks (title);")
     assert before.rstrip().endswith("COMMIT;")
     assert after.lstrip().startswith("BEGIN;\n\nSET LOCAL lock_timeout")

@@ -3,13 +3,14 @@
 PostgreSQL runs on psycopg 3 (``postgresql+psycopg_async``) with the sync engine's
 pool bounds, recycling, connect timeout, keepalives and TLS rule, and the same
 zero-round-trip check that replaces dead pooled connections before a statement is
-sent, and the same statement, lock and idle-in-transaction bounds in each statement's
-own query message (:func:`todo_backend.db.bound_every_statement`). For that, psycopg 3
-binds parameters on the client (:class:`_LastResultCursor`): the statement goes out as
-one simple-protocol message, as psycopg2 sends it, and is never prepared on the
-server, which PgBouncer in transaction mode (Neon's pooled endpoint) would break by
-handing the next transaction to a server connection that lacks the prepared
-statement. SQLite runs on aiosqlite.
+sent, and the same statement, lock and idle-in-transaction bounds, set once per
+transaction in its first statement's own query message
+(:func:`todo_backend.db.bound_every_statement`). For that, psycopg 3 binds parameters
+on the client (:class:`_LastResultCursor`): a statement goes out as one
+simple-protocol message, as psycopg2 sends it, and is never prepared on the server,
+which PgBouncer in transaction mode (Neon's pooled endpoint) would break by handing
+the next transaction to a server connection that lacks the prepared statement.
+SQLite runs on aiosqlite.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from todo_backend.db import (
     sqlite_engine_options,
     sqlite_on_connect,
 )
+from todo_backend.pool import AsyncIdleQueuePool
 
 __all__ = ["create_async_db_engine", "get_async_session"]
 
@@ -42,10 +44,11 @@ _SQLITE_DRIVER: Final = "sqlite+aiosqlite"
 class _LastResultCursor(AsyncClientCursor[Any]):
     """psycopg 3's client-binding cursor, positioned on the last statement's result.
 
-    The bounds travel as ``SET LOCAL ...;`` statements in front of each statement, in
-    the same message. psycopg leaves a cursor on the first result of such a message;
-    the caller (SQLAlchemy) wants the statement's own, the last: rows, ``RETURNING``
-    and rowcount. The results are all in memory already, so moving costs nothing.
+    The bounds travel as a ``SELECT set_config(...);`` in front of a transaction's
+    first statement, in the same message. psycopg leaves a cursor on the first result
+    of such a message; the caller (SQLAlchemy) wants the statement's own, the last:
+    rows, ``RETURNING`` and rowcount. The results are all in memory already, so moving
+    costs nothing. An executemany never carries the bounds and runs as psycopg runs it.
     """
 
     async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
@@ -62,8 +65,9 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
     Takes the same Settings or URL (``postgresql://``, ``postgres://``,
     ``postgresql+psycopg://``, ``postgresql+psycopg2://``, ``sqlite:///FILE``,
     ``sqlite://``) and picks the async driver itself: psycopg 3 or aiosqlite, whichever
-    driver the URL names. PostgreSQL:
-    a pool of ``pool_size`` plus ``max_overflow`` connections, ``connect_timeout``,
+    driver the URL names. PostgreSQL: a pool of ``pool_size`` plus ``max_overflow``
+    connections kept while busy, those above ``pool_size`` closed once idle for
+    ``pool_idle_timeout``, ``connect_timeout``,
     keepalives, recycling below Neon's 300 s idle suspend, ``sslmode=require`` for a
     non-local host whose URL does not choose one, no server-side prepared statements,
     and dead pooled connections replaced at checkout without a round trip. SQLite:
@@ -80,6 +84,7 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
             event.listen(engine.sync_engine, "connect", sqlite_on_connect)
         return engine
     options = postgres_engine_options(url, settings)
+    options["poolclass"] = AsyncIdleQueuePool
     options["connect_args"]["cursor_factory"] = _LastResultCursor
     # Client-side binding never prepares; this keeps it so should a cursor of another
     # kind ever be used.
@@ -93,7 +98,10 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
 
 
 async def get_async_session(engine: AsyncEngine) -> AsyncGenerator[AsyncSession, None]:
-    """Yield an async session on *engine* and close it afterwards: a FastAPI dependency.
+    """Yield an async session on *engine* and close it afterwards.
+
+    Not a FastAPI dependency by itself (FastAPI cannot supply *engine*):
+    :func:`todo_backend.fastapi.session_dependency` makes one from an engine.
 
     Objects stay readable after commit (``expire_on_commit=False``), as with
     :func:`~todo_backend.get_session`: an async session could not lazily re-read them.

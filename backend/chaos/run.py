@@ -15,6 +15,7 @@ recorded history there; ``--judge PATH`` judges a saved history again, without s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import random
 import sys
@@ -376,9 +377,7 @@ def _final_rows(cluster: PgCluster) -> list[Seen]:
 
 
 def _engine(url: str) -> Engine:
-    values = {name: getattr(BOUNDS, name) for name in BOUNDS.__dataclass_fields__}
-    values["database_url"] = url
-    return create_db_engine(Settings(**values))
+    return create_db_engine(dataclasses.replace(BOUNDS, database_url=url))
 
 
 def soak(duration: float, seed: int, save: Path | None = None) -> int:

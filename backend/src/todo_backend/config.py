@@ -15,7 +15,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Final
+from typing import Annotated, Any, Final
 
 from pydantic import (
     ConfigDict,
@@ -195,9 +195,6 @@ class Settings:
     # Last, so that positional arguments written before it keep their meaning.
     pool_idle_timeout: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] = 60
 
-    # Each field's variable is this prefix and its upper-cased name (DB_POOL_SIZE).
-    variable_prefix: ClassVar[str] = "DB_"
-
     @field_validator("database_url")
     @classmethod
     def _normalise(cls, value: str) -> str:
@@ -228,9 +225,13 @@ class Settings:
         return f"Settings(database_url={self.masked_url!r}, {fields})"
 
 
+# Each settings class's variables are this prefix and the field's upper-cased name.
+_PREFIXES: Final = {"Settings": "DB_", "MigrationSettings": "DB_MIGRATION_"}
+
+
 def _variables(cls: type) -> dict[str, str]:
     """Map each field of a settings class to its environment variable."""
-    prefix: str = cls.variable_prefix  # type: ignore[attr-defined]
+    prefix = _PREFIXES[cls.__name__]
     fields: Mapping[str, FieldInfo] = cls.__pydantic_fields__  # type: ignore[attr-defined]
     return {
         field: "DATABASE_URL" if field == "database_url" else f"{prefix}{field.upper()}"
@@ -374,8 +375,6 @@ class MigrationSettings:
 
     lock_timeout: _Seconds = 3.0
     retry_for: Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)] = 60.0
-
-    variable_prefix: ClassVar[str] = "DB_MIGRATION_"
 
     @model_validator(mode="wrap")
     @classmethod

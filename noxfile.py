@@ -7,9 +7,12 @@ editable, so a reused venv (``nox -R``) tests the code as it is on disk.
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -42,6 +45,12 @@ UNIT = ["pytest", "backend/tests/unit"]
 # On GitHub Actions each pytest run leaves JUnit XML here (uploaded by the workflow)
 # and its counts in the job summary.
 REPORTS = ROOT / "reports"
+# Each integration run writes what it skipped here (backend/tests/conftest.py); the
+# block is printed at the end of its session and once more when nox exits.
+SKIPPED = ROOT / ".nox" / "skipped"
+_SKIP_REPORTS: list[Path] = []
+_RULE = "!" * 88  # as tests.skips.RULE and INSTALL_HEADING
+_INSTALL_HEADING = "Install what is missing:"
 
 
 def _expose_pyenv_pythons() -> None:
@@ -147,12 +156,19 @@ def integration(session: nox.Session) -> None:
     """PostgreSQL tests against TEST_DATABASE_URL (default: the local server).
 
     Any server: this machine's, a service container, a Neon branch (pooled or direct),
-    the Neon stand-in. With CI=true, a missing or unreachable database fails the session.
+    the Neon stand-in. With CI=true, a missing or unreachable database fails the session,
+    and so does any skip; ``-- --strict`` (or TEST_STRICT=1) makes a local skip fail too.
+    What skipped is summed up at the end of the session and of ``nox``.
     """
     install(session, "test")
+    args = _strict_args(session)
     session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
     label = os.environ.get("TEST_DATABASE_LABEL", session.name)
-    run_pytest(session, label, [*INTEGRATION, *session.posargs])
+    report = _skip_report(session, label)
+    try:
+        run_pytest(session, label, [*INTEGRATION, *args])
+    finally:
+        _print_skips([report])
 
 
 @nox.session(default=False)
@@ -160,21 +176,84 @@ def standin(session: nox.Session) -> None:
     """Run the integration suite through the Neon stand-in's pooled, then direct endpoint.
 
     The stand-in (backend/tests/neon_standin.py) is started on 127.0.0.2 for the
-    session and stopped afterwards, passed or failed.
+    session and stopped afterwards, passed or failed. ``-- --strict`` as in integration.
     """
     install(session, "test")
+    args = _strict_args(session)
     state = Path(session.create_tmp()) / "standin"
     standin = ["python", "-m", "tests.neon_standin"]
     session.env["PYTHONPATH"] = str(ROOT / "backend")
+    reports: list[Path] = []
     session.run(*standin, "start", "--dir", str(state))
     try:
         for endpoint in ("pooled", "direct"):
             url = (state / f"{endpoint}.url").read_text().strip()
             session.log(f"integration suite through the stand-in's {endpoint} endpoint")
             session.env["TEST_DATABASE_URL"] = url
-            run_pytest(session, f"standin-{endpoint}", [*INTEGRATION, *session.posargs])
+            label = f"standin-{endpoint}"
+            reports.append(_skip_report(session, label))
+            run_pytest(session, label, [*INTEGRATION, *args])
     finally:
         session.run(*standin, "stop", "--dir", str(state))
+        _print_skips(reports)
+
+
+def _strict_args(session: nox.Session) -> list[str]:
+    """Return the session's pytest arguments; ``--strict`` among them sets TEST_STRICT=1.
+
+    (pytest's own ``--strict`` means its strict config options, not "fail on a skip".)
+    """
+    args = list(session.posargs)
+    if "--strict" in args:
+        args = [arg for arg in args if arg != "--strict"]
+        session.env["TEST_STRICT"] = "1"
+    return args
+
+
+def _skip_report(session: nox.Session, label: str) -> Path:
+    """Have the next pytest run write its skip summary to ``.nox/skipped/<label>.json``.
+
+    Registers (once) the printing of every such summary when nox exits: nox has no
+    hook after its last session, but its process ends after its own summary lines.
+    """
+    path = SKIPPED / f"{label}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    session.env["TEST_SKIP_REPORT"] = str(path)
+    if not _SKIP_REPORTS:
+        atexit.register(_print_skips, _SKIP_REPORTS)
+    if path not in _SKIP_REPORTS:
+        _SKIP_REPORTS.append(path)
+    return path
+
+
+def _print_skips(reports: list[Path]) -> None:
+    """Print one skip block for the runs behind *reports*; nothing when none skipped.
+
+    The lines come from each run's JSON (backend/tests/conftest.py), assembled as
+    ``tests.skips.skip_block`` does: each run's counts, each missing piece's install
+    commands once, how to make a skip fail the run.
+    """
+    summaries: list[str] = []
+    installs: dict[str, list[str]] = {}
+    hint = ""
+    for path in reports:
+        try:
+            run = json.loads(path.read_text(encoding="utf-8"))
+            summaries += run["summary"]
+            installs.update(run["install"])
+            hint = run["hint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # that pytest run did not get to its end
+    if not summaries:
+        return
+    heading = [_INSTALL_HEADING] if installs else []
+    commands = [line for lines in installs.values() for line in lines]
+    lines = [_RULE, *summaries, *heading, *commands, hint, _RULE]
+    if sys.stderr.isatty() and "NO_COLOR" not in os.environ:
+        lines = [f"\033[1;33m{line}\033[0m" for line in lines]
+    sys.stdout.flush()  # after the session's output; nox logs to stderr
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 @nox.session(name="deps-lowest", python=PYTHONS[0], default=False)

@@ -36,6 +36,15 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
+from tests.skips import (
+    OPENSSL,
+    PGBOUNCER,
+    POSTGRES_BINARIES,
+    SERVER_ACCOUNT,
+    in_ci,
+    skip_missing,
+)
+
 __all__ = [
     "LOOPBACK",
     "ClusterFactory",
@@ -65,17 +74,6 @@ _TIMEOUT_ARG: Final = str(_START_TIMEOUT)
 _TRUST_HBA: Final = (f"host all all {LOOPBACK}/32 trust",)
 
 
-def in_ci() -> bool:
-    """Tell whether the suite runs in CI, where a missing tool is a failure, not a skip."""
-    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
-
-def _missing(what: str) -> None:
-    if in_ci():
-        pytest.fail(f"{what} (CI=true: integration tests must not skip)", pytrace=False)
-    pytest.skip(what)
-
-
 def _search_dirs() -> list[str]:
     dirs: list[str] = []
     pg_config = shutil.which("pg_config")
@@ -101,7 +99,10 @@ def find_binary(name: str) -> str:
         candidate = os.path.join(directory, name)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
-    _missing(f"{name} not found (pg_config --bindir, PATH, /usr/sbin, /usr/lib/postgresql/*/bin)")
+    skip_missing(
+        PGBOUNCER if name == "pgbouncer" else POSTGRES_BINARIES,
+        f"{name} not found (pg_config --bindir, PATH, /usr/sbin, /usr/lib/postgresql/*/bin)",
+    )
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -142,7 +143,7 @@ class ServerAccount:
             except KeyError:
                 continue
             return cls(entry.pw_uid, entry.pw_gid)
-        _missing("running as root and no 'postgres' or 'nobody' account to run servers as")
+        skip_missing(SERVER_ACCOUNT, "running as root and no 'postgres' or 'nobody' account")
         raise AssertionError("unreachable")  # pragma: no cover
 
     def own(self, path: Path) -> None:
@@ -383,8 +384,8 @@ def make_certificate(directory: Path, hosts: Sequence[str]) -> None:
     """Write a self-signed ``server.crt`` and ``server.key`` for *hosts* with openssl."""
     openssl = shutil.which("openssl")
     if openssl is None:
-        _missing("openssl not found on PATH")
-        return  # pragma: no cover
+        skip_missing(OPENSSL, "openssl not found on PATH")
+        raise AssertionError("unreachable")  # pragma: no cover
     san = ",".join(f"IP:{host}" for host in hosts)
     subprocess.run(
         [

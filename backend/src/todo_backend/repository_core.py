@@ -44,7 +44,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import InstanceState, Session, configure_mappers
 
-from todo_backend.db import BOUNDED, cannot_connect, timeout_error
+from todo_backend.db import cannot_connect, owned_by, timeout_error
 from todo_backend.errors import DatabaseUnavailableError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_user_id
 
@@ -94,14 +94,16 @@ _BLOCK_FAILED: Final = (
 )
 _OWNED = (_c.user_id == bindparam("owner"), _c.id == bindparam("task_id"))
 
-# Every statement is marked as the package's own: the engine bounds it even when it
-# autocommits (todo_backend.db.bound_every_statement).
+# Every statement is marked as the package's own, with the parameter that holds its
+# owner: the engine bounds it even when it autocommits, and runs it as that user under
+# row-level security (todo_backend.db.bound_every_statement).
+_BY_OWNER: Final = owned_by("owner")
 _INSERT: Final = (
     insert(_table)
     .returning(*_ALL_COLUMNS, sort_by_parameter_order=True)
-    .execution_options(**BOUNDED)
+    .execution_options(**owned_by("user_id"))
 )
-_GET: Final = select(*_ALL_COLUMNS).where(*_OWNED).execution_options(**BOUNDED)
+_GET: Final = select(*_ALL_COLUMNS).where(*_OWNED).execution_options(**_BY_OWNER)
 
 # create_many on PostgreSQL: one statement per batch, fed by three arrays, instead of
 # six parameters per row. unnest yields the rows in input order and ORDER BY n keeps
@@ -133,9 +135,9 @@ _INSERT_BATCH: Final = (
         ).order_by(_BATCH.c.n),
     )
     .returning(*_ALL_COLUMNS)
-    .execution_options(**BOUNDED)
+    .execution_options(**_BY_OWNER)
 )
-_DELETE: Final = delete(_table).where(*_OWNED).execution_options(**BOUNDED)
+_DELETE: Final = delete(_table).where(*_OWNED).execution_options(**_BY_OWNER)
 
 
 def _list_statement(*, by_complete: bool, keyset: bool) -> Select[Any]:
@@ -144,14 +146,14 @@ def _list_statement(*, by_complete: bool, keyset: bool) -> Select[Any]:
         stmt = stmt.where(_c.complete == bindparam("complete"))
     if keyset:
         stmt = stmt.where(_c.id < bindparam("before_id"))
-    return stmt.order_by(_c.id.desc()).limit(bindparam("limit")).execution_options(**BOUNDED)
+    return stmt.order_by(_c.id.desc()).limit(bindparam("limit")).execution_options(**_BY_OWNER)
 
 
 def _count_statement(*, by_complete: bool) -> Select[Any]:
     stmt = select(func.count()).select_from(_table).where(_c.user_id == bindparam("owner"))
     if by_complete:
         stmt = stmt.where(_c.complete == bindparam("complete"))
-    return stmt.execution_options(**BOUNDED)
+    return stmt.execution_options(**_BY_OWNER)
 
 
 # Every list/count shape, built once: (filter on complete?, after a cursor?).
@@ -174,7 +176,7 @@ def _update_statement(fields: Sequence[str]) -> Update:
         .where(*_OWNED)
         .values(**values, updated_at=bindparam("new_updated_at"))
         .returning(*_ALL_COLUMNS)
-        .execution_options(**BOUNDED)
+        .execution_options(**_BY_OWNER)
     )
 
 

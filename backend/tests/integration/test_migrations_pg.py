@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlmodel import SQLModel
 
 from tests.fix_servers import PgBouncer, PgBouncerFactory
-from tests.migration_scripts import scripts_with
+from tests.migration_scripts import HEAD, NEXT, scripts_with
 from todo_backend import migrate
 from todo_backend.db import create_db_engine, get_session, init_db
 from todo_backend.models import TaskCreate
@@ -131,7 +131,7 @@ def test_head_builds_the_same_catalog_as_init_db_which_can_be_stamped(
     migrate.upgrade(url)
     result = migrate.check(url)
     assert result.ok, result.problems
-    assert result.current == "0002"
+    assert result.current == HEAD
 
 
 def test_round_trip_keeps_working_with_data(url: str, engine: Engine) -> None:
@@ -193,7 +193,7 @@ def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
 
     with engine.begin() as conn:
         conn.execute(text("delete from tasks where id > 1"))
-    assert migrate.upgrade(url) == ("0001", "0002")
+    assert migrate.upgrade(url) == ("0001", HEAD)
     result = migrate.check(url)
     assert result.ok, result.problems
     assert repo.list("alice") == kept
@@ -237,7 +237,7 @@ def test_migrations_run_through_pgbouncer_in_transaction_mode(
         migrate.downgrade(pooled, "base")
         assert migrate.current_revision(pooled) is None
         migrate.upgrade(pooled)
-        assert migrate.current_revision(pooled) == "0002"
+        assert migrate.current_revision(pooled) == HEAD
         assert idle.execute(text("select count(*) from tasks")).scalar_one() == 0
     bystander.dispose()
 
@@ -253,7 +253,7 @@ def test_a_failing_revision_through_pgbouncer_leaves_nothing_behind(
     """The whole upgrade is one transaction: a failing revision rolls back its DDL too."""
     bouncer = pgbouncer(own_scratch_url, pool_size=1)
     pooled = _through(bouncer, own_url)
-    migrate.upgrade(pooled, "0002")
+    migrate.upgrade(pooled, HEAD)
     scripts_with(
         tmp_path,
         monkeypatch,
@@ -269,7 +269,7 @@ def test_a_failing_revision_through_pgbouncer_leaves_nothing_behind(
     assert "half_done" not in inspect(engine).get_table_names()
     assert "priority" not in {c["name"] for c in inspect(engine).get_columns("tasks")}
     engine.dispose()
-    assert migrate.current_revision(pooled) == "0002"
+    assert migrate.current_revision(pooled) == HEAD
 
 
 def test_tables_the_package_does_not_declare_are_left_alone(
@@ -290,11 +290,11 @@ def test_tables_the_package_does_not_declare_are_left_alone(
         with engine.begin() as conn:
             conn.execute(text("CREATE TABLE users (id integer PRIMARY KEY)"))
             conn.execute(text("CREATE TABLE legacy_audit (id bigserial PRIMARY KEY, note text)"))
-        assert migrate.upgrade(url) == (None, "0002")
+        assert migrate.upgrade(url) == (None, HEAD)
         result = migrate.check(url)
         assert result.ok, result.problems
         scripts_with(tmp_path, monkeypatch, "pass")
-        assert migrate.upgrade(url) == ("0002", "0003")
+        assert migrate.upgrade(url) == (HEAD, NEXT)
         source = migrate.revision("nothing to do", url_or_engine=url).read_text()
         assert "drop_table" not in source
         assert "create_table" not in source

@@ -23,6 +23,7 @@ from tests.cli_runner import (
     cli_json,
     use_workdir,
 )
+from tests.migration_scripts import HEAD
 from todo_backend import __version__
 from todo_backend.cli import ExitCode, describe_endpoint, redact, resolve_settings
 
@@ -423,10 +424,10 @@ def test_migrate_creates_then_reports_current(capsys: pytest.CaptureFixture[str]
     """`migrate` upgrades a fresh database once; a second run and `--check` find it current."""
     code, out, _ = cli(capsys, "migrate")
     assert code == ExitCode.OK
-    assert "migrated from an empty schema to 0002" in out
+    assert f"migrated from an empty schema to {HEAD}" in out
     code, out, _ = cli(capsys, "migrate")
     assert code == ExitCode.OK
-    assert "already at revision 0002, nothing to do" in out
+    assert f"already at revision {HEAD}, nothing to do" in out
     code, out, _ = cli(capsys, "migrate", "--check")
     assert code == ExitCode.OK
     assert "identical to the models" in out
@@ -439,7 +440,7 @@ def test_schema_created_by_a_command_is_managed_by_migrations(
     assert cli(capsys, "add", "--user", "alice", "first")[0] == ExitCode.OK
     code, out, _ = cli(capsys, "migrate", "--check")
     assert code == ExitCode.OK
-    assert "revision 0002, newest 0002" in out
+    assert f"revision {HEAD}, newest {HEAD}" in out
 
 
 def test_migrate_check_fails_for_a_database_without_history(
@@ -480,7 +481,7 @@ def test_migrate_opens_one_connection_and_one_transaction(
         for name, listener in listeners:
             event.remove(Engine, name, listener)
     assert code == ExitCode.OK
-    assert "migrated from an empty schema to 0002" in out
+    assert f"migrated from an empty schema to {HEAD}" in out
     assert seen == {"engine_connect": 1, "begin": 1}
 
 

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import SQLModel
 
-from tests.migration_scripts import scripts_with
+from tests.migration_scripts import HEAD, NEXT, scripts_with
 from todo_backend import migrate
 from todo_backend.db import create_db_engine, get_session, init_db
 from todo_backend.errors import ConfigurationError
@@ -74,7 +74,7 @@ def test_head_on_an_empty_database_is_exactly_the_models(url: str, engine: Engin
     with engine.connect() as conn:
         assert migrate.model_differences(conn) == []
     assert migrate.check(url).ok
-    assert migrate.current_revision(url) == migrate.head_revision() == "0002"
+    assert migrate.current_revision(url) == migrate.head_revision() == HEAD
 
 
 def test_head_emits_the_same_ddl_as_init_db(url: str, engine: Engine) -> None:
@@ -119,7 +119,7 @@ def test_a_database_made_by_init_db_is_stamped_then_upgraded(url: str, engine: E
     migrate.upgrade(url)
     after = migrate.check(url)
     assert after.ok, after.problems
-    assert (after.current, after.head) == ("0002", "0002")
+    assert (after.current, after.head) == (HEAD, HEAD)
 
 
 _RAW_INSERT = text(
@@ -164,7 +164,7 @@ def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
 
     with engine.begin() as conn:
         conn.execute(text("delete from tasks where id > 2"))
-    assert migrate.upgrade(url) == ("0001", "0002")
+    assert migrate.upgrade(url) == ("0001", HEAD)
     assert migrate.check(url).ok
     assert repo.list("alice") == kept[::-1]  # ids, text and timestamps as they were
     assert _text_checks(engine) == {
@@ -198,14 +198,14 @@ def test_check_reports_an_empty_database_and_one_behind_head(
 ) -> None:
     """No history, then behind head: each is one problem naming the fix."""
     assert migrate.check(url).problems == (
-        "the database has no migration history; head is 0002: run `todo-db migrate`",
+        f"the database has no migration history; head is {HEAD}: run `todo-db migrate`",
     )
     migrate.upgrade(url)
     scripts_with(tmp_path, monkeypatch, "pass")
     result = migrate.check(url)
-    assert (result.current, result.head) == ("0002", "0003")
+    assert (result.current, result.head) == (HEAD, NEXT)
     assert result.problems == (
-        "the database is at revision 0002, behind head 0003: run `todo-db migrate`",
+        f"the database is at revision {HEAD}, behind head {NEXT}: run `todo-db migrate`",
     )
 
 
@@ -240,7 +240,7 @@ def test_check_reports_schema_drift_from_the_models(
     )
     migrate.upgrade(url)
     result = migrate.check(url)
-    assert (result.current, result.head) == ("0003", "0003")
+    assert (result.current, result.head) == (NEXT, NEXT)
     assert set(result.problems) == {
         "models differ from the migrations: index ix_tasks_user_id_id on tasks: "
         "declared by the models, missing in the database",
@@ -282,7 +282,7 @@ def test_a_failing_revision_leaves_nothing_behind(
     with pytest.raises(OperationalError, match="no_such_function"):
         migrate.upgrade(url)
     assert "half_done" not in inspect(engine).get_table_names()
-    assert migrate.current_revision(url) == "0002"
+    assert migrate.current_revision(url) == HEAD
 
 
 def test_autogenerate_renders_plain_sqlalchemy_types(engine: Engine) -> None:
@@ -301,7 +301,7 @@ def test_autogenerate_renders_plain_sqlalchemy_types(engine: Engine) -> None:
 def test_revision_autogenerates_the_next_numbered_file(
     url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """revision() writes 0004 from the drift of 0003; applying it makes check() clean."""
+    """revision() writes the next file from the drift of NEXT; applying it makes check() clean."""
     scripts_with(
         tmp_path,
         monkeypatch,
@@ -312,9 +312,10 @@ def test_revision_autogenerates_the_next_numbered_file(
         """,
     )
     path = migrate.revision("Undo the test's drift.")
-    assert path == tmp_path / "migrations" / "versions" / "0004_undo_the_test_s_drift.py"
+    after_next = f"{int(NEXT) + 1:04d}"
+    assert path == tmp_path / "migrations" / "versions" / f"{after_next}_undo_the_test_s_drift.py"
     source = path.read_text()
-    assert "down_revision: str | Sequence[str] | None = '0003'" in source
+    assert f"down_revision: str | Sequence[str] | None = '{NEXT}'" in source
     assert "with op.batch_alter_table('tasks'" in source
     assert "sqlmodel" not in source
     compile(source, str(path), "exec")
@@ -342,7 +343,7 @@ def test_database_url_is_the_default(
     monkeypatch.chdir(tmp_path)  # no stray .env
     monkeypatch.setenv("DATABASE_URL", url)
     migrate.upgrade()
-    assert migrate.current_revision() == "0002"
+    assert migrate.current_revision() == HEAD
     assert inspect(engine).has_table("tasks")
 
 
@@ -352,9 +353,9 @@ def test_the_command_line(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert "no migration history" in capsys.readouterr().err
     assert migrate.main(["upgrade", "--url", url]) == 0
     assert migrate.main(["current", "--url", url]) == 0
-    assert capsys.readouterr().out == "0002\n"
+    assert capsys.readouterr().out == f"{HEAD}\n"
     assert migrate.main(["check", "--url", url]) == 0
-    assert capsys.readouterr().out == "at revision 0002, head 0002: ok\n"
+    assert capsys.readouterr().out == f"at revision {HEAD}, head {HEAD}: ok\n"
     assert migrate.main(["downgrade", "base", "--url", url]) == 0
     assert migrate.main(["stamp", "0002", "--url", url]) == 0
     assert migrate.main(["sql", "--url", "postgresql://"]) == 0
@@ -427,7 +428,7 @@ def test_upgrade_works_on_a_fresh_database_with_other_tables(
     """Tables the package does not declare are not "tables without history": upgrade runs."""
     _add_foreign_tables(engine)
     assert migrate.check(url).problems == (
-        "the database has no migration history; head is 0002: run `todo-db migrate`",
+        f"the database has no migration history; head is {HEAD}: run `todo-db migrate`",
     )
     migrate.upgrade(url)
     assert migrate.check(url).ok
@@ -494,9 +495,9 @@ def test_upgrade_returns_the_revisions_it_saw_in_one_connection(
     """upgrade() says where the database was and is, from its one connection and transaction."""
     opened: list[object] = []
     event.listen(engine, "engine_connect", opened.append)
-    assert migrate.upgrade(engine) == (None, "0002")
-    assert migrate.upgrade(engine) == ("0002", "0002")
+    assert migrate.upgrade(engine) == (None, HEAD)
+    assert migrate.upgrade(engine) == (HEAD, HEAD)
     scripts_with(tmp_path, monkeypatch, "pass")
     result = migrate.upgrade(engine)
-    assert (result.before, result.after) == ("0002", "0003")
+    assert (result.before, result.after) == (HEAD, NEXT)
     assert len(opened) == 3

@@ -20,7 +20,7 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, orm, text
 from sqlalchemy.engine import URL, ExceptionContext, ExecutionContext
@@ -702,10 +702,11 @@ def init_db(engine: Engine) -> None:
 
 # session.info key: the user a user_scope block runs the session's SQL as.
 _SCOPE: Final = "todo_backend.user_scope"
+_S = TypeVar("_S", bound=orm.Session)
 
 
 @contextmanager
-def user_scope(session: orm.Session, user_id: str) -> Iterator[orm.Session]:
+def user_scope(session: _S, user_id: str) -> Iterator[_S]:
     """Run the SQL sent through *session* inside the block as *user_id*: a context manager.
 
     Outside any scope, every transaction of the package's engines runs as the

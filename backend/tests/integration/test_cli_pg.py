@@ -12,7 +12,7 @@ from sqlalchemy.engine import URL
 from tests.cli_runner import SENTINEL, Call, cli_env, error_lines, run_all, run_cli, run_json
 from todo_backend.cli import ExitCode, main
 from todo_backend.config import mask_url
-from todo_backend.db import create_db_engine
+from todo_backend.db import CONNECTING_ROLE, create_db_engine
 
 
 def _env(url: URL) -> dict[str, str]:
@@ -20,7 +20,8 @@ def _env(url: URL) -> dict[str, str]:
 
 
 def _drop_tasks(engine: Engine) -> None:
-    with engine.begin() as conn:
+    # Admin work: as the connecting role (the database may be migrated, RLS forced).
+    with engine.execution_options(**CONNECTING_ROLE).begin() as conn:
         # A fresh database: no table and no migration history either.
         conn.execute(text("DROP TABLE IF EXISTS tasks, alembic_version"))
 

@@ -161,6 +161,9 @@ _VALIDATED = text(
 )
 
 
+_AS_USER = text("SELECT set_config('todo.user_id', :user, true)")
+
+
 def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
     url: str, engine: Engine
 ) -> None:
@@ -203,8 +206,12 @@ def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
             ("ck_tasks_title_text", True),
             ("ck_tasks_user_id_text", True),
         ]
-    with pytest.raises(IntegrityError, match="ck_tasks_user_id_text"), engine.begin() as conn:
-        conn.execute(_RAW_INSERT, broken[0])
+    with engine.begin() as conn:
+        # As that user, so that row-level security (head) lets the constraint speak.
+        conn.execute(_AS_USER, {"user": broken[0]["user_id"]})
+        with pytest.raises(IntegrityError, match="ck_tasks_user_id_text"):
+            conn.execute(_RAW_INSERT, broken[0])
+        conn.rollback()
 
     migrate.downgrade(url, "0001")
     assert _catalog(engine) == before

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from psycopg import AsyncClientCursor
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession as SAAsyncSession
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from todo_backend.config import Settings
@@ -41,6 +42,7 @@ from todo_backend.db import (
 __all__ = ["create_async_db_engine", "get_async_session", "user_scope"]
 
 _POSTGRES_DRIVER: Final = "postgresql+psycopg_async"
+_S = TypeVar("_S", bound=SAAsyncSession)
 _SQLITE_DRIVER: Final = "sqlite+aiosqlite"
 
 
@@ -109,7 +111,7 @@ async def get_async_session(engine: AsyncEngine) -> AsyncGenerator[AsyncSession,
 
 
 @asynccontextmanager
-async def user_scope(session: AsyncSession, user_id: str) -> AsyncIterator[AsyncSession]:
+async def user_scope(session: _S, user_id: str) -> AsyncIterator[_S]:
     """Run the SQL sent through *session* inside the block as *user_id*: ``async with``.
 
     The async form of :func:`todo_backend.user_scope`, with the same promises: raw SQL
@@ -127,7 +129,7 @@ async def user_scope(session: AsyncSession, user_id: str) -> AsyncIterator[Async
         await _rescope(session, outer)
 
 
-async def _rescope(session: AsyncSession, user_id: str | None) -> None:
+async def _rescope(session: SAAsyncSession, user_id: str | None) -> None:
     """Make *session*'s open transaction, if any, run its next statement as *user_id*."""
     if session.in_transaction():
         conn = (await session.connection()).sync_connection

@@ -6,8 +6,9 @@ Create Date: 2026-12-07
 
 On PostgreSQL: the NOLOGIN role ``todo_app`` (no BYPASSRLS), created when missing
 and granted to the migrating role so that its connections can switch to it; the
-table's privileges for it; row-level security enabled and FORCEd on ``tasks`` (a
-table's owner is exempt otherwise); and the policy ``tasks_owner_only``: ``todo_app``
+privileges it needs (USAGE on the schema of tasks, the table, its id sequence);
+row-level security enabled and FORCEd on ``tasks`` (a table's owner is exempt
+otherwise); and the policy ``tasks_owner_only``: ``todo_app``
 sees and writes only the rows whose ``user_id`` equals the transaction's
 ``todo.user_id`` setting. The setting is read once per statement (an InitPlan), so
 the (user_id, id) index serves the condition; unset, it matches no row.
@@ -45,7 +46,7 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'todo_app') THEN
         CREATE ROLE todo_app NOLOGIN NOBYPASSRLS;
     END IF;
-EXCEPTION WHEN duplicate_object THEN
+EXCEPTION WHEN duplicate_object OR unique_violation THEN
     NULL; -- created by a migration of another database of the cluster meanwhile
 END
 $$
@@ -69,6 +70,20 @@ BEGIN
     IF NOT pg_catalog.pg_has_role(current_user, 'todo_app', 'MEMBER') THEN
         GRANT todo_app TO CURRENT_USER;
     END IF;
+EXCEPTION WHEN unique_violation THEN
+    NULL; -- granted by a migration of another database of the cluster meanwhile
+END
+$$
+"""
+# The schema that holds tasks (public unless search_path says otherwise): a schema
+# made by CREATE SCHEMA grants PUBLIC no USAGE.
+_GRANT_SCHEMA = """
+DO $$
+BEGIN
+    EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA %I TO todo_app',
+        (SELECT n.nspname FROM pg_catalog.pg_class AS c
+         JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+         WHERE c.oid = 'tasks'::regclass));
 END
 $$
 """
@@ -92,6 +107,7 @@ def upgrade() -> None:
     op.execute(_CREATE_ROLE)
     op.execute(_REFUSE_BYPASSING_ROLE)
     op.execute(_GRANT_ROLE)
+    op.execute(_GRANT_SCHEMA)
     op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE tasks TO {_ROLE}")
     op.execute(f"GRANT USAGE ON SEQUENCE tasks_id_seq TO {_ROLE}")
     op.execute(f"DROP POLICY IF EXISTS {_POLICY} ON tasks")
@@ -120,6 +136,10 @@ BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'todo_app') THEN
         REVOKE ALL ON TABLE tasks FROM todo_app;
         REVOKE ALL ON SEQUENCE tasks_id_seq FROM todo_app;
+        EXECUTE pg_catalog.format('REVOKE USAGE ON SCHEMA %I FROM todo_app',
+            (SELECT n.nspname FROM pg_catalog.pg_class AS c
+             JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+             WHERE c.oid = 'tasks'::regclass));
     END IF;
 END
 $$

@@ -31,7 +31,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlmodel import Session, SQLModel
 
 from todo_backend.config import Settings, mask_url
-from todo_backend.errors import DatabaseTimeoutError, DatabaseUnavailableError
+from todo_backend.errors import ConfigurationError, DatabaseTimeoutError, DatabaseUnavailableError
 from todo_backend.models import Task, validate_user_id
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "owned_by",
     "postgres_engine_options",
     "reject_dead_connection",
+    "role_error",
     "scope_transaction",
     "set_local_sql",
     "sqlite_engine_options",
@@ -601,6 +602,35 @@ def timeout_error(err: BaseException) -> DatabaseTimeoutError | None:
     return None
 
 
+# SQLSTATEs of a failed switch to APP_ROLE: not a member, or the role is gone.
+_NOT_A_MEMBER: Final = "42501"
+_NO_SUCH_ROLE: Final = "22023"
+
+
+def role_error(err: BaseException) -> ConfigurationError | None:
+    """Return the :class:`ConfigurationError` of a failed switch to :data:`APP_ROLE`, or None.
+
+    Where ``tasks`` has row-level security, every transaction switches to the
+    application role in its first message; a login role that is not a member of it
+    (or a role dropped by hand) fails there, before the statement ran: nothing was
+    stored, and only an administrator can fix it.
+    """
+    orig = getattr(err, "orig", None)
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    message = str(orig)
+    if (code == _NOT_A_MEMBER and "set role" in message) or (
+        code == _NO_SUCH_ROLE and f'role "{APP_ROLE}" does not exist' in message
+    ):
+        return ConfigurationError(
+            "the database keeps users apart with row-level security (revision 0003), but "
+            f"the connecting role cannot switch to the application role {APP_ROLE}, so "
+            f"nothing was sent to tasks. As the database owner, run GRANT {APP_ROLE} TO "
+            "<the login role of DATABASE_URL> (or run `todo-db migrate` as that role), then "
+            "retry; `todo-db check` shows the state."
+        )
+    return None
+
+
 def _switch_isolation_without_round_trips(engine: Engine) -> None:
     """Make the per-call AUTOCOMMIT switch free of network traffic.
 
@@ -876,7 +906,8 @@ _PG_HEALTH: Final = text(
 def _rls_warnings(row: Any) -> tuple[str, ...]:
     """Return what weakens row-level security, from the health query's *row*."""
     warnings = []
-    if row.bypasses:
+    protected = row.row_security in ("on", "forced")
+    if row.bypasses and protected:
         warnings.append(
             f"the connecting role {row.role_name} bypasses row-level security (superuser "
             "or BYPASSRLS, as Neon's default owner role does): the application's "
@@ -884,7 +915,7 @@ def _rls_warnings(row: Any) -> tuple[str, ...]:
             "admin paths (migrations, UNBOUNDED or CONNECTING_ROLE statements, psql) see and "
             "change every user's tasks"
         )
-    if row.row_security in ("on", "forced") and not row.app_member:
+    if protected and not row.app_member:
         warnings.append(
             f"the connecting role {row.role_name} cannot switch to {APP_ROLE}, so every "
             f"application statement on tasks fails: run GRANT {APP_ROLE} TO {row.role_name} "

@@ -44,7 +44,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import InstanceState, Session, configure_mappers
 
-from todo_backend.db import cannot_connect, owned_by, timeout_error
+from todo_backend.db import cannot_connect, owned_by, role_error, timeout_error
 from todo_backend.errors import DatabaseUnavailableError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_user_id
 
@@ -584,11 +584,12 @@ def translate(err: Exception) -> Exception:
     """Map a driver error to this package's errors: the one translation boundary.
 
     Returns *err* itself when it is not the package's to translate. A bound that ran
-    out (pool, statement, lock, idle block) is a DatabaseTimeoutError.
+    out (pool, statement, lock, idle block) is a DatabaseTimeoutError; a login role
+    that cannot switch to the row-level security role is a ConfigurationError.
     """
-    timeout = timeout_error(err)
-    if timeout is not None:
-        return timeout
+    known = timeout_error(err) or role_error(err)
+    if known is not None:
+        return known
     if not isinstance(err, DBAPIError):
         return err
     if err.connection_invalidated:

@@ -20,7 +20,7 @@ from sqlmodel import Session
 from tests.fix_servers import PgBouncerFactory, PgCluster
 from tests.integration.databases import fresh_database
 from tests.integration.row_security import COUNT, INSERT
-from todo_backend import TaskCreate, TaskRepository, migrate, user_scope
+from todo_backend import ConfigurationError, TaskCreate, TaskRepository, migrate, user_scope
 from todo_backend.db import APP_ROLE, UNBOUNDED, check_database, create_db_engine
 
 _STATE = text(
@@ -138,3 +138,28 @@ def test_upgrade_and_downgrade_are_idempotent_across_databases_of_a_cluster(
         migrate.upgrade(_url_text(first))  # the role is made again
         assert _role_exists(owner)
         migrate.downgrade(_url_text(first), "0002")
+
+
+def test_a_login_role_that_cannot_switch_gets_a_configuration_error(
+    owner: URL, own_cluster: PgCluster
+) -> None:
+    """A login role outside todo_app gets a ConfigurationError saying what to grant."""
+    name = f"other_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(own_cluster.url(), isolation_level="AUTOCOMMIT")
+    try:
+        with fresh_database(owner) as url:
+            migrate.upgrade(_url_text(url))
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE ROLE "{name}" LOGIN'))
+            other = create_db_engine(_url_text(url.set(username=name)))
+            try:
+                with pytest.raises(ConfigurationError, match=f"GRANT {APP_ROLE} TO"):
+                    TaskRepository(Session(other)).count("alice")
+                health = check_database(other)
+                assert any(f"cannot switch to {APP_ROLE}" in w for w in health.warnings)
+            finally:
+                other.dispose()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP ROLE IF EXISTS "{name}"'))
+        admin.dispose()

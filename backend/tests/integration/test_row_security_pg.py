@@ -288,3 +288,16 @@ def test_repository_is_unchanged_for_its_callers(rls_engine: Engine) -> None:
         repo.create(BOB, TaskCreate(title="in block"))
     assert (repo.count(ALICE), repo.count(BOB)) == (4, 5)
     assert repo.delete(ALICE, task.id or 0) is True
+
+
+@pytest.mark.parametrize("user_id", ["o'brien", "100%", "back\\slash", "ünï 𝄞"])
+def test_any_valid_user_id_scopes_exactly(rls_engine: Engine, user_id: str) -> None:
+    """Quotes, percent signs, backslashes and non-ASCII in a user id scope exactly that user."""
+    repo = TaskRepository(Session(rls_engine))
+    task = repo.create(user_id, TaskCreate(title="odd"))
+    assert repo.get(user_id, task.id or 0) == task
+    with Session(rls_engine) as session, user_scope(session, user_id):
+        assert raw_rows(session) == [(user_id, "odd")]
+        session.execute(text("DELETE FROM tasks"))
+        session.commit()
+    assert repo.count(ALICE) == 2

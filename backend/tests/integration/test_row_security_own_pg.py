@@ -141,13 +141,14 @@ def test_upgrade_and_downgrade_are_idempotent_across_databases_of_a_cluster(
 
 
 def test_a_login_role_that_cannot_switch_gets_a_configuration_error(
-    owner: URL, own_cluster: PgCluster
+    own_cluster: PgCluster,
 ) -> None:
     """A login role outside todo_app gets a ConfigurationError saying what to grant."""
     name = f"other_{uuid.uuid4().hex[:8]}"
     admin = create_engine(own_cluster.url(), isolation_level="AUTOCOMMIT")
     try:
-        with fresh_database(owner) as url:
+        # Made and dropped by the superuser, who may end the other role's backends.
+        with fresh_database(own_cluster.url()) as url:
             migrate.upgrade(_url_text(url))
             with admin.connect() as conn:
                 conn.execute(text(f'CREATE ROLE "{name}" LOGIN'))

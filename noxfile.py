@@ -101,10 +101,12 @@ def install(session: nox.Session, *groups: str) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Ruff lint and format check, shellcheck, GitHub workflow schema and security audit."""
+    """Ruff, shellcheck, squawk over every revision, workflow schema and security audit."""
     install(session, "lint")
     session.run("ruff", "check", *CODE)
     session.run("ruff", "format", "--check", *CODE)
+    # Each revision's PostgreSQL SQL, one revision at a time: what it locks on a live table.
+    session.run("python", "-m", "todo_backend.migration_lint")
     session.run("shellcheck", *_shell_scripts())
     github = ROOT / ".github"
     if WORKFLOWS:
@@ -352,3 +354,23 @@ def bench(session: nox.Session) -> None:
     install(session, "bench")
     session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
     session.run("python", "backend/bench/run.py", *session.posargs)
+
+
+@nox.session(default=False)
+def rehearse(session: nox.Session) -> None:
+    """Time each revision on a 1,000,000-row tasks table and its longest ACCESS EXCLUSIVE hold.
+
+    On a scratch database of TEST_DATABASE_URL (default: the local server); figures go
+    to docs/benchmarks/migrations.md and .json (``-- --rows N --no-write`` to try).
+    """
+    install(session)
+    session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
+    session.run("python", "backend/bench/rehearse.py", *session.posargs)
+
+
+@nox.session(default=False)
+def scale(session: nox.Session) -> None:
+    """Scale benchmark: every call at 10k and 1M rows (``-- --ten-million`` adds 10M)."""
+    install(session, "bench")
+    session.env["TEST_DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", LOCAL_POSTGRES)
+    session.run("python", "backend/bench/scale.py", *session.posargs)

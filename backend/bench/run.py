@@ -1,6 +1,7 @@
 """Benchmark TaskRepository against raw psycopg2 over a simulated Neon link.
 
-Run with ``nox -s bench`` or ``python backend/bench/run.py [--delay-ms 2.5]``. It needs
+Run with ``nox -s bench`` or ``python backend/bench/run.py [--delay-ms 2.5]``;
+``nox -s bench -- --http`` runs the HTTP benchmark (``http_bench.py``) instead. It needs
 the PostgreSQL server named by ``TEST_DATABASE_URL`` (default: the local one) and only
 ever connects to this machine. The benchmark creates a scratch database, drops it at
 the end, and writes ``results.md``, ``results.json`` and ``results.png`` to
@@ -921,7 +922,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark, print the report and write it to the output folder."""
+    """Run the benchmark, print the report and write it to the output folder.
+
+    ``--http`` runs the HTTP benchmark instead (``http_bench.py``; its own options).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if "--http" in argv:
+        from bench.http_bench import main as http_main  # noqa: PLC0415 - its own dependencies
+
+        return http_main([arg for arg in argv if arg != "--http"])
     args = parse_args(argv)
     url = _resolve_target(os.environ.get("TEST_DATABASE_URL") or DEFAULT_URL)
     started = time.time()

@@ -8,7 +8,8 @@ terminates backends, restarts PgBouncer, restarts the server (fast or immediate)
 holds row locks past the lock bound and pauses the server (SIGSTOP, then SIGCONT).
 Some workers also stall inside ``atomic()`` blocks past the idle bound. At the end
 the final table is read once and the checker judges the history; the report fits
-one screen and the exit status is 1 on any violation.
+one screen and the exit status is 1 on any violation. ``--save PATH`` also writes the
+recorded history there; ``--judge PATH`` judges a saved history again, without servers.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from todo_backend.repository import TaskRepository
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fix_servers import PgBouncer, PgCluster, ServerAccount
 
-from chaos.history import Call, Fault, Seen, Write, check, report
+from chaos.history import Call, Fault, Recording, Seen, Write
 from chaos.servers import pause, resume, start_bouncer, start_cluster
 
 USERS: Final = tuple(f"user{i}" for i in range(6))
@@ -59,6 +60,7 @@ PGBOUNCER_POOL: Final = 4
 MAX_PAUSE: Final = 3.0
 CROSS_USER_SHARE: Final = 0.1  # calls aimed at a task of any user, not only the caller's
 STALL_SHARE: Final = 0.02  # atomic blocks whose caller stalls past the idle bound
+LIST_LIMIT: Final = 20
 
 
 def call_bound() -> float:
@@ -124,6 +126,8 @@ class _Outcome:
     unknown: bool = False
     stalled: float = 0.0
     reason: str = ""
+    count: int | None = None
+    limit: int | None = None
 
 
 def _reason(err: Exception, *, unknown: bool) -> str:
@@ -204,6 +208,8 @@ class Worker:
             unknown=out.unknown,
             stalled=out.stalled,
             reason=out.reason,
+            count=out.count,
+            limit=out.limit,
         )
 
     def _create(self, repo: TaskRepository, user: str) -> Call:
@@ -230,14 +236,14 @@ class Worker:
         return self._call(out)
 
     def _list(self, repo: TaskRepository, user: str) -> Call:
-        with self._recorded("list", user) as out:
-            tasks = repo.list(user, limit=20)
+        with self._recorded("list", user, limit=LIST_LIMIT) as out:
+            tasks = repo.list(user, limit=LIST_LIMIT)
             out.returned = tuple(s for t in tasks for s in _seen(t))
         return self._call(out)
 
     def _count(self, repo: TaskRepository, user: str) -> Call:
         with self._recorded("count", user) as out:
-            repo.count(user)
+            out.count = repo.count(user)
         return self._call(out)
 
     def _delete(self, repo: TaskRepository, user: str) -> Call:
@@ -375,8 +381,11 @@ def _engine(url: str) -> Engine:
     return create_db_engine(Settings(**values))
 
 
-def soak(duration: float, seed: int) -> int:
-    """Run the soak for *duration* seconds; print the report; return the exit status."""
+def soak(duration: float, seed: int, save: Path | None = None) -> int:
+    """Run the soak for *duration* seconds; print the report; return the exit status.
+
+    With *save*, the recorded history is written there first (:class:`Recording`).
+    """
     run_as = ServerAccount.pick()
     cluster = start_cluster(run_as)
     bouncer = start_bouncer(cluster, run_as, pool_size=PGBOUNCER_POOL, wait_seconds=PGBOUNCER_WAIT)
@@ -412,35 +421,32 @@ def soak(duration: float, seed: int) -> int:
         elapsed = time.monotonic() - started
         final = _final_rows(cluster)
         checked_out = {name: engine.pool.checkedout() for name, engine in engines.items()}  # type: ignore[attr-defined]
-        calls = [call for worker in workers for call in worker.calls]
-        verdict = check(
-            calls,
-            final,
+        recording = Recording(
+            calls=[call for worker in workers for call in worker.calls],
+            final=final,
+            faults=chaos.faults,
+            duration=elapsed,
             bound=call_bound(),
-            pauses=[f for f in chaos.faults if f.kind == "pause server"],
             pools_checked_out=checked_out,
+            problems=[("hung", f"thread {name} did not finish") for name in hung]
+            + [("fault injection", error) for error in chaos.errors],
         )
-        for name in hung:
-            verdict.add("hung", f"thread {name} did not finish")
-        for error in chaos.errors:
-            verdict.add("fault injection", error)
-        print(
-            report(
-                calls,
-                chaos.faults,
-                verdict,
-                duration=elapsed,
-                bound=call_bound(),
-                final_rows=len(final),
-            )
-        )
-        return 0 if verdict.ok else 1
     finally:
         chaos.close()
         for engine in engines.values():
             engine.dispose()
         bouncer.destroy()
         cluster.destroy()
+    if save is not None:
+        recording.save(save)
+    return judge(recording)
+
+
+def judge(recording: Recording) -> int:
+    """Judge *recording*, print its report, and return the exit status (1 on a violation)."""
+    verdict = recording.judge()
+    print(recording.report(verdict))
+    return 0 if verdict.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,12 +454,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: time)")
+    parser.add_argument("--save", type=Path, help="also write the recorded history to this file")
+    parser.add_argument(
+        "--judge", type=Path, help="judge a history saved with --save instead of soaking"
+    )
     args = parser.parse_args(argv)
+    if args.judge is not None:
+        return judge(Recording.load(args.judge))
     if args.duration <= 0:
         parser.error("--duration must be above 0")
     seed = args.seed if args.seed is not None else int(time.time())
     print(f"chaos soak: seed {seed}, {args.duration:.0f} s", flush=True)
-    return soak(args.duration, seed)
+    return soak(args.duration, seed, args.save)
 
 
 if __name__ == "__main__":

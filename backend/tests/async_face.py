@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransactio
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tests.repository_contract import RepositoryContract
+from tests.repository_contract import CutShort, RepositoryContract, once_at
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine, get_async_session
 from todo_backend.db import create_db_engine
 from todo_backend.models import Task
@@ -184,6 +184,19 @@ class AsyncRepositoryContract(RepositoryContract):
                 runner.run(_close_all(session.close(), outer.rollback(), conn.close()))
 
         return bound
+
+    @pytest.fixture
+    def cut_short(self, engine: Engine) -> CutShort:
+        """Cancel an awaited call at an event: the cancellation lands at the driver's next await."""
+        return CutShort(
+            asyncio.CancelledError, lambda event_name: once_at(engine, event_name, _cancel_task)
+        )
+
+
+def _cancel_task() -> None:
+    task = asyncio.current_task()  # the call's task: the greenlet runs inside it
+    assert task is not None
+    task.cancel()
 
 
 async def _finish(sessions: AsyncIterator[AsyncSession]) -> None:

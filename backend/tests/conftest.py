@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from tests.repository_contract import CutShort, once_at
 from tests.skips import (
     count_by_piece,
     fail_hint,
@@ -149,3 +150,17 @@ def repo_in_outer_transaction(
 def raw_engine(engine: Engine) -> Engine:
     """A sync engine on the suite's database, for raw SQL against the schema itself."""
     return engine
+
+
+class Interrupted(BaseException):
+    """A KeyboardInterrupt stand-in: a BaseException, but one that cannot stop pytest itself."""
+
+
+def _interrupt() -> None:
+    raise Interrupted
+
+
+@pytest.fixture
+def cut_short(engine: Engine) -> CutShort:
+    """Cut a sync call short: the next event of a name on ``engine`` raises :class:`Interrupted`."""
+    return CutShort(Interrupted, lambda event_name: once_at(engine, event_name, _interrupt))

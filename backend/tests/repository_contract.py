@@ -12,15 +12,16 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from datetime import UTC, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from sqlalchemy import Engine, event, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, event, orm, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
 from todo_backend.errors import TodoBackendError
@@ -77,8 +78,147 @@ def _new(repo: TaskRepository, user: str = ALICE, title: str = "write tests", **
     return repo.create(user, TaskCreate.model_validate({"title": title, **kw}))
 
 
+CONTENT_FIELDS = tuple(TaskCreate.model_fields)
+"""Every content field, read from the models: the field round trip runs once for each."""
+
+# Sample values for a content field whose rules the JSON Schema cannot say (a custom
+# validator, say): (first, second), two valid values, the first not the default.
+SAMPLES: dict[str, tuple[object, object]] = {}
+_WHEN = (
+    datetime(2030, 1, 2, 3, 4, 5, 6000, tzinfo=UTC),
+    datetime(2031, 6, 7, 8, 9, 10, tzinfo=UTC),
+)
+_Maker = Callable[[dict[str, Any], object, str], tuple[object, object] | None]
+
+
+def _enum(branch: dict[str, Any], default: object, _field: str) -> tuple[object, object] | None:
+    values = [value for value in branch["enum"] if value != default] + [default]
+    return (values[0], values[1]) if len(values) > 1 else None
+
+
+def _integer(branch: dict[str, Any], default: object, _field: str) -> tuple[object, object]:
+    low = int(branch.get("minimum", branch.get("exclusiveMinimum", 0) + 1))
+    high = int(branch.get("maximum", branch.get("exclusiveMaximum", low + 10) - 1))
+    first = next(v for v in range(low, high + 1) if v != default)
+    return (first, next(v for v in range(low, high + 1) if v not in {first, default}))
+
+
+def _text(branch: dict[str, Any], _default: object, field: str) -> tuple[object, object]:
+    size = max(1, min(12, int(branch.get("maxLength", 12))))
+    return (f"one {field}"[:size], f"two {field}"[:size])
+
+
+_MAKERS: dict[str, _Maker] = {
+    "enum": _enum,
+    "boolean": lambda _b, default, _f: (not default, bool(default)),
+    "integer": _integer,
+    "number": lambda branch, _d, _f: (branch.get("minimum", 0) + 0.5, branch.get("minimum", 0)),
+    "string": _text,
+    "string date-time": lambda _b, _d, _f: _WHEN,
+    "string date": lambda _b, _d, _f: (_WHEN[0].date(), _WHEN[1].date()),
+}
+
+
+def _from_schema(field: str) -> tuple[object, object] | None:
+    """Two distinct values for *field* from TaskCreate's JSON Schema, or None if unknown."""
+    schema = TaskCreate.model_json_schema()
+    found = schema["properties"][field]
+    branch = next((b for b in found.get("anyOf", [found]) if b.get("type") != "null"), found)
+    if "$ref" in branch:
+        branch = schema["$defs"][branch["$ref"].rsplit("/", 1)[-1]]
+    kind = "enum" if "enum" in branch else f"{branch.get('type')} {branch.get('format', '')}"
+    make = _MAKERS.get(kind.strip())
+    return None if make is None else make(branch, found.get("default"), field)
+
+
+def content_samples(field: str) -> tuple[object, object]:
+    """Two valid values of content *field*, different, the first not its default."""
+    samples = SAMPLES.get(field) or _from_schema(field)
+    if (
+        samples is None
+        or samples[0] == samples[1]
+        or samples[0] == TaskCreate.model_fields[field].default
+        or not all(_valid(field, value) for value in samples)
+    ):
+        pytest.fail(
+            f"no sample values for the content field {field!r}: add two valid ones to "
+            "SAMPLES in backend/tests/repository_contract.py"
+        )
+    return samples
+
+
+def _valid(field: str, value: object) -> bool:
+    try:
+        TaskCreate.__pydantic_validator__.validate_assignment(
+            TaskCreate.model_construct(), field, value
+        )
+    except ValidationError:
+        return False
+    return True
+
+
+def _accepts_none(field: str) -> bool:
+    return _valid(field, None)
+
+
 class RepositoryContract:
     """Behaviour of TaskRepository that must hold on every database."""
+
+    @pytest.mark.parametrize("field", CONTENT_FIELDS)
+    def test_every_content_field_round_trips_through_every_call(
+        self, repo: TaskRepository, field: str
+    ) -> None:
+        """Each content field of the models is stored and read back by every call and TaskRead."""
+        first, second = content_samples(field)
+        given = {name: content_samples(name)[0] for name in CONTENT_FIELDS}
+        changed = {name: content_samples(name)[1] for name in CONTENT_FIELDS}
+        assert field in TaskUpdate.model_fields, (
+            f"TaskUpdate has no field {field!r}: declare it there too, optional (models.py)"
+        )
+
+        def holds(task: Task | None, expected: object, path: str) -> Task:
+            assert task is not None, path
+            found = getattr(task, field)
+            assert found == expected, f"{field} lost by {path}: {found!r}, not {expected!r}"
+            return task
+
+        created = holds(repo.create(ALICE, TaskCreate.model_validate(given)), first, "create()")
+        task_id = created.id or 0
+        holds(repo.get(ALICE, task_id), first, "get()")
+        holds(repo.list(ALICE)[0], first, "list()")
+
+        alone = repo.update(ALICE, task_id, TaskUpdate.model_validate({field: second}))
+        holds(alone, second, "update() of it alone")
+        holds(repo.get(ALICE, task_id), second, "get() after update()")
+        assert TaskRead.model_validate(alone).model_dump(exclude={field, "updated_at"}) == (
+            TaskRead.model_validate(created).model_dump(exclude={field, "updated_at"})
+        ), f"update() of {field} alone changed other fields"
+
+        together = {**changed, field: first}
+        both = holds(
+            repo.update(ALICE, task_id, TaskUpdate.model_validate(together)),
+            first,
+            "update() with the other fields",
+        )
+        assert {name: getattr(both, name) for name in CONTENT_FIELDS} == together
+        holds(repo.get(ALICE, task_id), first, "get() after update() with the other fields")
+        if _accepts_none(field):
+            cleared = repo.update(ALICE, task_id, TaskUpdate.model_validate({field: None}))
+            holds(cleared, None, "update() to None")
+            holds(repo.get(ALICE, task_id), None, "get() after update() to None")
+
+        items = [TaskCreate.model_validate({**given, field: value}) for value in (first, second)]
+        many = repo.create_many(ALICE, items)
+        holds(many[0], first, "create_many()")
+        holds(many[1], second, "create_many()")
+        stored = holds(repo.get(ALICE, many[1].id or 0), second, "get() after create_many()")
+
+        assert field in TaskRead.model_fields, f"TaskRead has no field {field!r}"
+        read = TaskRead.model_validate(stored)
+        assert getattr(read, field) == second, f"{field} lost by TaskRead"
+        assert TaskRead.model_validate_json(read.model_dump_json()) == read, (
+            f"{field} does not survive TaskRead's JSON"
+        )
 
     def test_create_returns_id_and_equal_utc_timestamps(self, repo: TaskRepository) -> None:
         """A created task has a generated id and equal, aware UTC timestamps."""
@@ -215,8 +355,8 @@ class RepositoryContract:
 
     @pytest.mark.parametrize("limit", [0, -1, MAX_PAGE_SIZE + 1])
     def test_list_rejects_limit_out_of_range(self, repo: TaskRepository, limit: int) -> None:
-        """A page size outside 1..100 is a ValueError, not a silent clamp."""
-        with pytest.raises(ValueError, match="limit"):
+        """A page size outside 1..100 is a ValidationError naming limit, not a silent clamp."""
+        with pytest.raises(ValidationError, match="limit"):
             repo.list(ALICE, limit=limit)
 
     def test_list_accepts_the_page_size_bounds(self, repo: TaskRepository) -> None:
@@ -397,6 +537,145 @@ class RepositoryContract:
         with pytest.raises(TodoBackendError, match="rolled back"):
             block()
         assert [t.title for t in repo.list(ALICE)] == ["already there"]
+
+    def test_a_nested_block_that_raises_fails_the_whole_block(self, repo: TaskRepository) -> None:
+        """A nested block that exits with an exception, caught outside it, fails the outer block."""
+        done = _new(repo, title="already there")
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="outer")
+                with contextlib.suppress(LookupError), repo.atomic():
+                    _new(repo, title="inner")
+                    repo.update(ALICE, done.id or 0, TaskUpdate(complete=True))
+                    raise LookupError
+                with pytest.raises(TodoBackendError, match="rolled back"):
+                    _new(repo, title="after the nested block")
+
+        with pytest.raises(TodoBackendError, match="rolled back"):
+            block()
+        assert [(t.title, t.complete) for t in repo.list(ALICE)] == [("already there", False)]
+
+    def test_a_call_cut_short_fails_the_whole_block(
+        self, repo: TaskRepository, cut_short: CutShort
+    ) -> None:
+        """A call cut short (cancelled, interrupted), its error caught, fails the block."""
+        done = _new(repo, title="already there")
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+                with pytest.raises(cut_short.error), cut_short.at("before_execute"):
+                    repo.update(ALICE, done.id or 0, TaskUpdate(title="second"))
+                with pytest.raises(TodoBackendError, match="rolled back"):
+                    _new(repo, title="third")
+
+        with pytest.raises(TodoBackendError, match="rolled back"):
+            block()
+        assert [(t.title, t.complete) for t in repo.list(ALICE)] == [("already there", False)]
+        assert repo.count(ALICE) == 1  # the session works after the block
+
+    def test_a_call_cut_short_that_leaves_the_block_rolls_it_back(
+        self, repo: TaskRepository, cut_short: CutShort
+    ) -> None:
+        """A cancellation or interrupt leaving the block reaches the caller; nothing is stored."""
+        done = _new(repo, title="already there")
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+                with cut_short.at("before_execute"):
+                    repo.update(ALICE, done.id or 0, TaskUpdate(title="second"))
+
+        with pytest.raises(cut_short.error):
+            block()
+        assert [t.title for t in repo.list(ALICE)] == ["already there"]
+
+    def test_a_block_cut_short_at_its_commit_leaves_the_session_usable(
+        self, repo: TaskRepository, cut_short: CutShort
+    ) -> None:
+        """A block cancelled or interrupted at its COMMIT raises as is; the session goes on."""
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+                _new(repo, title="second")
+
+        with pytest.raises(cut_short.error), cut_short.at("commit"):
+            block()
+        # The COMMIT may or may not have happened; the block is never applied in part.
+        assert [t.title for t in repo.list(ALICE)] in ([], ["second", "first"])
+        with repo.atomic():
+            _new(repo, title="next block")
+        assert repo.count(ALICE, complete=False) in (1, 3)
+
+    def test_a_failed_rollback_never_hides_an_interrupted_commit(
+        self, repo: TaskRepository, cut_short: CutShort
+    ) -> None:
+        """A block cut short at COMMIT whose ROLLBACK fails too still raises the interruption."""
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+
+        with (
+            pytest.raises(cut_short.error) as raised,
+            cut_short.at("commit"),
+            _next_rollback_fails(),
+        ):
+            block()
+        notes = "\n".join(getattr(raised.value, "__notes__", []))
+        assert "ROLLBACK failed" in notes
+        assert "may or may not have been applied" in notes  # never "nothing was stored"
+        assert repo.count(ALICE) in (0, 1)
+
+    def test_a_call_cut_short_in_its_argument_checks_fails_the_block(
+        self, repo: TaskRepository, cut_short: CutShort
+    ) -> None:
+        """An interrupt while a call checks its arguments fails the block like any failed call."""
+        error = cut_short.error
+
+        class Interrupting(TaskUpdate):
+            def model_dump(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+                raise error
+
+        done = _new(repo, title="already there")
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+                with pytest.raises(error):
+                    repo.update(ALICE, done.id or 0, Interrupting(title="second"))
+
+        with pytest.raises(TodoBackendError, match="rolled back"):
+            block()
+        assert [t.title for t in repo.list(ALICE)] == ["already there"]
+
+    @pytest.mark.parametrize("caught", [False, True], ids=["raised", "caught"])
+    def test_a_failed_rollback_never_hides_the_callers_error(
+        self, repo: TaskRepository, caught: bool
+    ) -> None:
+        """When the block's ROLLBACK fails too, the caller gets its own error, the failure noted."""
+
+        def block() -> None:
+            with repo.atomic():
+                _new(repo, title="first")
+                if caught:
+                    with contextlib.suppress(LookupError), repo.atomic():
+                        raise LookupError("the caller's own error")
+                else:
+                    raise LookupError("the caller's own error")
+
+        expected: type[Exception] = TodoBackendError if caught else LookupError
+        with pytest.raises(expected) as raised, _next_rollback_fails():
+            block()
+        error = raised.value
+        assert ("rolled back" if caught else "the caller's own error") in str(error)
+        notes = "\n".join(getattr(error, "__notes__", []))
+        assert "ROLLBACK failed too (the database connection was lost)" in notes
+        assert "Nothing of the block was stored" in notes
+        assert "server closed the connection" not in str(error) + notes  # no raw driver text
+        assert repo.list(ALICE) == []
 
     @pytest.mark.parametrize(
         "refused",
@@ -627,6 +906,29 @@ class RepositoryContract:
         with pytest.raises(TypeError, match="complete"):
             repo.count(ALICE, complete="yes")  # type: ignore[arg-type]
 
+    def test_count_with_a_limit_answers_at_most_the_limit(self, repo: TaskRepository) -> None:
+        """count(limit=N) is the exact count up to N, then N ("N or more"), per filter and owner."""
+        repo.create_many(ALICE, [TaskCreate(title=f"t{i}", complete=i < 2) for i in range(5)])
+        _new(repo, BOB, title="bob's")
+        assert repo.count(ALICE, limit=3) == 3
+        assert repo.count(ALICE, limit=5) == 5
+        assert repo.count(ALICE, limit=100) == 5
+        assert repo.count(ALICE, limit=1) == 1
+        assert repo.count(ALICE, complete=True, limit=10) == 2
+        assert repo.count(ALICE, complete=False, limit=2) == 2
+        assert repo.count(BOB, limit=10) == 1
+        assert repo.count("nobody", limit=10) == 0
+        assert repo.count(ALICE, limit=2**70) == 5
+
+    def test_count_checks_its_limit(self, repo: TaskRepository) -> None:
+        """count(limit=...) takes an int of at least 1 or None; a bool is refused too."""
+        with pytest.raises(ValueError, match="at least 1"):
+            repo.count(ALICE, limit=0)
+        with pytest.raises(TypeError, match="limit"):
+            repo.count(ALICE, limit=True)
+        with pytest.raises(TypeError, match="limit"):
+            repo.count(ALICE, limit="10")  # type: ignore[arg-type]
+
     def test_session_bound_to_a_connection_in_a_transaction(
         self, repo_in_outer_transaction: Callable[[], AbstractContextManager[TaskRepository]]
     ) -> None:
@@ -637,6 +939,49 @@ class RepositoryContract:
             with repo.atomic():
                 _new(repo, title="inside")
             assert repo.count(ALICE) == 2
+
+
+@dataclass(frozen=True)
+class CutShort:
+    """How a face cuts a repository call short mid-statement, and what its caller then sees.
+
+    The sync face raises a KeyboardInterrupt-like BaseException as the statement starts;
+    the async face cancels the awaiting task, which lands at the driver's await.
+    """
+
+    error: type[BaseException]
+    at: Callable[[str], AbstractContextManager[None]]  # cut at the next event of this name
+
+
+@contextlib.contextmanager
+def once_at(target: Any, event_name: str, action: Callable[[], None]) -> Iterator[None]:
+    """Run *action* at the next *event_name* event of *target* (a fault injected once)."""
+    armed = [True]
+
+    def fire(*_args: object) -> None:
+        if armed[0]:
+            armed[0] = False
+            action()
+
+    event.listen(target, event_name, fire)
+    try:
+        yield
+    finally:
+        event.remove(target, event_name, fire)
+
+
+def _lose_the_connection() -> None:
+    lost = ConnectionError("server closed the connection unexpectedly")
+    raise OperationalError(None, None, lost, connection_invalidated=True)
+
+
+def _next_rollback_fails() -> AbstractContextManager[None]:
+    """Make the next session ROLLBACK fail the way a lost connection does.
+
+    Raised as a session finishes rolling back (``after_rollback``), so it fires
+    whatever state the connection's transaction is in, on both faces.
+    """
+    return once_at(orm.Session, "after_rollback", _lose_the_connection)
 
 
 @contextlib.contextmanager

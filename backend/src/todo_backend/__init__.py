@@ -21,6 +21,7 @@ from todo_backend.errors import (
     ConfigurationError,
     DatabaseTimeoutError,
     DatabaseUnavailableError,
+    SchemaMissingError,
     TodoBackendError,
 )
 from todo_backend.models import (
@@ -42,6 +43,7 @@ __all__ = [
     "DatabaseHealth",
     "DatabaseTimeoutError",
     "DatabaseUnavailableError",
+    "SchemaMissingError",
     "Settings",
     "Task",
     "TaskCreate",

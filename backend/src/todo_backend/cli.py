@@ -371,8 +371,9 @@ def _migrate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_migrate(args: argparse.Namespace, engine: Engine) -> int:
     """Upgrade the schema to the newest revision; with ``--check``, only report.
 
-    The upgrade is one connection and one transaction, which also reads the revisions
-    reported (a cold Neon compute is woken once), and a no-op on a current database.
+    The upgrade is one connection (a cold Neon compute is woken once) and one
+    transaction per revision applied, each all or nothing, with its lock waits bounded
+    by ``DB_MIGRATION_LOCK_TIMEOUT``; a no-op on a current database.
     ``--check`` changes nothing and exits :attr:`ExitCode.MIGRATION_NEEDED` when the
     database is behind, has no migration history, or differs from the models, one
     problem per line on stderr.
@@ -387,7 +388,7 @@ def run_migrate(args: argparse.Namespace, engine: Engine) -> int:
             print("schema: current, and identical to the models")
             return ExitCode.OK
         return _fail(ExitCode.MIGRATION_NEEDED, *result.problems)
-    before, after = migrate.upgrade(engine)  # both read in the upgrade's one transaction
+    before, after = migrate.upgrade(engine)  # both read on the upgrade's one connection
     if before == after:
         print(f"database {where}: already at revision {after}, nothing to do")
     else:

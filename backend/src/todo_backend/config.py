@@ -15,7 +15,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, ClassVar, Final
 
 from pydantic import (
     ConfigDict,
@@ -37,7 +37,9 @@ __all__ = [
     "MAX_POOL",
     "MAX_SECONDS",
     "VARIABLES",
+    "MigrationSettings",
     "Settings",
+    "load_migration_settings",
     "load_settings",
     "mask_url",
     "normalize_database_url",
@@ -153,7 +155,8 @@ class Settings:
     """Connection settings for one database, validated when built.
 
     ``pool_size + max_overflow`` bounds the connections one engine opens (5 to 20 by
-    default, within Neon's per-compute limits). Every duration is in seconds, at most
+    default, within Neon's per-compute limits); those above ``pool_size`` are closed
+    once idle for ``pool_idle_timeout``. Every duration is in seconds, at most
     :data:`MAX_SECONDS`; the statement, lock and idle-in-transaction bounds at least
     0.001 (PostgreSQL counts them in whole milliseconds, and 0 would mean "no bound").
     A value out of range, infinite, NaN or of the wrong type raises
@@ -171,6 +174,11 @@ class Settings:
     lock_timeout: _Seconds = 5
     idle_in_transaction_timeout: _Seconds = 30
     echo: bool = False
+    # Last, so that positional arguments written before it keep their meaning.
+    pool_idle_timeout: Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)] = 60
+
+    # Each field's variable is this prefix and its upper-cased name (DB_POOL_SIZE).
+    variable_prefix: ClassVar[str] = "DB_"
 
     @field_validator("database_url")
     @classmethod
@@ -187,7 +195,7 @@ class Settings:
             problem = error.errors(include_input=False)[0]
         # pydantic's message repeats the input: name the variable and its range only,
         # and raise outside the handler, where the error is no one's __context__.
-        raise _configuration_error(problem)
+        raise _configuration_error(cls, problem)
 
     @property
     def url(self) -> URL:
@@ -208,14 +216,17 @@ class Settings:
         return f"Settings(database_url={self.masked_url!r}, {fields})"
 
 
-def _variable(field: str) -> str:
-    return "DATABASE_URL" if field == "database_url" else f"DB_{field.upper()}"
+def _variables(cls: type) -> dict[str, str]:
+    """Map each field of a settings class to its environment variable."""
+    prefix: str = cls.variable_prefix  # type: ignore[attr-defined]
+    fields: Mapping[str, FieldInfo] = cls.__pydantic_fields__  # type: ignore[attr-defined]
+    return {
+        field: "DATABASE_URL" if field == "database_url" else f"{prefix}{field.upper()}"
+        for field in fields
+    }
 
 
-# Each field's type and bounds, as pydantic read them from the annotations.
-_FIELDS: Final[Mapping[str, FieldInfo]] = Settings.__pydantic_fields__  # type: ignore[attr-defined]
-
-VARIABLES: Final[Mapping[str, str]] = {field: _variable(field) for field in _FIELDS}
+VARIABLES: Final[Mapping[str, str]] = _variables(Settings)
 """Each :class:`Settings` field's environment variable (``pool_size``: ``DB_POOL_SIZE``)."""
 
 
@@ -235,23 +246,26 @@ def _allowed(info: FieldInfo) -> str:
     return f"{kind} {low} {bounds['le']}"
 
 
-def _configuration_error(error: Any) -> Exception:
+def _configuration_error(cls: type, error: Any) -> Exception:
+    # A validator sees the class pydantic built before adding slots: use the final one.
+    cls = _SETTINGS_CLASSES[cls.__name__]
     location = error["loc"]
     field = str(location[0]) if location else ""
-    if field not in VARIABLES:
+    variables = _variables(cls)
+    if field not in variables:
         # A mistake in the calling code, not in the environment: what Python raises.
         where = f"at position {field}" if isinstance(location[0], int) else repr(field)
-        return TypeError(f"Settings() got an unexpected argument {where}")
-    name = VARIABLES[field]
+        return TypeError(f"{cls.__name__}() got an unexpected argument {where}")
+    name = variables[field]
     if field == "database_url":
         return ConfigurationError(
             _NOT_SET
             if error["type"] in {"missing", "missing_argument"}
             else f"{name} must be a URL string: {_URL_HINT}"
         )
+    info: FieldInfo = cls.__pydantic_fields__[field]  # type: ignore[attr-defined]
     return ConfigurationError(
-        f"{name} must be {_allowed(_FIELDS[field])}: "
-        "fix it in the environment or in .env (see .env.example)"
+        f"{name} must be {_allowed(info)}: fix it in the environment or in .env (see .env.example)"
     )
 
 
@@ -263,16 +277,26 @@ class _EnvironmentBase(BaseSettings):
     )
 
 
-# The raw text of each variable, one field per Settings field; Settings then checks it.
-_RAW_FIELDS: Final[dict[str, Any]] = {
-    field: (str | None, Field(default=None, validation_alias=name))
-    for field, name in VARIABLES.items()
-}
-_Environment = create_model(
-    "_Environment",
-    __base__=_EnvironmentBase,
-    **_RAW_FIELDS,
-)
+def _environment(variables: Mapping[str, str]) -> type[BaseSettings]:
+    """Return a reader of the raw text of *variables*; the settings class checks it."""
+    raw_fields: dict[str, Any] = {
+        field: (str | None, Field(default=None, validation_alias=name))
+        for field, name in variables.items()
+    }
+    return create_model("_Environment", __base__=_EnvironmentBase, **raw_fields)
+
+
+def _read(reader: type[BaseSettings], env_file: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Read the variables that are set and not blank, the environment over *env_file*."""
+    read = reader(_env_file=None if env_file is None else os.fspath(env_file))
+    return {
+        field: value.strip()
+        for field, value in read.model_dump().items()
+        if value is not None and value.strip()
+    }
+
+
+_Environment: Final = _environment(VARIABLES)
 
 
 def load_settings(
@@ -281,23 +305,62 @@ def load_settings(
     """Build :class:`Settings` from the environment, falling back to *env_file*.
 
     Variables: ``DATABASE_URL`` (required unless *database_url* is given),
-    ``DB_POOL_SIZE``, ``DB_MAX_OVERFLOW``, ``DB_POOL_TIMEOUT``, ``DB_CONNECT_TIMEOUT``,
-    ``DB_STATEMENT_TIMEOUT``, ``DB_LOCK_TIMEOUT``, ``DB_IDLE_IN_TRANSACTION_TIMEOUT``,
-    ``DB_ECHO``; one that is unset or blank takes its default. A variable set in the
-    process environment wins over the file; the file is optional, is read without
-    touching ``os.environ``, and may hold other variables too. *database_url* (a
-    command line's ``--database-url``) replaces ``DATABASE_URL`` while the ``DB_*``
-    settings still apply. Raises :class:`ConfigurationError` naming the variable that
+    ``DB_POOL_SIZE``, ``DB_MAX_OVERFLOW``, ``DB_POOL_TIMEOUT``, ``DB_POOL_IDLE_TIMEOUT``,
+    ``DB_CONNECT_TIMEOUT``, ``DB_STATEMENT_TIMEOUT``, ``DB_LOCK_TIMEOUT``,
+    ``DB_IDLE_IN_TRANSACTION_TIMEOUT``, ``DB_ECHO``; one that is unset or blank takes its
+    default. A variable set in the process environment wins over the file; the file is
+    optional, is read without touching ``os.environ``, and may hold other variables too.
+    *database_url* (a command line's ``--database-url``) replaces ``DATABASE_URL`` while
+    the ``DB_*`` settings still apply. Raises :class:`ConfigurationError` naming the variable that
     is missing or out of range, and the range.
     """
-    read = _Environment(_env_file=None if env_file is None else os.fspath(env_file))
-    values = {
-        field: value.strip()
-        for field, value in read.model_dump().items()
-        if value is not None and value.strip()
-    }
+    values = _read(_Environment, env_file)
     if database_url is not None:
         values["database_url"] = database_url
     if not values.get("database_url", "").strip():
         raise ConfigurationError(_NOT_SET)
     return Settings(**values)
+
+
+@dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
+class MigrationSettings:
+    """How long a migration may wait for a table lock, and how long it keeps retrying.
+
+    ``lock_timeout`` (``DB_MIGRATION_LOCK_TIMEOUT``, seconds) bounds each wait of a
+    migration's statements for a lock, and so how long the application's calls can
+    queue behind a waiting migration; ``retry_for`` (``DB_MIGRATION_RETRY_FOR``,
+    seconds, 0 for no retry) bounds how long a step that ran out of lock time is
+    retried. Separate from :class:`Settings` because a migration needs no pool
+    settings and offline SQL needs no ``DATABASE_URL``. Out-of-range values raise
+    :class:`ConfigurationError` naming the variable and the range, as Settings does.
+    """
+
+    lock_timeout: _Seconds = 3.0
+    retry_for: Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)] = 60.0
+
+    variable_prefix: ClassVar[str] = "DB_MIGRATION_"
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _name_the_variable(cls, data: Any, handler: Any) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as error:
+            problem = error.errors(include_input=False)[0]
+        raise _configuration_error(cls, problem)
+
+
+_MigrationEnvironment: Final = _environment(_variables(MigrationSettings))
+_SETTINGS_CLASSES: Final[dict[str, type]] = {
+    cls.__name__: cls for cls in (Settings, MigrationSettings)
+}
+
+
+def load_migration_settings(env_file: str | os.PathLike[str] | None = ".env") -> MigrationSettings:
+    """Build :class:`MigrationSettings` from the environment, falling back to *env_file*.
+
+    Reads ``DB_MIGRATION_LOCK_TIMEOUT`` (default 3) and ``DB_MIGRATION_RETRY_FOR``
+    (default 60) the way :func:`load_settings` reads its variables; ``DATABASE_URL``
+    is not needed. Raises :class:`ConfigurationError` naming a malformed variable.
+    """
+    return MigrationSettings(**_read(_MigrationEnvironment, env_file))

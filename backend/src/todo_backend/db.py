@@ -33,6 +33,7 @@ from sqlmodel import Session, SQLModel
 from todo_backend.config import Settings, mask_url
 from todo_backend.errors import ConfigurationError, DatabaseTimeoutError, DatabaseUnavailableError
 from todo_backend.models import Task, validate_user_id
+from todo_backend.pool import IdleQueuePool
 
 __all__ = [
     "APP_ROLE",
@@ -98,13 +99,15 @@ def is_local_host(url: URL) -> bool:
 def create_db_engine(settings_or_url: Settings | str) -> Engine:
     """Create the engine for *settings_or_url*, tuned for its database.
 
-    PostgreSQL (psycopg2): a QueuePool of ``pool_size`` plus ``max_overflow``
-    connections, ``connect_timeout``, keepalives, recycling below Neon's 300 s idle
-    suspend, and ``sslmode=require`` for any non-local host whose URL does not choose
-    an sslmode. Dead pooled connections (Neon suspend, restart, terminated backends)
-    are detected at checkout without a round trip and replaced transparently. The
-    URL may name any PostgreSQL driver (``postgresql://``, ``postgres://``,
-    ``postgresql+psycopg2://``, ``postgresql+psycopg://``): this engine runs psycopg2.
+    PostgreSQL (psycopg2): a pool of ``pool_size`` plus ``max_overflow`` connections
+    that keeps them while busy and closes those above ``pool_size`` once idle for
+    ``pool_idle_timeout`` (:class:`~todo_backend.pool.IdleQueuePool`),
+    ``connect_timeout``, keepalives, recycling below Neon's 300 s idle suspend, and
+    ``sslmode=require`` for any non-local host whose URL does not choose an sslmode.
+    Dead pooled connections (Neon suspend, restart, terminated backends) are detected
+    at checkout without a round trip and replaced transparently. The URL may name any
+    PostgreSQL driver (``postgresql://``, ``postgres://``, ``postgresql+psycopg2://``,
+    ``postgresql+psycopg://``): this engine runs psycopg2.
 
     SQLite: ``sqlite://`` is one in-memory database shared by every session and
     thread (a static pool); file databases enforce foreign keys.
@@ -134,9 +137,10 @@ def _create_postgres_engine(url: URL, settings: Settings) -> Engine:
 def postgres_engine_options(url: URL, settings: Settings) -> dict[str, Any]:
     """Return the ``create_engine`` keywords of a Neon-ready PostgreSQL engine.
 
-    Shared by the sync and the async engine: the pool bounds and recycling, and the
-    libpq connection options (timeout, keepalives, TLS for non-local hosts), which
-    psycopg2 and psycopg 3 take alike.
+    Shared by the sync and the async engine: the pool (an :class:`IdleQueuePool`,
+    which the async engine swaps for its asyncio twin), its bounds, idle timeout and
+    recycling, and the libpq connection options (timeout, keepalives, TLS for
+    non-local hosts), which psycopg2 and psycopg 3 take alike.
     """
     connect_args: dict[str, Any] = {
         "connect_timeout": settings.connect_timeout,
@@ -148,9 +152,14 @@ def postgres_engine_options(url: URL, settings: Settings) -> dict[str, Any]:
         # silently fall back to plain text against any other server.
         connect_args["sslmode"] = "require"
     return {
+        # Keeps up to pool_size + max_overflow connections while busy and closes those
+        # above pool_size once idle (QueuePool would close each overflow connection
+        # as soon as it is returned: a new connection per call under steady load).
+        "poolclass": IdleQueuePool,
         "pool_size": settings.pool_size,
         "max_overflow": settings.max_overflow,
         "pool_timeout": settings.pool_timeout,
+        "idle_timeout": settings.pool_idle_timeout,
         "pool_recycle": POOL_RECYCLE_SECONDS,
         # No pre-ping: it costs a round trip per checkout. reject_dead_connection
         # catches server-closed sockets for free instead.
@@ -449,7 +458,9 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
                 tx.idle_since = time.monotonic()
 
     def begin(conn: Connection) -> None:
-        conn.info[_TRANSACTION] = _Transaction()
+        # The next statement sent in a transaction starts a fresh record (autocommit
+        # statements, the repository's common case, never need one).
+        conn.info.pop(_TRANSACTION, None)
 
     def commit(conn: Connection) -> None:
         tx = conn.info.get(_TRANSACTION)
@@ -581,10 +592,22 @@ def timeout_error(err: BaseException) -> DatabaseTimeoutError | None:
     # psycopg2 names the SQLSTATE pgcode, psycopg 3 (the async engine) sqlstate.
     code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
     if code == _LOCK_NOT_AVAILABLE:
+        # The server says which row it waited for ("while updating tuple (0,1) in
+        # relation ...") when it was a row; a wait for the table itself says nothing.
+        context = str(getattr(getattr(orig, "diag", None), "context", None) or "")
+        if "tuple" in context:
+            return DatabaseTimeoutError(
+                "the task is locked by another transaction that did not finish within "
+                "DB_LOCK_TIMEOUT; nothing was changed. Retry the call; if it keeps happening, "
+                "look for a long-running transaction or admin session holding the row.",
+                bound="DB_LOCK_TIMEOUT",
+            )
         return DatabaseTimeoutError(
-            "the task is locked by another transaction that did not finish within "
-            "DB_LOCK_TIMEOUT; nothing was changed. Retry the call; if it keeps happening, "
-            "look for a long-running transaction or admin session holding the row.",
+            "the tasks table stayed locked longer than DB_LOCK_TIMEOUT: the call queued "
+            "behind a table lock, such as a schema change (`todo-db migrate`) waiting for "
+            "or holding it, or an admin session's LOCK TABLE; nothing was changed. Retry "
+            "the call; if it keeps happening, look in pg_stat_activity for a migration or "
+            "admin session holding the table.",
             bound="DB_LOCK_TIMEOUT",
         )
     if code == _STATEMENT_CANCELED:
@@ -804,7 +827,10 @@ def _scope_new_transaction(
 
 
 def get_session(engine: Engine) -> Generator[Session, None, None]:
-    """Yield a session on *engine* and close it afterwards: a FastAPI dependency.
+    """Yield a session on *engine* and close it afterwards.
+
+    Not a FastAPI dependency by itself (FastAPI cannot supply *engine*): wrap it in a
+    function of no arguments that yields from it.
 
     Objects stay readable after commit (``expire_on_commit=False``): re-reading them
     would cost a round trip per object for data the caller already has.

@@ -7,6 +7,7 @@ catch the whole family at once::
     ├── ConfigurationError        settings are missing or malformed; fix the environment
     ├── DatabaseUnavailableError  the database cannot be reached; check the URL, TLS, network
     ├── DatabaseTimeoutError      a bounded wait ran out (pool, statement, lock, idle block)
+    ├── SchemaMissingError        the database has no tasks table; run `todo-db migrate`
     └── migrate.MigrationError    a migration cannot run as asked; nothing was changed
 
 A failed call inside ``TaskRepository.atomic()`` makes the block raise
@@ -22,6 +23,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseTimeoutError",
     "DatabaseUnavailableError",
+    "SchemaMissingError",
     "TodoBackendError",
 ]
 
@@ -62,3 +64,11 @@ class DatabaseTimeoutError(TodoBackendError):
     def __reduce__(self) -> tuple[type[DatabaseTimeoutError], tuple[str], dict[str, str]]:
         # Keeps ``bound`` when the error crosses a process boundary (pickle).
         return type(self), (str(self),), {"bound": self.bound}
+
+
+class SchemaMissingError(TodoBackendError):
+    """A repository call found no ``tasks`` table: the database's schema was never created.
+
+    Nothing was stored. The message says to run ``todo-db migrate`` against the
+    database (``init_db(engine)`` in tests and throwaway databases).
+    """

@@ -7,11 +7,20 @@ the ``DATABASE_URL`` that :func:`todo_backend.config.load_settings` finds, a str
 or :class:`~sqlalchemy.engine.URL` is opened with :func:`todo_backend.db.create_db_engine`
 and disposed afterwards, and an :class:`~sqlalchemy.Engine` is used as given.
 
-A run is ONE database transaction: alembic joins the transaction opened here, so on
-PostgreSQL (transactional DDL) a failed migration leaves nothing behind, and nothing
-session-level is used (no advisory locks, no ``SET``), which keeps migrations working
-through PgBouncer in transaction pooling mode as well as on a direct connection.
-SQLite gets the same all-or-nothing behaviour through an explicit ``BEGIN``.
+A run is one connection and ONE database transaction per revision: alembic joins the
+transaction opened here, so on PostgreSQL (transactional DDL) a failed revision leaves
+nothing of itself behind, the revisions before it stay applied, and a rerun resumes.
+A revision may end its transaction early (:func:`commit_point`, used by 0002 so that
+its NOT VALID constraints commit before the validating scans) or run a block outside
+any transaction (:func:`outside_transaction`, for ``CREATE INDEX CONCURRENTLY``).
+Every transaction starts with ``SET LOCAL lock_timeout`` (``DB_MIGRATION_LOCK_TIMEOUT``):
+a migration waits that long at most for a lock, so the application never queues
+longer behind it; a revision that runs out is rolled back and retried with backoff
+(``DB_MIGRATION_RETRY_FOR``), then fails naming the sessions in the way
+(:class:`MigrationLockTimeoutError`). Nothing session-level is used (no advisory
+locks, no session ``SET``), which keeps migrations working through PgBouncer in
+transaction pooling mode as well as on a direct connection. SQLite gets the same
+all-or-nothing behaviour through an explicit ``BEGIN``.
 
 :func:`check` reports whether a database is behind the newest revision and whether
 the models differ from what the migrations create. ``python -m todo_backend.migrate``
@@ -27,32 +36,41 @@ unknown revision, say) are raised as :class:`MigrationError`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import logging
+import random
 import re
+import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple, TypeAlias, cast
 
-from alembic import command
-from alembic.autogenerate import compare_metadata
+from alembic import command, op
+from alembic.autogenerate import compare_metadata, renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.config import Config
+from alembic.operations import ops
 from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util.exc import CommandError
-from sqlalchemy import CheckConstraint, Connection, Engine, String, Table, inspect
+from sqlalchemy import CheckConstraint, Connection, Engine, String, Table, inspect, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Dialect
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.schema import SchemaItem
 from sqlmodel import SQLModel
 from sqlmodel.main import default_registry
 from sqlmodel.sql.sqltypes import AutoString, UTCDateTime
 
 import todo_backend.models  # registers the tables on SQLModel.metadata
-from todo_backend.config import load_settings
+from todo_backend.config import load_migration_settings, load_settings
 from todo_backend.db import UNBOUNDED, create_db_engine
 from todo_backend.errors import TodoBackendError
 
@@ -60,20 +78,26 @@ __all__ = [
     "MIGRATIONS_DIR",
     "MigrationCheck",
     "MigrationError",
+    "MigrationLockTimeoutError",
     "UpgradeResult",
     "UrlOrEngine",
     "alembic_config",
     "check",
+    "commit_point",
     "context_options",
     "current_revision",
     "downgrade",
     "head_revision",
+    "invalid_indexes",
     "main",
     "migration_connection",
     "model_differences",
+    "offline_lock_timeout",
+    "outside_transaction",
     "package_tables",
     "render_item",
     "revision",
+    "schema_structure",
     "stamp",
     "upgrade",
     "upgrade_sql",
@@ -81,6 +105,8 @@ __all__ = [
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 """The Alembic script directory: ``env.py``, ``script.py.mako`` and ``versions/``."""
+
+logger = logging.getLogger(__name__)
 
 UrlOrEngine: TypeAlias = str | URL | Engine | None
 """A database: None (``DATABASE_URL`` via ``load_settings()``), a URL, or an engine."""
@@ -176,7 +202,9 @@ def context_options() -> dict[str, Any]:
     ``batch_alter_table`` blocks (``render_as_batch``) so one revision runs on SQLite,
     which can only rebuild a table to alter it, and on PostgreSQL, where a batch is
     plain ``ALTER TABLE``; sqlmodel types are rendered by :func:`render_item`.
-    Constraint and index names are the models' own.
+    Constraint and index names are the models' own. Autogenerate does not compare
+    CHECK constraints, so a hook adds to each new revision those the models declare
+    and the database lacks (and drops those it has that the models do not).
     """
     owned = frozenset((table.schema, table.name) for table in package_tables())
 
@@ -201,6 +229,7 @@ def context_options() -> dict[str, Any]:
         "compare_type": True,
         "render_as_batch": True,
         "render_item": render_item,
+        "process_revision_directives": _add_check_constraints,
     }
 
 
@@ -215,23 +244,45 @@ def _engine_for(url_or_engine: UrlOrEngine) -> tuple[Engine, bool]:
     return create_db_engine(url_or_engine), True
 
 
+_LOCK_TIMEOUT_KEY: Final = "todo_backend_migration_lock_timeout"
+_LOCK_NOT_AVAILABLE: Final = "55P03"
+_PID_KEY: Final = "todo_backend_migration_pid"
+
+
 @contextmanager
-def migration_connection(url_or_engine: UrlOrEngine) -> Iterator[Connection]:
+def migration_connection(
+    url_or_engine: UrlOrEngine, *, lock_timeout: float | None = None
+) -> Iterator[Connection]:
     """Open a connection inside one transaction, commit on success, roll back on error.
 
-    Alembic sees the transaction already begun and runs every revision inside it. On
-    SQLite the driver would autocommit each DDL statement, so an explicit ``BEGIN``
-    makes the DDL transactional there too. An engine created here is disposed after.
+    Alembic sees the transaction already begun and runs the revisions inside it. On
+    PostgreSQL the transaction starts with ``SET LOCAL lock_timeout`` (*lock_timeout*
+    seconds, default ``DB_MIGRATION_LOCK_TIMEOUT``): a statement that cannot get its
+    lock in time fails instead of queueing, so the application's calls never wait
+    longer than that behind a migration. ``SET LOCAL`` ends with the transaction,
+    which keeps it safe through PgBouncer. On SQLite the driver would autocommit
+    each DDL statement, so an explicit ``BEGIN`` makes the DDL transactional there
+    too. :func:`commit_point` and :func:`outside_transaction` end this transaction
+    early and begin the next the same way. An engine created here is disposed after.
     """
+    with _migration_session(url_or_engine, lock_timeout) as connection, _step(connection):
+        yield connection
+
+
+@contextmanager
+def _migration_session(
+    url_or_engine: UrlOrEngine, lock_timeout: float | None
+) -> Iterator[Connection]:
+    """Open the one connection a migration command uses for all its transactions."""
+    if lock_timeout is None:
+        lock_timeout = load_migration_settings().lock_timeout
     engine, owned = _engine_for(url_or_engine)
     try:
         # Migrations run without the engine's bounds: DDL on a big table may
-        # legitimately take longer than a request's statement bound.
-        with engine.connect().execution_options(**UNBOUNDED) as connection, connection.begin():
-            if connection.dialect.name == "sqlite":
-                dbapi_connection: Any = connection.connection.dbapi_connection
-                if not dbapi_connection.in_transaction:
-                    connection.exec_driver_sql("BEGIN")
+        # legitimately take longer than a request's statement bound; each revision's
+        # transaction sets its own lock_timeout instead.
+        with engine.connect().execution_options(**UNBOUNDED) as connection:
+            connection.info[_LOCK_TIMEOUT_KEY] = lock_timeout
             yield connection
     finally:
         if owned:
@@ -239,7 +290,311 @@ def migration_connection(url_or_engine: UrlOrEngine) -> Iterator[Connection]:
 
 
 @contextmanager
-def _alembic_run(url_or_engine: UrlOrEngine) -> Iterator[tuple[Config, Connection]]:
+def _step(connection: Connection) -> Iterator[None]:
+    """One transaction of a migration: begun with its bound, committed, or rolled back."""
+    try:
+        _begin(connection)
+        yield
+    except BaseException:
+        connection.rollback()
+        raise
+    connection.commit()
+
+
+def _begin(connection: Connection) -> None:
+    """Begin the next transaction of a migration connection (lock bound, or SQLite BEGIN)."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN")
+    elif connection.dialect.name == "postgresql":
+        seconds = connection.info.get(_LOCK_TIMEOUT_KEY)  # absent on a caller's connection
+        if seconds is None:
+            seconds = load_migration_settings().lock_timeout
+        milliseconds = max(1, round(float(seconds) * 1000))
+        # One message; the backend's pid (for pg_blocking_pids) rides along, and through
+        # PgBouncer it is the server connection of this very transaction.
+        pid = connection.exec_driver_sql(
+            f"SET LOCAL lock_timeout = {milliseconds}; SELECT pg_backend_pid()"
+        ).scalar()
+        connection.info[_PID_KEY] = pid
+
+
+def commit_point() -> None:
+    """Commit a revision's work so far and continue in a new transaction; for revisions.
+
+    Called from a revision's ``upgrade()`` or ``downgrade()``: what ran before it is
+    committed (releasing its locks, e.g. the ACCESS EXCLUSIVE lock an ``ALTER TABLE``
+    took), and the rest runs in a new transaction with the same lock bound. The
+    revision is recorded as applied only at its end, so a revision with commit points
+    must be safe to run again from the start after a failure (check before adding):
+    a rerun then resumes. In offline SQL it renders as ``COMMIT`` and ``BEGIN``.
+    """
+    migration = op.get_context()
+    if migration.as_sql:
+        migration.impl.emit_commit()
+        migration.impl.emit_begin()
+        migration.impl.static_output(offline_lock_timeout())
+        return
+    connection = op.get_bind()
+    connection.commit()
+    _begin(connection)
+
+
+@contextmanager
+def outside_transaction() -> Iterator[None]:
+    """Run a block of a revision outside any transaction, e.g. ``CREATE INDEX CONCURRENTLY``.
+
+    On PostgreSQL the work so far is committed, the block's statements run in
+    autocommit (each on its own), and a new transaction begins after it, as at a
+    :func:`commit_point`. Statements there get no lock bound: keep to the online
+    operations (``op.create_index(..., postgresql_concurrently=True,
+    if_not_exists=True)``, ``op.drop_index(..., postgresql_concurrently=True)``) that
+    take no lock the application waits for. A failed concurrent build leaves an
+    INVALID index behind, which :func:`check` reports. On SQLite the block runs in
+    the migration's transaction (a plain index build). Alembic's own
+    ``autocommit_block()`` does not fit this runner's caller-owned transaction.
+    """
+    migration = op.get_context()
+    if migration.as_sql:
+        migration.impl.emit_commit()
+        yield
+        migration.impl.emit_begin()
+        migration.impl.static_output(offline_lock_timeout())
+        return
+    connection = op.get_bind()
+    if connection.dialect.name != "postgresql":
+        yield
+        return
+    level = connection.default_isolation_level  # no query: nothing may begin here
+    connection.commit()
+    connection.execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        yield
+    finally:
+        connection.commit()  # the driver autocommitted; close SQLAlchemy's transaction
+        connection.execution_options(isolation_level=level)
+    _begin(connection)
+
+
+def offline_lock_timeout() -> str:
+    """Return the ``SET LOCAL lock_timeout`` line a PostgreSQL migration transaction starts with.
+
+    Offline SQL (``sql``) shows it after each ``BEGIN``, as the runner sends it, with
+    ``DB_MIGRATION_LOCK_TIMEOUT`` from the environment.
+    """
+    milliseconds = max(1, round(load_migration_settings().lock_timeout * 1000))
+    return f"SET LOCAL lock_timeout = {milliseconds};"
+
+
+class MigrationLockTimeoutError(MigrationError):
+    """A migration step could not get its locks within the retry budget; nothing of it stayed.
+
+    ``blockers`` lists the sessions in the migration's way, one line each (pid,
+    application_name, state, transaction age, its locks on the package's tables), from
+    ``pg_blocking_pids()`` while the migration waited, else from the granted locks.
+    """
+
+    def __init__(self, message: str, blockers: Sequence[str]) -> None:
+        super().__init__(message)
+        self.blockers = tuple(blockers)
+
+
+_BLOCKERS: Final = """
+select distinct a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
+       extract(epoch from now() - a.xact_start)::float8, l.mode, c.relname
+  from pg_locks l
+  join pg_class c on c.oid = l.relation
+  join pg_stat_activity a on a.pid = l.pid
+ where l.granted and l.pid <> pg_backend_pid() and c.relname = any(%(tables)s)
+   and l.database = (select oid from pg_database where datname = current_database())
+ order by 4 desc nulls last, 1
+"""
+
+
+def _is_lock_timeout(err: BaseException) -> bool:
+    """Whether *err* (or what it wraps) is PostgreSQL's lock_not_available (55P03)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        orig = getattr(seen, "orig", None)
+        if getattr(orig, "pgcode", None) == _LOCK_NOT_AVAILABLE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+_BLOCKING_PIDS: Final = """
+select a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
+       extract(epoch from now() - a.xact_start)::float8,
+       coalesce(string_agg(distinct l.mode || ' on ' || c.relname, ', '), 'a lock')
+  from pg_stat_activity a
+  left join pg_locks l on l.pid = a.pid and l.granted
+  left join pg_class c on c.oid = l.relation and c.relname = any(%(tables)s)
+ where a.pid = any(pg_blocking_pids(%(pid)s))
+ group by 1, 2, 3, 4
+ order by 4 desc nulls last, 1
+"""
+
+
+def _describe_session(pid: int, application: str, state: str, age: float | None) -> str:
+    opened = "no transaction" if age is None else f"transaction open {age:.1f} s"
+    return f"pid {pid} (application_name {application!r}, {state or 'unknown state'}, {opened})"
+
+
+class _BlockerWatch:
+    """Ask ``pg_blocking_pids()`` who blocks the migration's backend, while it waits.
+
+    A second connection of the same engine, opened only once an attempt has run for
+    half its lock bound (so a quick attempt never opens it), polls every 0.2 s and
+    keeps the last non-empty answer. A one-connection PgBouncer pool can make it
+    wait for the migration's transaction: it then learns nothing, and the caller
+    falls back to the granted locks on the tables (:func:`_blocking_sessions`).
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.seen: list[str] = []
+
+    def __enter__(self) -> _BlockerWatch:
+        if self._connection.dialect.name == "postgresql":
+            self._thread = threading.Thread(target=self._run, name="blocker-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        seconds = float(self._connection.info.get(_LOCK_TIMEOUT_KEY) or 1.0)
+        if self._stop.wait(seconds / 2):
+            return
+        tables = [table.name for table in package_tables()] + ["alembic_version"]
+        try:
+            with self._connection.engine.connect().execution_options(**UNBOUNDED) as watcher:
+                while not self._stop.is_set():
+                    pid = self._connection.info.get(_PID_KEY)
+                    rows = watcher.exec_driver_sql(_BLOCKING_PIDS, {"pid": pid, "tables": tables})
+                    found = [
+                        f"{_describe_session(int(p), app, state, age)} holds {what}"
+                        for p, app, state, age, what in rows.all()
+                    ]
+                    watcher.rollback()
+                    if found:
+                        self.seen = found
+                    self._stop.wait(0.2)
+        except SQLAlchemyError:  # pragma: no cover - a diagnosis, never a failure
+            return
+
+
+def _blocking_sessions(connection: Connection) -> list[str]:
+    """Describe the sessions holding locks on the package's tables (or alembic_version).
+
+    The fallback when :class:`_BlockerWatch` saw nothing: the waiting statement has
+    given up by now, so pg_blocking_pids() cannot be asked; the granted locks on the
+    tables it wanted name the same sessions.
+    """
+    tables = [table.name for table in package_tables()] + ["alembic_version"]
+    try:
+        rows = connection.exec_driver_sql(_BLOCKERS, {"tables": tables}).all()
+        connection.rollback()
+    except SQLAlchemyError:  # pragma: no cover - the diagnosis must not hide the failure
+        connection.rollback()
+        return []
+    described: dict[int, str] = {}
+    for pid, application, state, age, mode, table in rows:
+        described.setdefault(
+            int(pid),
+            f"{_describe_session(int(pid), application, state, age)} holds {mode} on {table}",
+        )
+    return list(described.values())
+
+
+def _with_lock_retries(
+    connection: Connection, step: str, retry_for: float, run: Callable[[], None]
+) -> None:
+    """Run *run* (one all-or-nothing step), retrying it while it runs out of lock time.
+
+    Each attempt is rolled back entirely when a statement hits ``lock_timeout``; the
+    next waits 0.5 s, doubling up to 8 s (with jitter), while the retry budget lasts.
+    Then :class:`MigrationLockTimeoutError` names the sessions in the way.
+    """
+    deadline = time.monotonic() + retry_for
+    pause = 0.5
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            with _BlockerWatch(connection) as watch:
+                run()
+        except DBAPIError as err:
+            if not _is_lock_timeout(err):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                blockers = watch.seen or _blocking_sessions(connection)
+                raise _lock_error(step, attempts, retry_for, blockers) from None
+            wait = min(pause * random.uniform(0.75, 1.25), left)  # noqa: S311 - jitter
+            logger.warning(
+                "%s: a table lock was not free within DB_MIGRATION_LOCK_TIMEOUT "
+                "(attempt %d); rolled back, retrying in %.1f s",
+                step,
+                attempts,
+                wait,
+            )
+            time.sleep(wait)
+            pause = min(pause * 2, 8.0)
+        else:
+            return
+
+
+def _lock_error(
+    step: str, attempts: int, retry_for: float, blockers: Sequence[str]
+) -> MigrationLockTimeoutError:
+    who = (
+        "; ".join(blockers)
+        if blockers
+        else "no session holds a lock on the tables now (the blocker has finished)"
+    )
+    return MigrationLockTimeoutError(
+        f"{step} could not get its table locks within DB_MIGRATION_LOCK_TIMEOUT in "
+        f"{attempts} attempt(s) over DB_MIGRATION_RETRY_FOR={retry_for:g} s; each attempt "
+        f"was rolled back, nothing of it is applied. In the way: {who}. Let those "
+        "transactions finish (or end them: SELECT pg_terminate_backend(pid)), then run "
+        "the migration again; earlier revisions of this run stay applied.",
+        blockers,
+    )
+
+
+def invalid_indexes(connection: Connection) -> list[str]:
+    """Return the INVALID indexes on the package's tables (PostgreSQL; [] elsewhere).
+
+    A ``CREATE INDEX CONCURRENTLY`` that failed (a duplicate for a unique index, a
+    cancelled build) leaves its index behind, marked invalid: queries ignore it but
+    writes keep maintaining it, and ``IF NOT EXISTS`` would skip rebuilding it.
+    """
+    if connection.dialect.name != "postgresql":
+        return []
+    tables = [table.name for table in package_tables()]
+    rows = connection.exec_driver_sql(
+        "select i.relname, t.relname from pg_index x"
+        " join pg_class i on i.oid = x.indexrelid join pg_class t on t.oid = x.indrelid"
+        " where not x.indisvalid and t.relname = any(%(tables)s)"
+        " and t.relnamespace = to_regnamespace(current_schema()) order by 1",
+        {"tables": tables},
+    ).all()
+    return [
+        f"index {index} on {table} is INVALID (a failed CREATE INDEX CONCURRENTLY left it): "
+        f"run DROP INDEX CONCURRENTLY {index}; then migrate again to rebuild it"
+        for index, table in rows
+    ]
+
+
+@contextmanager
+def _alembic_run(
+    url_or_engine: UrlOrEngine, *, lock_timeout: float | None = None
+) -> Iterator[tuple[Config, Connection]]:
     """Yield a config bound to one connection in one transaction, for alembic commands.
 
     ``env.py`` joins the connection found in the config; the transaction commits when
@@ -247,7 +602,10 @@ def _alembic_run(url_or_engine: UrlOrEngine) -> Iterator[tuple[Config, Connectio
     :class:`MigrationError`.
     """
     config = alembic_config(url_or_engine)
-    with _alembic_errors(), migration_connection(url_or_engine) as connection:
+    with (
+        _alembic_errors(),
+        migration_connection(url_or_engine, lock_timeout=lock_timeout) as connection,
+    ):
         config.attributes["connection"] = connection
         yield config, connection
 
@@ -273,37 +631,91 @@ def _tables_without_history(connection: Connection, current: Sequence[str]) -> b
     return any(inspector.has_table(table.name, table.schema) for table in package_tables())
 
 
-def upgrade(url_or_engine: UrlOrEngine = None, revision: str = "head") -> UpgradeResult:
-    """Apply every revision up to *revision* (default: the newest), in one transaction.
+def upgrade(
+    url_or_engine: UrlOrEngine = None,
+    revision: str = "head",
+    *,
+    lock_timeout: float | None = None,
+    retry_for: float | None = None,
+) -> UpgradeResult:
+    """Apply every revision up to *revision* (default: the newest), each in its own transaction.
 
     Already applied revisions are skipped, so running it twice is harmless. This is
-    how any deployed database is created and kept current (``todo-db migrate``).
-    Returns the revisions before and after (:class:`UpgradeResult`, a tuple), read in
-    the same transaction, so a caller needs no other connection to report them.
-    Raises :class:`MigrationError`, changing nothing, when the package's tables exist
+    how any deployed database is created and kept current (``todo-db migrate``). One
+    connection serves the whole run. Each revision is all or nothing: its DDL and its
+    entry in ``alembic_version`` commit together, so a failure leaves the database at
+    the previous revision and a rerun resumes there (a revision that commits earlier
+    with :func:`commit_point` is written to rerun safely). On PostgreSQL every
+    statement waits at most *lock_timeout* seconds (``DB_MIGRATION_LOCK_TIMEOUT``) for
+    a lock; a revision that runs out is rolled back and retried with backoff for up
+    to *retry_for* seconds (``DB_MIGRATION_RETRY_FOR``), then
+    :class:`MigrationLockTimeoutError` names the sessions in the way. Returns the
+    revisions before and after (:class:`UpgradeResult`, a tuple). Raises
+    :class:`MigrationError`, changing nothing, when the package's tables exist
     without a migration history (made by ``init_db``): :func:`stamp` such a database
     first. Tables the package does not declare (:func:`package_tables`) do not count.
     """
-    with _alembic_run(url_or_engine) as (config, connection):
-        before = _current(connection)
-        if _tables_without_history(connection, before):
-            raise MigrationError(
-                "the database has tables but no migration history (init_db made them?): "
-                "nothing was changed; run `python -m todo_backend.migrate check`, then "
-                "`python -m todo_backend.migrate stamp REVISION` with the revision they match"
-            )
-        command.upgrade(config, revision)
-        return UpgradeResult(_revision_text(before), _revision_text(_current(connection)))
+    settings = load_migration_settings()
+    budget = settings.retry_for if retry_for is None else retry_for
+    with _alembic_errors(), _migration_session(url_or_engine, lock_timeout) as connection:
+        with _step(connection):
+            before = _current(connection)
+            if _tables_without_history(connection, before):
+                raise MigrationError(
+                    "the database has tables but no migration history (init_db made them?): "
+                    "nothing was changed; run `python -m todo_backend.migrate check`, then "
+                    "`python -m todo_backend.migrate stamp REVISION` with the revision they "
+                    "match"
+                )
+        script = ScriptDirectory.from_config(alembic_config())
+        try:
+            steps = [rev.revision for rev in script.iterate_revisions(revision, before or "base")]
+        except RevisionError:  # an unknown revision: alembic's command says it best
+            steps = [revision]
+        after = before
+        for step in reversed(steps):
+            after = _run_step(connection, f"revision {step}", "upgrade", step, budget)
+        return UpgradeResult(_revision_text(before), _revision_text(after))
 
 
-def downgrade(url_or_engine: UrlOrEngine, revision: str) -> None:
+def _run_step(
+    connection: Connection, name: str, direction: str, target: str, retry_for: float
+) -> tuple[str, ...]:
+    """Run alembic's *direction* (upgrade or downgrade) to *target* as one retried step."""
+    reached: tuple[str, ...] = ()
+
+    def attempt() -> None:
+        nonlocal reached
+        config = alembic_config(connection.engine)
+        config.attributes["connection"] = connection
+        with _step(connection):
+            if direction == "upgrade":
+                command.upgrade(config, target)
+            else:
+                command.downgrade(config, target)
+            reached = _current(connection)
+
+    _with_lock_retries(connection, name, retry_for, attempt)
+    return reached
+
+
+def downgrade(
+    url_or_engine: UrlOrEngine,
+    revision: str,
+    *,
+    lock_timeout: float | None = None,
+    retry_for: float | None = None,
+) -> None:
     """Revert revisions down to *revision* (``"base"`` empties the schema, ``"-1"`` one step).
 
     Reverting drops what those revisions created, data included, so both arguments
-    are required. Runs in one transaction.
+    are required. Runs in one transaction, its lock waits bounded and retried as in
+    :func:`upgrade`.
     """
-    with _alembic_run(url_or_engine) as (config, _):
-        command.downgrade(config, revision)
+    settings = load_migration_settings()
+    budget = settings.retry_for if retry_for is None else retry_for
+    with _alembic_errors(), _migration_session(url_or_engine, lock_timeout) as connection:
+        _run_step(connection, f"downgrade to {revision}", "downgrade", revision, budget)
 
 
 def stamp(url_or_engine: UrlOrEngine = None, revision: str = "head") -> None:
@@ -349,13 +761,64 @@ def model_differences(connection: Connection) -> list[str]:
 
     Uses Alembic's autogenerate comparison (tables, columns, types, nullability,
     indexes) and adds what autogenerate does not compare: the named CHECK
-    constraints, by name on every database and by text on SQLite, which keeps the
-    text as written. Only :func:`package_tables` are compared. An empty list means
-    the package's schema is exactly what the models declare. Read-only.
+    constraints, by name and by meaning (the condition as the database keeps it:
+    SQLite its text, PostgreSQL its own canonical form, which a scratch table inside
+    a savepoint gives for the models' conditions). Only :func:`package_tables` are
+    compared. An empty list means the package's schema is exactly what the models
+    declare. Changes nothing.
     """
     context = MigrationContext.configure(connection, opts=context_options())
     found = [_describe(diff) for diff in _flatten(compare_metadata(context, SQLModel.metadata))]
     found.extend(_check_constraint_differences(connection))
+    return found
+
+
+def schema_structure(connection: Connection) -> dict[str, dict[str, Any]]:
+    """Describe the package's tables as the database on *connection* has them.
+
+    Per table: its columns (type as the database's dialect writes it, nullability,
+    default), primary key, indexes (columns, uniqueness), unique and foreign key
+    constraints and named CHECK constraints (by name and condition, as in
+    :func:`model_differences`). Column order is left out: a revision adds a column at
+    the end of the table, ``init_db`` where the model declares it, and both are the
+    same schema. Two databases with equal structures have the same schema, so one
+    made by ``init_db`` can be stamped at the revision whose structure it equals.
+    """
+    inspector = inspect(connection)
+    dialect = connection.dialect
+    found: dict[str, dict[str, Any]] = {}
+    for table in package_tables():
+        name, schema = table.name, table.schema
+        if not inspector.has_table(name, schema):
+            continue
+        found[name] = {
+            "columns": {
+                column["name"]: (
+                    column["type"].compile(dialect=dialect),
+                    column["nullable"],
+                    None if column.get("default") is None else str(column.get("default")),
+                )
+                for column in inspector.get_columns(name, schema)
+            },
+            "primary key": tuple(inspector.get_pk_constraint(name, schema)["constrained_columns"]),
+            "indexes": {
+                str(index["name"]): (tuple(index["column_names"]), bool(index["unique"]))
+                for index in inspector.get_indexes(name, schema)
+            },
+            "unique constraints": {
+                str(unique["name"]): tuple(unique["column_names"])
+                for unique in inspector.get_unique_constraints(name, schema)
+            },
+            "foreign keys": {
+                str(key["name"]): (
+                    tuple(key["constrained_columns"]),
+                    key["referred_table"],
+                    tuple(key["referred_columns"]),
+                )
+                for key in inspector.get_foreign_keys(name, schema)
+            },
+            "check constraints": _database_checks(connection, table),
+        }
     return found
 
 
@@ -388,40 +851,75 @@ def _describe(diff: tuple[Any, ...]) -> str:
     return f"{action}: {diff[1:]!r}"  # pragma: no cover - a kind alembic may add later
 
 
-def _check_constraint_differences(connection: Connection) -> list[str]:
+class _CheckChange(NamedTuple):
+    """A named CHECK constraint whose condition differs: None where one side lacks it."""
+
+    table: Table
+    name: str
+    database: str | None
+    models: str | None
+
+
+def _check_changes(connection: Connection) -> list[_CheckChange]:
+    """Every named CHECK constraint of :func:`package_tables` missing, extra or changed.
+
+    Conditions are compared as the database keeps them (:func:`_database_checks`
+    and :func:`_model_checks`); a model condition the database cannot take (it names
+    a column not there yet) is compared by name only.
+    """
     inspector = inspect(connection)
-    compare_text = connection.dialect.name == "sqlite"
-    found: list[str] = []
+    changes: list[_CheckChange] = []
     for table in package_tables():
         if not inspector.has_table(table.name, table.schema):
-            continue  # reported by compare_metadata already
-        models = _model_checks(table, connection.dialect)
-        database = {
-            str(ck["name"]): _normalise_sql(ck["sqltext"])
-            for ck in inspector.get_check_constraints(table.name, table.schema)
-            if ck.get("name")
-        }
-        where = f"check constraint {{}} on {table.name}"
-        found.extend(
-            f"{where.format(name)}: declared by the models, missing in the database"
-            for name in sorted(models.keys() - database.keys())
+            continue  # a table to create: reported (and created) with its constraints
+        database = _database_checks(connection, table)
+        models = _model_checks(table, connection)
+        changes.extend(
+            _CheckChange(table, name, database.get(name), models.get(name))
+            for name in sorted(models.keys() | database.keys())
+            if database.get(name) != models.get(name)
+            and not (name in database and models.get(name) == "")
         )
-        found.extend(
-            f"{where.format(name)}: in the database, not in the models"
-            for name in sorted(database.keys() - models.keys())
-        )
-        if compare_text:
-            found.extend(
-                f"{where.format(name)}: database has {database[name]!r}, "
-                f"models have {models[name]!r}"
-                for name in sorted(models.keys() & database.keys())
-                if models[name] != database[name]
+    return changes
+
+
+def _check_constraint_differences(connection: Connection) -> list[str]:
+    found: list[str] = []
+    for table, name, database, models in _check_changes(connection):
+        where = f"check constraint {name} on {table.name}"
+        if database is None:
+            found.append(
+                f"{where}: declared by the models, missing in the database: run "
+                "`python -m todo_backend.migrate revision -m ...`, which adds it"
             )
+        elif models is None:
+            found.append(f"{where}: in the database, not in the models")
+        else:
+            found.append(f"{where}: database has {database!r}, models have {models!r}")
     return found
 
 
-def _model_checks(table: Table, dialect: Dialect) -> dict[str, str]:
-    # Compiled for the database's dialect: a condition may differ per database.
+_CHECKS_ON_POSTGRESQL: Final = text(
+    "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+    "WHERE conrelid = to_regclass(:relation) AND contype = 'c' ORDER BY conname"
+)
+
+
+def _database_checks(connection: Connection, table: Table) -> dict[str, str]:
+    """Return the named CHECK constraints of *table* as the database keeps them, by name."""
+    if connection.dialect.name == "postgresql":
+        relation = connection.dialect.identifier_preparer.format_table(table)
+        rows = connection.execute(_CHECKS_ON_POSTGRESQL, {"relation": relation})
+        return {str(name): _normalise_sql(str(condition)) for name, condition in rows}
+    return {
+        str(check["name"]): _normalise_sql(check["sqltext"])
+        for check in inspect(connection).get_check_constraints(table.name, table.schema)
+        if check.get("name")
+    }
+
+
+def _compiled_checks(table: Table, dialect: Dialect) -> dict[str, str]:
+    # Compiled for the dialect: a condition may differ per database (TextCheck).
     return {
         str(constraint.name): _normalise_sql(str(constraint.sqltext.compile(dialect=dialect)))
         for constraint in table.constraints
@@ -429,8 +927,124 @@ def _model_checks(table: Table, dialect: Dialect) -> dict[str, str]:
     }
 
 
-def _normalise_sql(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
+def _model_checks(table: Table, connection: Connection) -> dict[str, str]:
+    """Return the models' named CHECK constraints of *table* as the database would keep them.
+
+    SQLite keeps a condition's text, so that is the compiled text. PostgreSQL keeps
+    its own canonical form: each condition is added to an empty copy of the table in
+    a savepoint, read back and rolled back. One it refuses (a column missing, say)
+    comes back as "" and is compared by name only.
+    """
+    compiled = _compiled_checks(table, connection.dialect)
+    if connection.dialect.name != "postgresql" or not compiled:
+        return compiled
+    preparer = connection.dialect.identifier_preparer
+    probe = "todo_backend_check_probe"
+    canonical = dict.fromkeys(compiled, "")
+    with connection.begin_nested() as outer:
+        connection.exec_driver_sql(
+            f"CREATE TEMPORARY TABLE {probe} (LIKE {preparer.format_table(table)})"
+        )
+        for name, condition in compiled.items():
+            try:
+                with connection.begin_nested():
+                    connection.exec_driver_sql(
+                        f"ALTER TABLE {probe} ADD CONSTRAINT {preparer.quote(name)} "
+                        f"CHECK ({condition})"
+                    )
+            except DBAPIError:
+                continue
+        rows = connection.execute(_CHECKS_ON_POSTGRESQL, {"relation": f"pg_temp.{probe}"})
+        canonical.update((str(name), _normalise_sql(str(text_))) for name, text_ in rows)
+        outer.rollback()
+    return canonical
+
+
+def _normalise_sql(sql: str) -> str:
+    return re.sub(r"\s+", " ", sql).strip()
+
+
+class _CreateCheck(ops.MigrateOperation):
+    """Add CHECK *name* in a table's batch: one condition, or one per database by name."""
+
+    def __init__(self, name: str, condition: str | Mapping[str, str]) -> None:
+        self.name = name
+        self.condition = condition
+
+
+def _literal(sql: str, width: int = 60) -> str:
+    """Render *sql* as a Python string literal, split into parts that fit a line."""
+    parts = [sql[start : start + width] for start in range(0, len(sql), width)] or [""]
+    if len(parts) == 1:
+        return repr(sql)
+    return "(" + " ".join(repr(part) for part in parts) + ")"
+
+
+@renderers.dispatch_for(_CreateCheck)
+def _render_check(_context: AutogenContext, op: _CreateCheck) -> str:
+    if isinstance(op.condition, str):
+        condition = _literal(op.condition)
+    else:
+        per_database = ", ".join(f"{name!r}: {_literal(sql)}" for name, sql in op.condition.items())
+        condition = f"{{{per_database}}}[op.get_context().dialect.name]"
+    return f"batch_op.create_check_constraint({op.name!r}, {condition})"
+
+
+_DIALECTS: Final[dict[str, Dialect]] = {
+    "postgresql": postgresql.dialect(),  # type: ignore[no-untyped-call]
+    "sqlite": sqlite.dialect(),
+}
+
+
+def _create_check(table: Table, name: str) -> _CreateCheck:
+    """Return the operation adding the models' CHECK *name*: one condition or one per database."""
+    conditions = {
+        dialect_name: _compiled_checks(table, dialect)[name]
+        for dialect_name, dialect in _DIALECTS.items()
+    }
+    if len(set(conditions.values())) == 1:
+        return _CreateCheck(name, conditions["sqlite"])
+    return _CreateCheck(name, conditions)
+
+
+def _table_ops(container: ops.OpContainer, table: Table) -> ops.ModifyTableOps:
+    """Return the batch of *table* in *container*, added when there is none yet."""
+    for item in container.ops:
+        if isinstance(item, ops.ModifyTableOps) and item.table_name == table.name:
+            return item
+    batch = ops.ModifyTableOps(table.name, [], schema=table.schema)
+    container.ops.append(batch)
+    return batch
+
+
+def _add_check_constraints(context: MigrationContext, _revision: Any, directives: Any) -> None:
+    """Put into an autogenerated revision the CHECK changes autogenerate cannot see.
+
+    For each named CHECK constraint the models declare and the database lacks (or has
+    with another condition), the upgrade adds it (dropping the old one first) and
+    the downgrade drops it (restoring the old one); one the database has and the
+    models do not is dropped. Each goes into the table's batch after its column
+    changes on the way up, before them on the way down, so a new column's CHECK comes
+    with it. A condition written per database (``TextCheck``) is rendered per
+    database. The database's old condition is restored as that database writes it.
+    """
+    connection = context.connection
+    if connection is None:  # pragma: no cover - revisions are autogenerated online
+        return
+    script = directives[0]
+    for table, name, database, models in _check_changes(connection):
+        up = _table_ops(script.upgrade_ops, table).ops
+        down = _table_ops(script.downgrade_ops, table).ops
+        undo: list[ops.MigrateOperation] = []
+        if database is not None:
+            up.append(ops.DropConstraintOp(name, table.name, type_="check", schema=table.schema))
+            undo.append(_CreateCheck(name, database))
+        if models is not None:
+            up.append(_create_check(table, name))
+            undo.insert(
+                0, ops.DropConstraintOp(name, table.name, type_="check", schema=table.schema)
+            )
+        down[:0] = undo
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,7 +1072,9 @@ def check(url_or_engine: UrlOrEngine = None) -> MigrationCheck:
     not know), and, for a database at the newest revision, every difference between
     the models and its schema: a model changed without a new revision, or a schema
     changed by hand. Like ``alembic check``, models are compared only once the
-    database is current, since a database behind head differs by design.
+    database is current, since a database behind head differs by design. On
+    PostgreSQL it also reports INVALID indexes on the package's tables, which a failed
+    ``CREATE INDEX CONCURRENTLY`` leaves (:func:`invalid_indexes`), at any revision.
     """
     with _alembic_errors():
         script = ScriptDirectory.from_config(alembic_config())
@@ -500,6 +1116,7 @@ def check(url_or_engine: UrlOrEngine = None) -> MigrationCheck:
                 f"models differ from the migrations: {difference}"
                 for difference in model_differences(connection)
             )
+        problems.extend(invalid_indexes(connection))
     return MigrationCheck(
         current=_revision_text(current), head=_revision_text(heads), problems=tuple(problems)
     )
@@ -517,14 +1134,18 @@ def revision(
     With *autogenerate* the upgrade and downgrade are filled in from the differences
     between the models and a database at head: by default (``"scratch"``) a throwaway
     in-memory SQLite database upgraded to head here, so no server is needed; pass a
-    URL to compare against a PostgreSQL database that is at head instead. The id is
-    the next four-digit number (``0002`` after ``0001``) unless *rev_id* is given.
-    Always review the file: autogenerate cannot see renames or data changes.
+    URL to compare against a PostgreSQL database that is at head instead. The CHECK
+    constraints the models add or change are in it too (:func:`context_options`).
+    The id is the four-digit number after the highest one (``0003`` after ``0002``)
+    unless *rev_id* is given. When ruff is installed the file is fixed and formatted
+    with it, so a generated revision passes the lint as written. Always review the
+    file: autogenerate cannot see renames or data changes.
     """
     if rev_id is None:
         with _alembic_errors():
             script = ScriptDirectory.from_config(alembic_config())
-            rev_id = f"{sum(1 for _ in script.walk_revisions()) + 1:04d}"
+            numbers = [int(r.revision) for r in script.walk_revisions() if r.revision.isdigit()]
+            rev_id = f"{max(numbers, default=0) + 1:04d}"
     if not autogenerate:
         with _alembic_errors():
             made = command.revision(alembic_config(), message, rev_id=rev_id)
@@ -539,7 +1160,19 @@ def revision(
         made = _autogenerate(url_or_engine, message, rev_id)
     if made is None or isinstance(made, list):  # pragma: no cover - one revision was asked for
         raise RuntimeError(f"alembic wrote no single revision for {message!r}")
-    return Path(made.path)
+    path = Path(made.path)
+    _ruff(path)
+    return path
+
+
+def _ruff(path: Path) -> None:
+    """Fix and format *path* with ruff, when installed (the dev tools), as the lint wants it."""
+    if importlib.util.find_spec("ruff") is None:  # pragma: no cover - installed without dev tools
+        return
+    for arguments in (["check", "--fix", "--quiet"], ["format", "--quiet"]):
+        subprocess.run(  # noqa: S603 - this interpreter's ruff on the file just written
+            [sys.executable, "-m", "ruff", *arguments, str(path)], check=False
+        )
 
 
 def _autogenerate(
@@ -595,7 +1228,7 @@ def _main(args: argparse.Namespace) -> int:
         path = revision(
             args.message, autogenerate=not args.empty, url_or_engine=args.url, rev_id=args.rev_id
         )
-        print(f"wrote {path}: review it, then run `ruff check --fix` and `ruff format` on it")
+        print(f"wrote {path}: review it, then run `python -m todo_backend.migrate check`")
     elif args.action == "upgrade":
         upgrade(args.url, args.revision)
     elif args.action == "downgrade":

@@ -26,6 +26,8 @@ from pydantic import (
     StrictBool,
     StringConstraints,
     TypeAdapter,
+    ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from sqlalchemy import BigInteger, CheckConstraint, ColumnElement, Index, Integer
@@ -290,7 +292,14 @@ _CHECK_ASSIGNMENTS: Final = SQLModelConfig(validate_assignment=True)
 
 
 class TaskContent(SQLModel):
-    """The fields a user writes: title, description and completion state."""
+    """The fields a user writes: THE declaration of every content field of a task.
+
+    A field declared here is a column of ``tasks`` (through :class:`TaskFields`), an
+    input of :class:`TaskCreate` and an output of :class:`TaskRead`, and the
+    repository inserts, returns and lists it. It must also be declared, optional, on
+    :class:`TaskUpdate` (whose fields mypy must see one by one); the repository
+    contract fails, naming the field, when one is missing anywhere.
+    """
 
     model_config = _CHECK_ASSIGNMENTS
     title: Title = _title_field()
@@ -298,16 +307,27 @@ class TaskContent(SQLModel):
     complete: StrictBool = False
 
 
-class TaskFields(SQLModel):
-    """Every column of a task, validated: what ``Task(...)`` is checked against."""
+class _Key(SQLModel):
+    """The columns that place a task: its id and its owner (set by the database and caller)."""
 
     id: int | None = Field(default=None, primary_key=True)
     user_id: UserId = _user_id_field()
-    title: Title = _title_field()
-    description: Description = _description_field()
-    complete: StrictBool = False
+
+
+class _Times(SQLModel):
+    """The columns the repository sets: when a task was created and last changed."""
+
     created_at: AwareDatetime = Field(default_factory=utc_now)
     updated_at: AwareDatetime = Field(default_factory=utc_now)
+
+
+# Bases in this order give the columns the order id, user_id, content..., created_at,
+# updated_at (pydantic orders fields from the last base to the first).
+class TaskFields(_Times, TaskContent, _Key):
+    """Every column of a task, validated: what ``Task(...)`` is checked against."""
+
+    # Task validates assignments itself (Task.__setattr__), once.
+    model_config = SQLModelConfig(validate_assignment=False)
 
 
 _FIELD_NAMES: Final = frozenset(TaskFields.model_fields)
@@ -403,11 +423,27 @@ class TaskCreate(TaskContent):
     """Input for creating a task; the owner comes from the authenticated caller."""
 
 
+def _accepts_none(name: str) -> bool:
+    """Whether content field *name* may hold None (then None given to an update clears it)."""
+    try:
+        TaskContent.__pydantic_validator__.validate_assignment(
+            TaskContent.model_construct(), name, None
+        )
+    except ValidationError:
+        return False
+    return True
+
+
+# The content fields an update may omit but not set to None: derived from TaskContent.
+_NOT_NULL: Final = frozenset(name for name in TaskContent.model_fields if not _accepts_none(name))
+
+
 class TaskUpdate(SQLModel):
     """A partial update: only the fields given explicitly change.
 
-    ``description=None`` clears the description; ``title`` and ``complete`` may be
-    omitted but not set to None.
+    Every field of :class:`TaskContent`, declared again as optional so that mypy sees
+    each one. ``None`` clears a field that may be null (``description=None``); for the
+    others (``title``, ``complete``) it is refused: they may be omitted instead.
     """
 
     model_config = _CHECK_ASSIGNMENTS
@@ -415,10 +451,10 @@ class TaskUpdate(SQLModel):
     description: Description = _description_field()
     complete: StrictBool | None = None
 
-    @field_validator("title", "complete", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _not_null(cls, value: object) -> object:
-        if value is None:
+    def _not_null(cls, value: object, info: ValidationInfo) -> object:
+        if value is None and info.field_name in _NOT_NULL:
             raise ValueError("may be omitted but not set to null")
         return value
 
@@ -427,18 +463,15 @@ class TaskUpdate(SQLModel):
         return self.model_dump(exclude_unset=True)
 
 
-class TaskRead(SQLModel):
+class TaskRead(_Times, TaskContent, _Key):
     """A stored task as the API returns it; timestamps serialise as ISO-8601 UTC.
 
     Built from a ``Task`` with ``TaskRead.model_validate(task)`` (SQLModel reads
     attributes by default).
     """
 
-    model_config = _CHECK_ASSIGNMENTS
+    # A stored task has all of these (data contract v1.0.0: required in the schema).
     id: int
-    user_id: UserId = _user_id_field()
-    title: Title = _title_field()
-    description: Description = _description_field()
     complete: StrictBool
     created_at: AwareDatetime
     updated_at: AwareDatetime

@@ -65,10 +65,23 @@ class TaskRepository:
 
         Single calls outside a block autocommit and cost one round trip; inside, the
         connection opens a real transaction (BEGIN ... COMMIT). Nested blocks, and
-        other repositories on the same session, join the outer block. If any call in
-        the block failed, whatever its error (a refused argument as much as a database
-        error), the block rolls back even when the caller caught the error, and raises
-        :class:`TodoBackendError` at its end.
+        other repositories on the same session, join the outer block.
+
+        The block fails as a whole, never in part: when a call in it failed, whatever
+        its error (a refused argument as much as a database error), when a call was
+        cut short by a BaseException such as ``KeyboardInterrupt``, or when a nested
+        block exited with an exception, the whole block rolls back even if the caller
+        caught the error; later calls in it, and its end, raise
+        :class:`TodoBackendError`. There are no savepoints: a nested block is not
+        undone alone while the outer one goes on (Django's choice), because a failed
+        call already fails the whole block, a block that commits after a caught
+        failure would store only part of what its caller meant, and a savepoint costs
+        two more round trips per nested block.
+
+        If the ROLLBACK itself fails (the connection was lost), the caller still gets
+        its own exception, the failure added to it as a note: nothing of the block was
+        committed either way. A block interrupted during its COMMIT re-raises the
+        interruption and may or may not have been committed; the session stays usable.
         """
         block = core.Block(self._session)
         try:
@@ -131,9 +144,13 @@ class TaskRepository:
         """Delete task *task_id* if *user_id* owns it; return whether a row was deleted."""
         return self._execute(core.delete_call, user_id, task_id)
 
-    def count(self, user_id: str, *, complete: bool | None = None) -> int:
-        """Count the user's tasks, optionally only complete or only pending ones."""
-        return self._execute(core.count_call, user_id, complete)
+    def count(self, user_id: str, *, complete: bool | None = None, limit: int | None = None) -> int:
+        """Count the user's tasks, optionally only complete or only pending ones.
+
+        With *limit*, the answer is at most *limit* ("*limit* or more" when it equals
+        it), and the count reads at most *limit* index entries, whatever the user owns.
+        """
+        return self._execute(core.count_call, user_id, complete, limit)
 
     # -- execution: the I/O of repository_core's policy -------------------------------
 
@@ -145,7 +162,7 @@ class TaskRepository:
         for step in driver:
             try:
                 driver.done(self._perform(step))
-            except Exception as err:  # noqa: BLE001 - the policy decides what it means
+            except BaseException as err:  # noqa: BLE001 - the policy decides, cancellation too
                 driver.failed(err)
         return driver.result
 

@@ -1,30 +1,35 @@
 """The task repository's rules and statements, shared by its sync and async faces.
 
 Everything a repository call decides lives here once: argument validation, the owner
-condition, the statements (built once at import so SQLAlchemy compiles each shape
-only once), how a result row becomes a :class:`Task`, where a call runs (a pooled
-autocommit connection, the session's transaction, an atomic block), when it commits,
-that a read is retried once on a dropped connection and a write never is, and how a
-driver error becomes this package's error. :class:`~todo_backend.repository.TaskRepository`
+condition, the statements (each shape built once, so SQLAlchemy compiles it once: at
+import, or for an update's set of changed fields when first needed), how a result row
+becomes a :class:`Task`, where a call runs (a pooled autocommit connection, the
+session's transaction, an atomic block), when it commits, that a read is retried once
+on a dropped connection and a write never is, and how a driver error becomes this
+package's error. :class:`~todo_backend.repository.TaskRepository`
 and :class:`~todo_backend.aio.AsyncTaskRepository` only carry out the I/O these
 functions ask for: :func:`execute` is a generator that yields each :class:`Step`
 (run the statement, commit, roll back) and receives its outcome, so the policy is
 written once for both.
+
+Which columns a call inserts, updates and returns follows from the models: the
+content fields are those of ``TaskCreate`` (``TaskUpdate`` for updates), so nothing
+here names one; only ``complete``, the filter of ``list`` and ``count``, is named.
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
-from itertools import combinations
 from operator import itemgetter
-from typing import Any, Final, Generic, NoReturn, ParamSpec, TypeAlias, TypeVar
+from typing import Annotated, Any, Final, Generic, NoReturn, ParamSpec, TypeAlias, TypeVar
 
+from pydantic import ConfigDict, Field, TypeAdapter
 from sqlalchemy import (
     ARRAY,
-    Boolean,
+    BindParameter,
     CursorResult,
     Dialect,
     Executable,
@@ -32,20 +37,27 @@ from sqlalchemy import (
     Select,
     String,
     Update,
+    any_,
     bindparam,
     delete,
     func,
     insert,
     select,
+    tuple_,
     update,
 )
+from sqlalchemy import Enum as EnumType
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstanceState, Session, configure_mappers
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from todo_backend.db import cannot_connect, owned_by, role_error, timeout_error
-from todo_backend.errors import DatabaseUnavailableError, TodoBackendError
+from todo_backend.errors import DatabaseUnavailableError, SchemaMissingError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_user_id
 
 __all__ = [
@@ -72,6 +84,9 @@ __all__ = [
 ]
 
 MAX_PAGE_SIZE: Final = 100
+_PAGE_SIZE: Final = TypeAdapter(
+    Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)], config=ConfigDict(title="limit")
+)
 _MAX_ID: Final = 2**63 - 1  # BIGINT; a larger id cannot exist, so it matches nothing
 
 _T = TypeVar("_T")
@@ -86,11 +101,18 @@ _c = _table.c
 _ALL_COLUMNS: Final = tuple(_c)
 _KEYS: Final = tuple(column.key for column in _ALL_COLUMNS)
 _FIELDS: Final = frozenset(_KEYS)
-# session.info key: present while an atomic() block runs; True once a call in it failed.
+_ID_POSITION: Final = _KEYS.index("id")
+# The content fields, in column order: what a user writes, declared once in the models.
+# The other columns (id, user_id, created_at, updated_at) are the repository's own.
+_CONTENT: Final = tuple(key for key in _KEYS if key in TaskCreate.model_fields)
+# The only fields an update may set; owner, id and created_at are never among them.
+_UPDATABLE: Final = frozenset(TaskUpdate.model_fields)
+# session.info key: present while an atomic() block runs; True once a call in it, or a
+# nested block, failed.
 _ATOMIC: Final = "todo_backend.atomic_block_failed"
 _BLOCK_FAILED: Final = (
-    "a call inside this atomic() block failed, so the whole block is rolled back "
-    "and nothing of it is stored"
+    "a call or a nested block inside this atomic() block failed, so the whole block is "
+    "rolled back and nothing of it is stored"
 )
 _OWNED = (_c.user_id == bindparam("owner"), _c.id == bindparam("task_id"))
 
@@ -105,34 +127,41 @@ _INSERT: Final = (
 )
 _GET: Final = select(*_ALL_COLUMNS).where(*_OWNED).execution_options(**_BY_OWNER)
 
-# create_many on PostgreSQL: one statement per batch, fed by three arrays, instead of
-# six parameters per row. unnest yields the rows in input order and ORDER BY n keeps
-# that order, so the ids the sequence hands out follow the input: sorting a batch's
-# RETURNING rows by id restores it (the guarantee SQLAlchemy's insertmanyvalues relies
-# on for sort_by_parameter_order). Unsized VARCHAR[] so that an over-long value fails
-# on the column instead of being truncated by the cast.
+
+def _array_of(column: Any) -> ARRAY[Any]:
+    """Return the array type that carries *column*'s values of a batch into ``unnest``.
+
+    A string column's array is unsized VARCHAR[], so that an over-long value fails on
+    the column instead of being truncated by the cast (an enum keeps its own type).
+    """
+    element = column.type
+    impl = getattr(element, "impl_instance", element)
+    if isinstance(impl, String) and not isinstance(impl, EnumType):
+        element = String()
+    return ARRAY(element)
+
+
+# create_many on PostgreSQL: one statement per batch, fed by one array per content
+# column, instead of one parameter per value. unnest yields the rows in input order
+# and ORDER BY the ordinality keeps that order, so the ids the sequence hands out
+# follow the input: sorting a batch's RETURNING rows by id restores it (the guarantee
+# SQLAlchemy's insertmanyvalues relies on for sort_by_parameter_order).
 _BATCH = (
-    func.unnest(
-        bindparam("titles", type_=ARRAY(String())),
-        bindparam("descriptions", type_=ARRAY(String())),
-        bindparam("completes", type_=ARRAY(Boolean())),
-    )
-    .table_valued("title", "description", "complete", with_ordinality="n")
+    func.unnest(*(bindparam(f"batch_{key}", type_=_array_of(_c[key])) for key in _CONTENT))
+    .table_valued(*_CONTENT, with_ordinality="ordinal")
     .render_derived()
 )
 _NOW = bindparam("now", type_=_c.created_at.type)
 _INSERT_BATCH: Final = (
     insert(_table)
     .from_select(
-        ["user_id", "title", "description", "complete", "created_at", "updated_at"],
+        ["user_id", *_CONTENT, "created_at", "updated_at"],
         select(
             bindparam("owner", type_=_c.user_id.type),
-            _BATCH.c.title,
-            _BATCH.c.description,
-            _BATCH.c.complete,
+            *(_BATCH.c[key] for key in _CONTENT),
             _NOW,
             _NOW,
-        ).order_by(_BATCH.c.n),
+        ).order_by(_BATCH.c.ordinal),
     )
     .returning(*_ALL_COLUMNS)
     .execution_options(**_BY_OWNER)
@@ -140,52 +169,108 @@ _INSERT_BATCH: Final = (
 _DELETE: Final = delete(_table).where(*_OWNED).execution_options(**_BY_OWNER)
 
 
+class _Owner(FunctionElement[str]):
+    """A page's owner, compared with ``=``: ``:owner``, on PostgreSQL ``ANY (ARRAY[:owner])``.
+
+    An ``=`` puts user_id into an equivalence class with a constant, so the planner
+    drops ``user_id`` from ``ORDER BY user_id DESC, id DESC`` and may then walk the
+    primary key backward, filtering out every newer row of other owners (a user who
+    owns the oldest tenth of a million rows: about 100 ms a page). A one-element
+    ``= ANY`` is not an equality to the planner: the order keeps user_id, and only an
+    index led by user_id provides it. test_plans_pg.py pins the plans.
+    """
+
+    name = "owner"
+    type = String()
+    inherit_cache = True
+
+
+@compiles(_Owner)
+def _owner(element: _Owner, compiler: SQLCompiler, **kw: Any) -> str:
+    (owner,) = element.clauses
+    return compiler.process(owner, **kw)
+
+
+@compiles(_Owner, "postgresql")
+def _owner_postgresql(element: _Owner, compiler: SQLCompiler, **kw: Any) -> str:
+    (owner,) = element.clauses
+    return compiler.process(any_(array([owner])), **kw)
+
+
 def _list_statement(*, by_complete: bool, keyset: bool) -> Select[Any]:
-    stmt = select(*_ALL_COLUMNS).where(_c.user_id == bindparam("owner"))
+    stmt = select(*_ALL_COLUMNS).where(_c.user_id == _Owner(bindparam("owner")))
     if by_complete:
         stmt = stmt.where(_c.complete == bindparam("complete"))
     if keyset:
-        stmt = stmt.where(_c.id < bindparam("before_id"))
-    return stmt.order_by(_c.id.desc()).limit(bindparam("limit")).execution_options(**_BY_OWNER)
+        # id < :before_id bounds the user_id index's range. The row comparison over the
+        # same index's columns says the same again: the planner's estimate of the rows
+        # left drops, so it reads the few it needs from that index rather than a
+        # primary-key range below the cursor plus a sort, which it prefers otherwise
+        # for an owner of the oldest rows (it takes their rows for scattered pages).
+        keys = (_c.user_id, _c.complete, _c.id) if by_complete else (_c.user_id, _c.id)
+        bounds: list[BindParameter[Any]] = [
+            bindparam(name) for name in ("owner", "complete", "before_id")
+        ]
+        stmt = stmt.where(
+            _c.id < bindparam("before_id"),
+            tuple_(*keys) < tuple_(*(bounds if by_complete else bounds[::2])),
+        )
+    # user_id first: with _Owner, only an index led by user_id gives this order.
+    return (
+        stmt.order_by(_c.user_id.desc(), _c.id.desc())
+        .limit(bindparam("limit"))
+        .execution_options(**_BY_OWNER)
+    )
 
 
-def _count_statement(*, by_complete: bool) -> Select[Any]:
+def _count_statement(*, by_complete: bool, bounded: bool) -> Select[Any]:
     stmt = select(func.count()).select_from(_table).where(_c.user_id == bindparam("owner"))
     if by_complete:
         stmt = stmt.where(_c.complete == bindparam("complete"))
-    return stmt.execution_options(**_BY_OWNER)
+    if not bounded:
+        return stmt.execution_options(**_BY_OWNER)
+    # At most :limit rows are read from the index: the cost of a count stops growing
+    # with the owner's tasks.
+    capped = stmt.with_only_columns(_c.id).limit(bindparam("limit")).subquery("capped")
+    return select(func.count()).select_from(capped).execution_options(**_BY_OWNER)
 
 
-# Every list/count shape, built once: (filter on complete?, after a cursor?).
+# Every list shape, built once: (filter on complete?, after a cursor?).
 _LISTS: Final = {
     (by_complete, keyset): _list_statement(by_complete=by_complete, keyset=keyset)
     for by_complete in (False, True)
     for keyset in (False, True)
 }
-_COUNTS: Final = {flag: _count_statement(by_complete=flag) for flag in (False, True)}
-
-# The only columns an update may set; owner, id and created_at are never among them.
-_UPDATABLE: Final = frozenset({"title", "description", "complete"})
-_CONTENT: Final = {"title", "description", "complete"}
-
-
-def _update_statement(fields: Sequence[str]) -> Update:
-    values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in fields}
-    return (
-        update(_table)
-        .where(*_OWNED)
-        .values(**values, updated_at=bindparam("new_updated_at"))
-        .returning(*_ALL_COLUMNS)
-        .execution_options(**_BY_OWNER)
-    )
-
-
-# One statement per set of changed fields, all eight built here.
-_UPDATES: Final = {
-    frozenset(fields): _update_statement(fields)
-    for size in range(len(_UPDATABLE) + 1)
-    for fields in combinations(sorted(_UPDATABLE), size)
+# Every count shape: (filter on complete?, bounded by a limit?).
+_COUNTS: Final = {
+    (by_complete, bounded): _count_statement(by_complete=by_complete, bounded=bounded)
+    for by_complete in (False, True)
+    for bounded in (False, True)
 }
+
+
+class _Updates(dict[frozenset[str], Update]):
+    """One ``UPDATE ... RETURNING`` per set of changed fields, built when first needed.
+
+    Building every subset at import would double the statements with each field; an
+    application uses few shapes. Two threads building the same shape at once both
+    store an equal statement, which is harmless.
+    """
+
+    def __missing__(self, fields: frozenset[str]) -> Update:
+        values: dict[str, Any] = {key: bindparam(f"new_{key}") for key in _KEYS if key in fields}
+        stmt = (
+            update(_table)
+            .where(*_OWNED)
+            .values(**values, updated_at=bindparam("new_updated_at"))
+            .returning(*_ALL_COLUMNS)
+            .execution_options(**_BY_OWNER)
+        )
+        self[fields] = stmt
+        return stmt
+
+
+_UPDATES: Final = _Updates()
 
 
 # _to_task bypasses Task.__init__, which is what normally triggers mapper configuration.
@@ -194,7 +279,7 @@ _mapper = sa_inspect(Task)
 _manager = _mapper.class_manager
 _identity_key = _mapper.identity_key_from_primary_key
 _STATE_ATTR: Final = _manager.STATE_ATTR
-_first = itemgetter(0)
+_by_id = itemgetter(_ID_POSITION)
 _object_new = object.__new__
 _set_slot = object.__setattr__
 
@@ -212,7 +297,7 @@ def _to_task(row: Sequence[Any]) -> Task:
     values = task.__dict__
     values.update(zip(_KEYS, row, strict=True))
     state = InstanceState(task, _manager)
-    state.key = _identity_key((row[0],))
+    state.key = _identity_key((row[_ID_POSITION],))
     values[_STATE_ATTR] = state
     return task
 
@@ -235,7 +320,7 @@ def _all_rows(result: CursorResult[Any]) -> Sequence[Row[Any]]:
 
 
 def _rows_by_id(result: CursorResult[Any]) -> Sequence[Row[Any]]:
-    return sorted(result.all(), key=_first)
+    return sorted(result.all(), key=_by_id)
 
 
 def _count(result: CursorResult[Any]) -> int:
@@ -246,19 +331,26 @@ def _deleted(result: CursorResult[Any]) -> bool:
     return bool(result.rowcount)
 
 
-def _checked_content(data: TaskCreate) -> TaskCreate:
+def _checked_content(data: TaskCreate) -> dict[str, Any]:
     # Validated again as a plain TaskCreate: neither a subclass with looser rules nor
     # model_copy(update=...) (which skips validation) can get a bad value into SQL.
-    return TaskCreate.model_validate(data.model_dump(include=_CONTENT))
+    # A TaskCreate's __dict__ holds exactly its fields, validated.
+    return TaskCreate.model_validate(data.model_dump(include=set(_CONTENT))).__dict__
+
+
+def _names(keys: Iterable[str]) -> str:
+    """Return *keys* in column order as ``a, b and c``."""
+    ordered = [key for key in _KEYS if key in keys]
+    return " and ".join(filter(None, (", ".join(ordered[:-1]), ordered[-1])))
+
+
+_ONLY_UPDATABLE: Final = f"an update may change only {_names(_UPDATABLE)}"
 
 
 def _checked_changes(data: TaskUpdate) -> dict[str, Any]:
     unknown = data.model_fields_set - _UPDATABLE
     if unknown:
-        raise ValueError(
-            "an update may change only title, description and complete, "
-            f"not {', '.join(sorted(unknown))}"
-        )
+        raise ValueError(f"{_ONLY_UPDATABLE}, not {', '.join(sorted(unknown))}")
     return TaskUpdate.model_validate(data.model_dump(exclude_unset=True)).changes()
 
 
@@ -273,16 +365,9 @@ def _valid_id(task_id: int) -> bool:
     return 0 < task_id <= _MAX_ID
 
 
-def _insert_params(user_id: str, data: TaskCreate, now: Any) -> dict[str, Any]:
+def _insert_params(user_id: str, content: dict[str, Any], now: Any) -> dict[str, Any]:
     # user_id is validated once by the caller, not once per row.
-    return {
-        "user_id": user_id,
-        "title": data.title,
-        "description": data.description,
-        "complete": data.complete,
-        "created_at": now,
-        "updated_at": now,
-    }
+    return {"user_id": user_id, **content, "created_at": now, "updated_at": now}
 
 
 # -- calls: each public method's arguments checked and turned into one statement ------
@@ -330,8 +415,7 @@ def list_call(
     user_id = validate_user_id(user_id)
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise TypeError(f"limit must be an int, got {type(limit).__name__}")
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}, got {limit}")
+    _PAGE_SIZE.validate_python(limit)  # 1..MAX_PAGE_SIZE, else a ValidationError
     _check_complete(complete)
     params: dict[str, Any] = {"owner": user_id, "limit": limit}
     if complete is not None:
@@ -364,14 +448,20 @@ def delete_call(user_id: str, task_id: int) -> Call[bool] | Known[bool]:
     return Call(_DELETE, {"owner": user_id, "task_id": task_id}, _deleted, write=True)
 
 
-def count_call(user_id: str, complete: bool | None) -> Call[int]:
-    """Check ``count``'s arguments; return its one ``SELECT count(*)``."""
+def count_call(user_id: str, complete: bool | None, limit: int | None = None) -> Call[int]:
+    """Check ``count``'s arguments; return its one ``SELECT count(*)``, capped at *limit*."""
     user_id = validate_user_id(user_id)
     _check_complete(complete)
     params: dict[str, Any] = {"owner": user_id}
     if complete is not None:
         params["complete"] = complete
-    return Call(_COUNTS[complete is not None], params, _count, write=False)
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be an int or None, got {type(limit).__name__}")
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1 (or None for an exact count), got {limit}")
+        params["limit"] = min(limit, _MAX_ID)
+    return Call(_COUNTS[complete is not None, limit is not None], params, _count, write=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,12 +492,12 @@ def create_many_calls(user_id: str, items: Sequence[TaskCreate], dialect: Dialec
     batched multi-row ``INSERT ... RETURNING`` (insertmanyvalues) runs in a block.
     """
     user_id = validate_user_id(user_id)
-    items = [_checked_content(item) for item in items]
-    if not items:
+    contents = [_checked_content(item) for item in items]
+    if not contents:
         return Batches((), atomic=False)
     now = utc_now()
     if dialect.name != "postgresql":
-        params = [_insert_params(user_id, item, now) for item in items]
+        params = [_insert_params(user_id, content, now) for content in contents]
         return Batches((Call(_INSERT, params, _all_rows, write=True),), atomic=True)
     size = dialect.insertmanyvalues_page_size
     calls = [
@@ -416,14 +506,12 @@ def create_many_calls(user_id: str, items: Sequence[TaskCreate], dialect: Dialec
             {
                 "owner": user_id,
                 "now": now,
-                "titles": [item.title for item in batch],
-                "descriptions": [item.description for item in batch],
-                "completes": [item.complete for item in batch],
+                **{f"batch_{key}": [content[key] for content in batch] for key in _CONTENT},
             },
             _rows_by_id,
             write=True,
         )
-        for batch in (items[start : start + size] for start in range(0, len(items), size))
+        for batch in (contents[start : start + size] for start in range(0, len(contents), size))
     ]
     return Batches(calls, atomic=len(calls) > 1)
 
@@ -462,7 +550,7 @@ class Driver(Generic[_T]):
     def __init__(self, steps: Steps[_T]) -> None:
         self._steps = steps
         self._outcome: Any = None
-        self._failure: Exception | None = None
+        self._failure: BaseException | None = None
         self.result: _T
 
     def __iter__(self) -> Driver[_T]:
@@ -483,8 +571,13 @@ class Driver(Generic[_T]):
         """Report the value of the step just performed."""
         self._outcome = outcome
 
-    def failed(self, err: Exception) -> None:
-        """Report the exception the step just performed raised."""
+    def failed(self, err: BaseException) -> None:
+        """Report the exception the step just performed raised, whatever it is.
+
+        A BaseException too: a cancelled await (``asyncio.CancelledError``) or a
+        ``KeyboardInterrupt`` cuts a call short, and the policy must see it to fail
+        the atomic block around the call; it reaches the caller unchanged.
+        """
         self._failure = err
 
 
@@ -498,7 +591,7 @@ def checked(
     """Check a call's arguments with *plan*; a failure there is a failed call like any other."""
     try:
         return plan(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - _fail decides and re-raises
+    except BaseException as err:  # noqa: BLE001 - _fail decides and re-raises
         return (yield from _fail(session, err))
 
 
@@ -520,7 +613,8 @@ def execute(
     Reads are safe to repeat, unless they ran inside a transaction that the failure
     ended (an atomic block, or the caller's own): that is reported, never papered
     over. Writes are not retried after being sent (the server may have applied them);
-    dead idle connections are replaced before sending, at pool checkout.
+    dead idle connections are replaced before sending, at pool checkout. A call cut
+    short by a BaseException (cancelled, interrupted) is never retried either.
     """
     call = yield from checked(session, plan, *args, **kwargs)
     if isinstance(call, Known):
@@ -529,7 +623,7 @@ def execute(
     while True:
         try:
             return (yield from _attempt(call, session, pooled=pooled))
-        except Exception as err:  # noqa: BLE001 - _fail decides and re-raises
+        except BaseException as err:  # noqa: BLE001 - _fail decides and re-raises
             if not (retry and _connection_lost(err)):
                 yield from _fail(session, err)
             retry = False
@@ -556,24 +650,29 @@ def _attempt(call: Call[_T], session: Session, *, pooled: bool) -> Steps[_T]:
     return value
 
 
-def _connection_lost(err: Exception) -> bool:
+def _connection_lost(err: BaseException) -> bool:
     return isinstance(err, DBAPIError) and err.connection_invalidated
 
 
-def _fail(session: Session, err: Exception) -> Generator[Step | Run, Any, NoReturn]:
+def _fail(session: Session, err: BaseException) -> Generator[Step | Run, Any, NoReturn]:
     """Settle the session after a failed call, then raise the call's error, translated.
 
     The one place where a failed call marks the session, in both faces: whatever a
     call raises (its argument checks, sending the statement, reading the result,
     committing) comes here. Inside an atomic block any error marks the block failed
-    (a refused argument as much as a database error; it rolls back at its end);
-    otherwise a transaction a database error left open is rolled back here. The error
-    is then raised as :func:`translate` maps it.
+    (a refused argument as much as a database error; it rolls back at its end), and
+    so does a call cut short by a BaseException (``asyncio.CancelledError``,
+    ``KeyboardInterrupt``): its statement's fate is unknown, and SQLAlchemy drops a
+    connection interrupted mid-statement. Otherwise a transaction a database error
+    left open is rolled back here. A BaseException is raised as it is, with no I/O
+    after it; an error as :func:`translate` maps it.
     """
     if _ATOMIC in session.info:
         session.info[_ATOMIC] = True
     elif isinstance(err, _DB_ERRORS) and session.in_transaction():
         yield Step.ROLLBACK
+    if not isinstance(err, Exception):
+        raise err
     translated = translate(err)
     if translated is err:
         raise err
@@ -584,8 +683,10 @@ def translate(err: Exception) -> Exception:
     """Map a driver error to this package's errors: the one translation boundary.
 
     Returns *err* itself when it is not the package's to translate. A bound that ran
-    out (pool, statement, lock, idle block) is a DatabaseTimeoutError; a login role
-    that cannot switch to the row-level security role is a ConfigurationError.
+    out (pool, statement, lock, idle block) is a DatabaseTimeoutError; a database
+    without the tasks table is a SchemaMissingError that says to run ``todo-db migrate``;
+    a login role that cannot switch to the row-level security role is a
+    ConfigurationError.
     """
     known = timeout_error(err) or role_error(err)
     if known is not None:
@@ -602,7 +703,20 @@ def translate(err: Exception) -> Exception:
     if err.statement is None:
         # Raised while opening a connection: nothing was sent.
         return cannot_connect(err)
+    if _no_such_table(err):
+        return SchemaMissingError(
+            "the database has no tasks table: its schema was never created. Run "
+            "`todo-db migrate` against it (with the same DATABASE_URL), then repeat the call."
+        )
     return err
+
+
+def _no_such_table(err: DBAPIError) -> bool:
+    # PostgreSQL's undefined_table (psycopg2 names the SQLSTATE pgcode, psycopg 3
+    # sqlstate); SQLite only says it in the message.
+    orig = err.orig
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    return code == "42P01" or str(orig).startswith("no such table")
 
 
 # -- atomic blocks --------------------------------------------------------------------
@@ -612,7 +726,9 @@ class Block:
     """One ``atomic()`` block on a session: the outermost opens it, nested ones join it.
 
     The block is kept on the session, not the repository: every repository sharing
-    the session must see it.
+    the session must see it. It fails as a whole: a failed call inside it, or a nested
+    block that exits with an exception, fails the outermost block even when the caller
+    catches the error (no savepoints; research D17).
     """
 
     __slots__ = ("_outermost", "_session")
@@ -624,21 +740,61 @@ class Block:
             session.info[_ATOMIC] = False  # becomes True when a call inside the block fails
 
     def end(self, error: BaseException | None) -> Steps[None]:
-        """End the block: commit it, or roll all of it back; a joined block does nothing.
+        """End the block: commit it, or roll all of it back.
 
-        It rolls back when the block raised *error*, and also when a call inside it
-        failed even though the caller caught that: then it raises
-        :class:`TodoBackendError`. A failed COMMIT is translated like any call.
+        It rolls back when the block raised *error*, and also when a call or a nested
+        block inside it failed even though the caller caught that: then it raises
+        :class:`TodoBackendError`. A nested block only marks the outermost one failed
+        when it exits with *error*. A failed ROLLBACK never replaces the caller's
+        error: it is added to that error as a note (the transaction was never
+        committed, so nothing of it is stored either way). A failed COMMIT is
+        translated like any call.
         """
         if not self._outermost:
+            if error is not None:
+                self._session.info[_ATOMIC] = True
             return
         failed = self._session.info.pop(_ATOMIC)
         if error is not None or failed:
-            yield Step.ROLLBACK
+            raised = TodoBackendError(_BLOCK_FAILED) if error is None else error
+            lost = yield from _roll_back(raised, _NOTHING_STORED)
             if error is None:
-                raise TodoBackendError(_BLOCK_FAILED)
+                raise raised from lost
             return
         try:
             yield Step.COMMIT
+        except GeneratorExit:
+            raise
         except Exception as err:  # noqa: BLE001 - _fail decides and re-raises
             yield from _fail(self._session, err)
+        except BaseException as err:
+            # Cancelled or interrupted while committing: the outcome is unknown, and the
+            # session would refuse every later statement. This rollback only resets the
+            # session: SQLAlchemy has already dropped or ended the connection's transaction.
+            if self._session.in_transaction():
+                yield from _roll_back(err, _COMMIT_UNKNOWN)
+            raise
+
+
+_NOTHING_STORED: Final = (
+    "Nothing of the block was stored: the server discards a transaction that is never committed."
+)
+_COMMIT_UNKNOWN: Final = (
+    "The block was cut short during its COMMIT, which may or may not have been applied: "
+    "check before repeating it."
+)
+
+
+def _roll_back(error: BaseException, outcome: str) -> Steps[Exception | None]:
+    """Roll the block back; a failed ROLLBACK is noted on *error*, never raised in its place.
+
+    The note names the failure (never the driver's text) and *outcome*, what the
+    caller can know of the block. Returns the ROLLBACK's own error, if any.
+    """
+    try:
+        yield Step.ROLLBACK
+    except Exception as err:  # noqa: BLE001 - noted on *error*, never raised in its place
+        reason = "the database connection was lost" if _connection_lost(err) else type(err).__name__
+        error.add_note(f"The atomic() block's ROLLBACK failed too ({reason}). {outcome}")
+        return err
+    return None

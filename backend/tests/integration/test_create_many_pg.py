@@ -58,8 +58,8 @@ def test_an_over_long_title_is_refused_not_truncated(repo: TaskRepository, engin
         repo.create_many(ALICE, [TaskCreate(title="fine"), too_long])
     assert repo.count(ALICE) == 0
     # The statement itself, fed directly: its unsized array cast must not cut the title.
-    batch = {"owner": ALICE, "now": utc_now(), "titles": ["x" * 201]}
-    batch |= {"descriptions": [None], "completes": [False]}
+    row = TaskCreate(title="fine").model_dump() | {"title": "x" * 201}
+    batch = {"owner": ALICE, "now": utc_now()} | {f"batch_{k}": [v] for k, v in row.items()}
     with engine.connect() as conn, pytest.raises(DBAPIError, match="too long"):
         conn.execute(_INSERT_BATCH, batch)
     assert repo.count(ALICE) == 0

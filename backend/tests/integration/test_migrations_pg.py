@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import (
@@ -21,7 +22,7 @@ from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlmodel import SQLModel
 
 from tests.fix_servers import PgBouncer, PgBouncerFactory
-from tests.migration_scripts import HEAD, NEXT, scripts_with
+from tests.migration_scripts import HEAD, SCRATCH, model_column, probe_checks, scripts_with
 from todo_backend import migrate
 from todo_backend.db import create_db_engine, get_session, init_db
 from todo_backend.models import TaskCreate
@@ -87,6 +88,11 @@ def _catalog(engine: Engine) -> list[tuple[str, str]]:
         return [(str(kind), str(fact)) for kind, fact in conn.execute(_CATALOG)]
 
 
+def _structure(engine: Engine) -> dict[str, dict[str, Any]]:
+    with engine.connect() as conn:
+        return migrate.schema_structure(conn)
+
+
 def test_head_on_an_empty_database_is_exactly_the_models(url: str, engine: Engine) -> None:
     """The guard on PostgreSQL: fails when a model changes without a matching revision.
 
@@ -117,17 +123,18 @@ def test_head_builds_the_same_catalog_as_init_db_which_can_be_stamped(
 ) -> None:
     """Columns, defaults, constraints, indexes, sequence: as init_db makes them; stamp is safe."""
     migrate.upgrade(url)
-    migrated = _catalog(engine)
+    migrated, structure = _catalog(engine), _structure(engine)
     migrate.downgrade(url, "base")
     with engine.begin() as conn:
         conn.execute(text("DROP TABLE alembic_version"))
 
     init_db(engine)
     assert _catalog(engine) == migrated
+    assert _structure(engine) == structure
     assert "tables but no migration history" in migrate.check(url).problems[0]
     with pytest.raises(migrate.MigrationError):
         migrate.upgrade(url)
-    migrate.stamp(url, "0002")
+    migrate.stamp(url, HEAD)
     migrate.upgrade(url)
     result = migrate.check(url)
     assert result.ok, result.problems
@@ -161,7 +168,9 @@ _VALIDATED = text(
 )
 
 
-_AS_USER = text("SELECT set_config('todo.user_id', :user, true)")
+def _rows(engine: Engine) -> list[tuple[object, ...]]:
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(text("select * from tasks order by id"))]
 
 
 def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
@@ -169,11 +178,13 @@ def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
 ) -> None:
     """Rows breaking the character rules stop 0002, by id, changing nothing; then it applies.
 
-    Among them the tab-padded user_id that 0001's trim() check let through.
+    Among them the tab-padded user_id that 0001's trim() check let through. Rows are
+    written and read with SQL of 0001's columns: the repository is for head.
     """
     migrate.upgrade(url, "0001")
-    repo = TaskRepository(next(get_session(engine)))
-    kept = repo.create_many("alice", [TaskCreate(title="one", description="a\tb\r\n")])
+    with engine.begin() as conn:
+        conn.execute(_RAW_INSERT, {"user_id": "alice", "title": "one", "description": "a\tb\r\n"})
+    kept = _rows(engine)
     broken: list[dict[str, str | None]] = [
         {"user_id": "\tbob", "title": "ok", "description": None},  # id 2
         {"user_id": "carol\u00a0", "title": "ok", "description": None},  # id 3
@@ -185,7 +196,7 @@ def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
     before = _catalog(engine)
 
     with pytest.raises(migrate.MigrationError) as refused:
-        migrate.upgrade(url)
+        migrate.upgrade(url, "0002")
     message = str(refused.value)
     assert "user_id (ck_tasks_user_id_text): task ids 2, 3;" in message
     shown = ", ".join(str(i) for i in range(5, 25))
@@ -196,26 +207,67 @@ def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
 
     with engine.begin() as conn:
         conn.execute(text("delete from tasks where id > 1"))
-    assert migrate.upgrade(url) == ("0001", HEAD)
-    result = migrate.check(url)
-    assert result.ok, result.problems
-    assert repo.list("alice") == kept
+    assert migrate.upgrade(url, "0002") == ("0001", "0002")
+    assert _rows(engine) == kept
     with engine.connect() as conn:
         assert conn.execute(_VALIDATED).all() == [
             ("ck_tasks_description_text", True),
             ("ck_tasks_title_text", True),
             ("ck_tasks_user_id_text", True),
         ]
-    with engine.begin() as conn:
-        # As that user, so that row-level security (head) lets the constraint speak.
-        conn.execute(_AS_USER, {"user": broken[0]["user_id"]})
-        with pytest.raises(IntegrityError, match="ck_tasks_user_id_text"):
-            conn.execute(_RAW_INSERT, broken[0])
-        conn.rollback()
+    with pytest.raises(IntegrityError, match="ck_tasks_user_id_text"), engine.begin() as conn:
+        conn.execute(_RAW_INSERT, broken[0])
 
     migrate.downgrade(url, "0001")
     assert _catalog(engine) == before
-    assert repo.list("alice") == kept
+    assert _rows(engine) == kept
+
+
+def test_a_generated_revision_for_a_new_nullable_column_passes_as_written(
+    url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The revision written from SQLite for a column added to the models runs here as well.
+
+    It applies, check() is clean and the schema is the one init_db makes.
+    """
+    scripts_with(tmp_path, monkeypatch, "pass")
+    with model_column(Column("added_in_a_test", Integer, nullable=True)):
+        migrate.revision("add a column")
+        assert migrate.upgrade(url).after == f"{int(HEAD) + 1:04d}"
+        result = migrate.check(url)
+        assert result.ok, result.problems
+        structure = _structure(engine)
+        migrate.downgrade(url, "base")
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE alembic_version"))
+        init_db(engine)
+        assert _structure(engine) == structure
+
+
+def test_check_constraints_are_compared_by_meaning_and_written_into_revisions(
+    url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL rewrites a CHECK's text; check() compares meaning, and revisions add CHECKs."""
+    scripts_with(tmp_path, monkeypatch, "pass")
+    migrate.upgrade(url)
+    with probe_checks():
+        missing = migrate.check(url).problems
+        assert len(missing) == 2, missing
+        migrate.revision("add checks")
+        migrate.upgrade(url)
+        result = migrate.check(url)
+        assert result.ok, result.problems
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE tasks DROP CONSTRAINT ck_tasks_probe_short"))
+            conn.execute(
+                text(
+                    "ALTER TABLE tasks ADD CONSTRAINT ck_tasks_probe_short "
+                    "CHECK (length(title) < 151)"
+                )
+            )
+        (changed,) = migrate.check(url).problems
+        assert "check constraint ck_tasks_probe_short on tasks: database has" in changed
+        assert "151" in changed
 
 
 @pytest.mark.pgbouncer
@@ -257,16 +309,16 @@ def test_a_failing_revision_through_pgbouncer_leaves_nothing_behind(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The whole upgrade is one transaction: a failing revision rolls back its DDL too."""
+    """A revision is one transaction: a failing revision rolls back its DDL too."""
     bouncer = pgbouncer(own_scratch_url, pool_size=1)
     pooled = _through(bouncer, own_url)
-    migrate.upgrade(pooled, HEAD)
+    migrate.upgrade(pooled)
     scripts_with(
         tmp_path,
         monkeypatch,
         """
         op.create_table("half_done", sa.Column("id", sa.Integer(), primary_key=True))
-        op.add_column("tasks", sa.Column("priority", sa.Integer(), nullable=True))
+        op.add_column("tasks", sa.Column("not_in_the_models", sa.Integer(), nullable=True))
         op.execute("select no_such_function()")
         """,
     )
@@ -274,7 +326,7 @@ def test_a_failing_revision_through_pgbouncer_leaves_nothing_behind(
         migrate.upgrade(pooled)
     engine = create_db_engine(own_url)
     assert "half_done" not in inspect(engine).get_table_names()
-    assert "priority" not in {c["name"] for c in inspect(engine).get_columns("tasks")}
+    assert "not_in_the_models" not in {c["name"] for c in inspect(engine).get_columns("tasks")}
     engine.dispose()
     assert migrate.current_revision(pooled) == HEAD
 
@@ -301,7 +353,7 @@ def test_tables_the_package_does_not_declare_are_left_alone(
         result = migrate.check(url)
         assert result.ok, result.problems
         scripts_with(tmp_path, monkeypatch, "pass")
-        assert migrate.upgrade(url) == (HEAD, NEXT)
+        assert migrate.upgrade(url) == (HEAD, SCRATCH)
         source = migrate.revision("nothing to do", url_or_engine=url).read_text()
         assert "drop_table" not in source
         assert "create_table" not in source

@@ -24,7 +24,7 @@ from tests.cli_runner import (
     use_workdir,
 )
 from tests.migration_scripts import HEAD
-from todo_backend import __version__
+from todo_backend import TaskRead, __version__
 from todo_backend.cli import ExitCode, describe_endpoint, redact, resolve_settings
 
 
@@ -110,15 +110,7 @@ def test_add_and_done_print_one_line_or_json(capsys: pytest.CaptureFixture[str])
     assert out.splitlines()[1].endswith(" " + "x" * 59 + "…")
 
     added = cli_json(capsys, "add", "--user", "bob", "with json", "--json")
-    assert set(added) == {
-        "id",
-        "user_id",
-        "title",
-        "description",
-        "complete",
-        "created_at",
-        "updated_at",
-    }
+    assert set(added) == set(TaskRead.model_fields)  # every column
     assert (added["id"], added["user_id"], added["complete"]) == (2, "bob", False)
     assert cli_json(capsys, "done", "--user", "bob", "2", "--json")["complete"] is True
 
@@ -460,10 +452,10 @@ def test_migrate_check_fails_for_a_database_without_history(
     assert "stamp" in err
 
 
-def test_migrate_opens_one_connection_and_one_transaction(
+def test_migrate_opens_one_connection_and_a_transaction_per_revision(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`migrate` reads the revisions inside its upgrade: one connection, one transaction."""
+    """`migrate` uses one connection: one transaction to look, then one per revision."""
     seen = {"engine_connect": 0, "begin": 0}
 
     def count(name: str) -> Callable[..., None]:
@@ -482,7 +474,8 @@ def test_migrate_opens_one_connection_and_one_transaction(
             event.remove(Engine, name, listener)
     assert code == ExitCode.OK
     assert f"migrated from an empty schema to {HEAD}" in out
-    assert seen == {"engine_connect": 1, "begin": 1}
+    # One transaction to read the revision, then one per revision (numbered from 0001).
+    assert seen == {"engine_connect": 1, "begin": 1 + int(HEAD)}
 
 
 def test_migrate_on_a_database_at_an_unknown_revision_fails_in_one_line(

@@ -12,7 +12,9 @@ import pytest
 from todo_backend.config import (
     MAX_SECONDS,
     VARIABLES,
+    MigrationSettings,
     Settings,
+    load_migration_settings,
     load_settings,
     mask_url,
     normalize_database_url,
@@ -42,6 +44,7 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "DB_POOL_SIZE": ("0", "1001", "2.5"),
     "DB_MAX_OVERFLOW": ("1001", "2.5"),
     "DB_POOL_TIMEOUT": ("0", "-0.001"),
+    "DB_POOL_IDLE_TIMEOUT": ("0", "-0.001"),
     "DB_CONNECT_TIMEOUT": ("0", "2147484", "1.5"),
     **dict.fromkeys(POSTGRES_BOUNDS, ("0", "0.0009", "-0.001")),
 }
@@ -49,6 +52,7 @@ ACCEPTED: dict[str, tuple[str, str]] = {
     "DB_POOL_SIZE": ("1", "1000"),
     "DB_MAX_OVERFLOW": ("0", "1000"),
     "DB_POOL_TIMEOUT": ("0.001", "2147483.647"),
+    "DB_POOL_IDLE_TIMEOUT": ("0.001", "2147483.647"),
     "DB_CONNECT_TIMEOUT": ("1", "2147483"),
     **dict.fromkeys(POSTGRES_BOUNDS, ("0.001", "2147483.647")),
 }
@@ -94,6 +98,7 @@ def test_defaults_with_only_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_overflow == 15
     assert settings.pool_size + settings.max_overflow == 20
     assert settings.pool_timeout == 30
+    assert settings.pool_idle_timeout == 60
     assert settings.connect_timeout == 10
     assert (settings.statement_timeout, settings.lock_timeout) == (15, 5)
     assert settings.idle_in_transaction_timeout == 30
@@ -106,6 +111,7 @@ def test_reads_every_variable_from_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DB_POOL_SIZE", "7")
     monkeypatch.setenv("DB_MAX_OVERFLOW", "3")
     monkeypatch.setenv("DB_POOL_TIMEOUT", "2.5")
+    monkeypatch.setenv("DB_POOL_IDLE_TIMEOUT", "45")
     monkeypatch.setenv("DB_CONNECT_TIMEOUT", "4")
     monkeypatch.setenv("DB_STATEMENT_TIMEOUT", "20")
     monkeypatch.setenv("DB_LOCK_TIMEOUT", "0.5")
@@ -121,6 +127,7 @@ def test_reads_every_variable_from_the_environment(monkeypatch: pytest.MonkeyPat
         lock_timeout=0.5,
         idle_in_transaction_timeout=60,
         echo=True,
+        pool_idle_timeout=45,
     )
 
 
@@ -347,8 +354,8 @@ def test_unknown_arguments_are_type_errors() -> None:
     """A misspelt keyword is a mistake in the calling code: TypeError, as for any function."""
     with pytest.raises(TypeError, match="statement_timout"):
         Settings(database_url="sqlite://", statement_timout=5)  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match="position 9"):
-        Settings("sqlite://", 5, 15, 30, 10, 15, 5, 30, False, True)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="position 10"):
+        Settings("sqlite://", 5, 15, 30, 10, 15, 5, 30, False, 60, True)  # type: ignore[call-arg]
 
 
 def test_env_file_ignores_other_variables(clean_env: Path) -> None:
@@ -399,8 +406,45 @@ def test_env_example_documents_every_variable_with_its_default() -> None:
     root = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
     example = root / ".env.example"
     lines = example.read_text(encoding="utf-8").splitlines()
-    assert {line.split("=")[0] for line in lines if "=" in line and line[0] != "#"} == set(
-        VARIABLES.values()
-    )
+    migration_variables = {"DB_MIGRATION_LOCK_TIMEOUT", "DB_MIGRATION_RETRY_FOR"}
+    assert {line.split("=")[0] for line in lines if "=" in line and line[0] != "#"} == {
+        *VARIABLES.values(),
+        *migration_variables,
+    }
     settings = load_settings(example)
     assert settings == Settings(database_url=settings.database_url)
+    assert load_migration_settings(example) == MigrationSettings()
+
+
+def test_migration_settings_default_to_a_short_lock_wait_and_a_minute_of_retries(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """DB_MIGRATION_LOCK_TIMEOUT (3 s) and DB_MIGRATION_RETRY_FOR (60 s) need no DATABASE_URL."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("DB_MIGRATION_LOCK_TIMEOUT", raising=False)
+    monkeypatch.delenv("DB_MIGRATION_RETRY_FOR", raising=False)
+    assert load_migration_settings(None) == MigrationSettings(lock_timeout=3.0, retry_for=60.0)
+    env_file = tmp_path / ".env"
+    env_file.write_text("DB_MIGRATION_LOCK_TIMEOUT=2.5\nDB_MIGRATION_RETRY_FOR=10\n")
+    assert load_migration_settings(env_file) == MigrationSettings(2.5, 10.0)
+    monkeypatch.setenv("DB_MIGRATION_RETRY_FOR", "0")
+    assert load_migration_settings(env_file).retry_for == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DB_MIGRATION_LOCK_TIMEOUT", "0"),
+        ("DB_MIGRATION_LOCK_TIMEOUT", "soon"),
+        ("DB_MIGRATION_RETRY_FOR", "-1"),
+        ("DB_MIGRATION_RETRY_FOR", "inf"),
+        ("DB_MIGRATION_LOCK_TIMEOUT", "2147484"),
+    ],
+)
+def test_bad_migration_settings_name_their_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """A malformed or out-of-range DB_MIGRATION_* value raises ConfigurationError naming it."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=name):
+        load_migration_settings(None)

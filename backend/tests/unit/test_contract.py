@@ -36,6 +36,7 @@ PUBLIC_SURFACE = frozenset(
         "DatabaseHealth",
         "DatabaseTimeoutError",
         "DatabaseUnavailableError",
+        "SchemaMissingError",
         "Settings",
         "Task",
         "TaskCreate",
@@ -71,9 +72,49 @@ def _documented_schema() -> Any:
     return json.loads(blocks[0])
 
 
+SHOW_SCHEMA = (
+    'uv run python -c "import json; from todo_backend import TaskRead; '
+    'print(json.dumps(TaskRead.model_json_schema(), indent=2))"'
+)
+
+
 def test_documented_task_schema_equals_taskread_json_schema() -> None:
     """The JSON Schema in the contract document is exactly TaskRead.model_json_schema()."""
-    assert _documented_schema() == TaskRead.model_json_schema()
+    assert _documented_schema() == TaskRead.model_json_schema(), (
+        f"TaskRead's JSON Schema changed: it is a contract change. Replace the ```json block "
+        f"of {CONTRACT} with what `{SHOW_SCHEMA}` prints, describe the change there (an "
+        "added optional field is a minor version: bump the version in its title and in "
+        "todo_backend/__init__.py's docstring)"
+    )
+
+
+def _table_rows(text: str, heading: str) -> list[list[str]]:
+    """Return the body rows of the first Markdown table under *heading*, as lists of cells."""
+    section = text.split(f"\n{heading}\n", 1)[1]
+    table: list[str] = []
+    for line in section.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+        elif table or line.startswith("#"):
+            break
+    return [
+        [cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        for line in table[2:]  # after the header and its --- line
+    ]
+
+
+def test_the_input_tables_document_every_content_field() -> None:
+    """The contract's input table has one row per field of TaskCreate and TaskUpdate."""
+    documented = [
+        row[0].strip("`")
+        for row in _table_rows(_contract_text(), "## Inputs: TaskCreate and TaskUpdate")
+    ]
+    fields = list(TaskCreate.model_fields)
+    assert documented == fields, (
+        f"{CONTRACT}: the table of 'Inputs: TaskCreate and TaskUpdate' documents {documented}, "
+        f"the models have {fields}: add a row per new field (`{SHOW_SCHEMA}` shows its rules)"
+    )
+    assert list(TaskUpdate.model_fields) == fields
 
 
 def test_all_is_exactly_the_documented_public_surface() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import produce_migrations, render_python_code
@@ -20,11 +21,11 @@ from sqlalchemy import (
     inspect,
     text,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Row, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import SQLModel
 
-from tests.migration_scripts import HEAD, NEXT, scripts_with
+from tests.migration_scripts import HEAD, SCRATCH, model_column, probe_checks, scripts_with
 from todo_backend import migrate
 from todo_backend.db import create_db_engine, get_session, init_db
 from todo_backend.errors import ConfigurationError
@@ -74,17 +75,49 @@ def test_head_on_an_empty_database_is_exactly_the_models(url: str, engine: Engin
     with engine.connect() as conn:
         assert migrate.model_differences(conn) == []
     assert migrate.check(url).ok
-    assert migrate.current_revision(url) == migrate.head_revision() == HEAD
+    assert migrate.current_revision(url) == HEAD
 
 
-def test_head_emits_the_same_ddl_as_init_db(url: str, engine: Engine) -> None:
-    """Migrations and init_db create identical tables and indexes, so stamping is honest."""
+def _structure(engine: Engine) -> dict[str, dict[str, Any]]:
+    with engine.connect() as conn:
+        return migrate.schema_structure(conn)
+
+
+def test_head_builds_the_same_schema_as_init_db(url: str, engine: Engine) -> None:
+    """Migrations and init_db make the same columns, keys, indexes and CHECKs: stamping is honest.
+
+    Compared by structure, not DDL text: a revision adds a column at the end of the
+    table, init_db where the model declares it.
+    """
     migrate.upgrade(engine)
     other = create_db_engine("sqlite://")
     init_db(other)
-    assert _schema(engine) == _schema(other)
+    assert _structure(engine) == _structure(other)
+    assert set(_structure(engine)["tasks"]["check constraints"]) == {
+        "ck_tasks_user_id_valid",
+        "ck_tasks_title_valid",
+        "ck_tasks_description_valid",
+        "ck_tasks_user_id_text",
+        "ck_tasks_title_text",
+        "ck_tasks_description_text",
+    }
     assert "id INTEGER NOT NULL" in dict(_schema(engine))["tasks"]  # auto-increments
     other.dispose()
+
+
+def test_the_structure_tells_schemas_apart(url: str, engine: Engine) -> None:
+    """A changed condition, nullability, default or index is a different structure."""
+    migrate.upgrade(engine)
+    before = _structure(engine)
+    for change in (
+        "drop index ix_tasks_user_id_complete_id",
+        "create index ix_tasks_user_id_complete_id on tasks (complete, user_id, id)",
+        "alter table tasks add column extra integer default 3",
+    ):
+        with engine.begin() as conn:
+            conn.execute(text(change))
+        assert _structure(engine) != before, change
+        before = _structure(engine)
 
 
 def test_round_trip_keeps_working_with_data(url: str, engine: Engine) -> None:
@@ -115,7 +148,7 @@ def test_a_database_made_by_init_db_is_stamped_then_upgraded(url: str, engine: E
         migrate.upgrade(url)  # would fail half-way on "table tasks already exists"
     assert not inspect(engine).has_table("alembic_version")
 
-    migrate.stamp(url, "0002")
+    migrate.stamp(url, HEAD)
     migrate.upgrade(url)
     after = migrate.check(url)
     assert after.ok, after.problems
@@ -128,20 +161,31 @@ _RAW_INSERT = text(
 )
 
 
+_RAW_ROW = {"id": 1, "user_id": "a", "title": "t", "description": None}
+
+
 def _text_checks(engine: Engine) -> set[str]:
     names = {str(ck["name"]) for ck in inspect(engine).get_check_constraints("tasks")}
     return {name for name in names if name.endswith("_text")}
 
 
+def _rows(engine: Engine) -> list[Row[object]]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("select * from tasks order by id")))
+
+
 def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
     url: str, engine: Engine
 ) -> None:
-    """Rows breaking the character rules stop 0002, by id, changing nothing; then it applies."""
+    """Rows breaking the character rules stop 0002, by id, changing nothing; then it applies.
+
+    Rows are written and read with SQL of 0001's columns: the repository is for head.
+    """
     migrate.upgrade(url, "0001")
-    repo = TaskRepository(next(get_session(engine)))
-    kept = repo.create_many(
-        "alice", [TaskCreate(title="one", description="tab\tand\nlines"), TaskCreate(title="two")]
-    )
+    kept = [
+        {"id": 1, "user_id": "alice", "title": "one", "description": "tab\tand\nlines"},
+        {"id": 2, "user_id": "alice", "title": "two", "description": None},
+    ]
     broken = [
         {"id": 3, "user_id": "alice", "title": "bell\x07", "description": None},
         {"id": 4, "user_id": "bob\u3000", "title": "ok", "description": None},
@@ -149,11 +193,14 @@ def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
         {"id": 6, "user_id": "dave", "title": "nul\x00", "description": None},
     ]
     with engine.begin() as conn:
+        conn.execute(_RAW_INSERT, kept)
+    stored = _rows(engine)
+    with engine.begin() as conn:
         conn.execute(_RAW_INSERT, broken)
     before = _schema(engine)
 
     with pytest.raises(migrate.MigrationError) as refused:
-        migrate.upgrade(url)
+        migrate.upgrade(url, "0002")
     message = str(refused.value)
     assert "user_id (ck_tasks_user_id_text): task id 4;" in message
     assert "title (ck_tasks_title_text): task ids 3, 6;" in message
@@ -164,9 +211,8 @@ def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
 
     with engine.begin() as conn:
         conn.execute(text("delete from tasks where id > 2"))
-    assert migrate.upgrade(url) == ("0001", HEAD)
-    assert migrate.check(url).ok
-    assert repo.list("alice") == kept[::-1]  # ids, text and timestamps as they were
+    assert migrate.upgrade(url, "0002") == ("0001", "0002")
+    assert _rows(engine) == stored  # ids, text and timestamps as they were
     assert _text_checks(engine) == {
         "ck_tasks_user_id_text",
         "ck_tasks_title_text",
@@ -178,7 +224,7 @@ def test_0002_upgrades_stored_tasks_and_names_the_rows_it_cannot_keep(
     migrate.downgrade(url, "0001")
     assert _text_checks(engine) == set()
     assert _schema(engine) == before  # 0001's table again, with the rows kept
-    assert repo.list("alice") == kept[::-1]
+    assert _rows(engine) == stored
 
 
 def test_0002_renders_offline_for_each_database() -> None:
@@ -203,9 +249,9 @@ def test_check_reports_an_empty_database_and_one_behind_head(
     migrate.upgrade(url)
     scripts_with(tmp_path, monkeypatch, "pass")
     result = migrate.check(url)
-    assert (result.current, result.head) == (HEAD, NEXT)
+    assert (result.current, result.head) == (HEAD, SCRATCH)
     assert result.problems == (
-        f"the database is at revision {HEAD}, behind head {NEXT}: run `todo-db migrate`",
+        f"the database is at revision {HEAD}, behind head {SCRATCH}: run `todo-db migrate`",
     )
 
 
@@ -231,7 +277,7 @@ def test_check_reports_schema_drift_from_the_models(
         """
         op.drop_index("ix_tasks_user_id_id", table_name="tasks")
         with op.batch_alter_table("tasks") as batch:
-            batch.add_column(sa.Column("priority", sa.Integer(), nullable=True))
+            batch.add_column(sa.Column("not_in_the_models", sa.Integer(), nullable=True))
             batch.drop_constraint("ck_tasks_title_valid", type_="check")
             batch.create_check_constraint(
                 "ck_tasks_title_valid", "length(trim(title)) BETWEEN 1 AND 300"
@@ -240,11 +286,11 @@ def test_check_reports_schema_drift_from_the_models(
     )
     migrate.upgrade(url)
     result = migrate.check(url)
-    assert (result.current, result.head) == (NEXT, NEXT)
+    assert (result.current, result.head) == (SCRATCH, SCRATCH)
     assert set(result.problems) == {
         "models differ from the migrations: index ix_tasks_user_id_id on tasks: "
         "declared by the models, missing in the database",
-        "models differ from the migrations: column tasks.priority: "
+        "models differ from the migrations: column tasks.not_in_the_models: "
         "in the database, not in the models",
         "models differ from the migrations: check constraint ck_tasks_title_valid on tasks: "
         "database has 'length(trim(title)) BETWEEN 1 AND 300', "
@@ -301,27 +347,108 @@ def test_autogenerate_renders_plain_sqlalchemy_types(engine: Engine) -> None:
 def test_revision_autogenerates_the_next_numbered_file(
     url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """revision() writes the next file from the drift of NEXT; applying it makes check() clean."""
+    """revision() writes the next number from the drift of a scratch revision; check() is clean."""
     scripts_with(
         tmp_path,
         monkeypatch,
         """
         op.drop_index("ix_tasks_user_id_id", table_name="tasks")
         with op.batch_alter_table("tasks") as batch:
-            batch.add_column(sa.Column("priority", sa.Integer(), nullable=True))
+            batch.add_column(sa.Column("not_in_the_models", sa.Integer(), nullable=True))
         """,
     )
     path = migrate.revision("Undo the test's drift.")
-    after_next = f"{int(NEXT) + 1:04d}"
-    assert path == tmp_path / "migrations" / "versions" / f"{after_next}_undo_the_test_s_drift.py"
+    number = f"{int(HEAD) + 1:04d}"
+    assert path == tmp_path / "migrations" / "versions" / f"{number}_undo_the_test_s_drift.py"
     source = path.read_text()
-    assert f"down_revision: str | Sequence[str] | None = '{NEXT}'" in source
-    assert "with op.batch_alter_table('tasks'" in source
+    assert f"Revision ID: {number}\nRevises: {SCRATCH}\n" in source
+    assert "with op.batch_alter_table(" in source
     assert "sqlmodel" not in source
     compile(source, str(path), "exec")
 
     migrate.upgrade(url)
     assert migrate.check(url).ok
+
+
+def test_a_generated_revision_for_a_new_nullable_column_passes_as_written(
+    url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A column added to the models: its generated revision applies, checks clean, is init_db's."""
+    scripts_with(tmp_path, monkeypatch, "pass")
+    with model_column(Column("added_in_a_test", Integer, nullable=True)):
+        source = migrate.revision("add a column").read_text()
+        assert "add_column" in source
+        assert migrate.upgrade(url).after == f"{int(HEAD) + 1:04d}"
+        result = migrate.check(url)
+        assert result.ok, result.problems
+        other = create_db_engine("sqlite://")
+        init_db(other)
+        assert _structure(engine) == _structure(other)
+        other.dispose()
+        migrate.downgrade(url, "-1")
+        assert "added_in_a_test" not in {c["name"] for c in inspect(engine).get_columns("tasks")}
+
+
+def test_check_constraints_the_models_add_are_written_into_new_revisions(
+    url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Autogenerate ignores CHECKs; revision() adds them, one text or one per database."""
+    scripts_with(tmp_path, monkeypatch, "pass")
+    migrate.upgrade(url)
+    with probe_checks():
+        problems = migrate.check(url).problems
+        assert any("ck_tasks_probe_short on tasks: declared by the models" in p for p in problems)
+        assert any("`python -m todo_backend.migrate revision" in p for p in problems)
+        source = migrate.revision("add checks").read_text()
+        assert "batch_op.create_check_constraint(" in source
+        assert "'length(title) < 150'" in source or '"length(title) < 150"' in source
+        assert "[op.get_context().dialect.name]" in source  # the per-database condition
+        migrate.upgrade(url)
+        result = migrate.check(url)
+        assert result.ok, result.problems
+        for title in ("x" * 160, "tilde~"):
+            with pytest.raises(IntegrityError, match="ck_tasks_probe"), engine.begin() as conn:
+                conn.execute(
+                    _RAW_INSERT, {"id": 1, "user_id": "a", "title": title, "description": None}
+                )
+        migrate.downgrade(url, "-1")
+        assert not {"ck_tasks_probe_short", "ck_tasks_probe_text"} & {
+            str(ck["name"]) for ck in inspect(engine).get_check_constraints("tasks")
+        }
+        assert migrate.check(url).problems  # the models have them, the database does not
+
+
+def test_a_check_changed_by_a_revision_is_restored_by_the_next_one(
+    url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CHECK whose condition strayed is dropped and added again as the models state it."""
+    scripts_with(
+        tmp_path,
+        monkeypatch,
+        """
+        with op.batch_alter_table("tasks") as batch:
+            batch.drop_constraint("ck_tasks_title_valid", type_="check")
+            batch.create_check_constraint(
+                "ck_tasks_title_valid", "length(trim(title)) BETWEEN 1 AND 300"
+            )
+            batch.create_check_constraint("ck_tasks_not_in_the_models", "id > 0")
+        """,
+    )
+    migrate.upgrade(url)
+    assert len(migrate.check(url).problems) == 2
+    source = migrate.revision("restore the checks").read_text()
+    upgrade, downgrade = source.split("def downgrade()")
+    assert upgrade.count("drop_constraint(") == 2
+    assert "BETWEEN 1 AND 200" in upgrade
+    assert "BETWEEN 1 AND 300" in downgrade
+    assert "id > 0" in downgrade
+    migrate.upgrade(url)
+    result = migrate.check(url)
+    assert result.ok, result.problems
+    migrate.downgrade(url, "-1")
+    checks = {ck["name"]: ck["sqltext"] for ck in inspect(engine).get_check_constraints("tasks")}
+    assert "BETWEEN 1 AND 300" in str(checks["ck_tasks_title_valid"])
+    assert "ck_tasks_not_in_the_models" in checks
 
 
 def test_an_empty_revision_is_a_typed_skeleton(
@@ -357,7 +484,7 @@ def test_the_command_line(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert migrate.main(["check", "--url", url]) == 0
     assert capsys.readouterr().out == f"at revision {HEAD}, head {HEAD}: ok\n"
     assert migrate.main(["downgrade", "base", "--url", url]) == 0
-    assert migrate.main(["stamp", "0002", "--url", url]) == 0
+    assert migrate.main(["stamp", HEAD, "--url", url]) == 0
     assert migrate.main(["sql", "--url", "postgresql://"]) == 0
     assert "id BIGSERIAL NOT NULL" in capsys.readouterr().out
     assert migrate.main(["stamp", "base", "--url", url]) == 0
@@ -499,5 +626,5 @@ def test_upgrade_returns_the_revisions_it_saw_in_one_connection(
     assert migrate.upgrade(engine) == (HEAD, HEAD)
     scripts_with(tmp_path, monkeypatch, "pass")
     result = migrate.upgrade(engine)
-    assert (result.before, result.after) == (HEAD, NEXT)
+    assert (result.before, result.after) == (HEAD, SCRATCH)
     assert len(opened) == 3

@@ -3,9 +3,10 @@
 The same engines, sessions and repository contract as the sync package, awaited:
 :func:`create_async_db_engine` takes the same settings or URL as
 :func:`~todo_backend.create_db_engine` and picks the async driver itself (psycopg 3
-for PostgreSQL, aiosqlite for SQLite); :func:`get_async_session` is a FastAPI
-dependency as it stands; :class:`AsyncTaskRepository` has the methods, arguments,
-results and errors of :class:`~todo_backend.TaskRepository`. Both repositories carry
+for PostgreSQL, aiosqlite for SQLite); :func:`get_async_session` yields one session
+(:mod:`todo_backend.fastapi`, extra ``[fastapi]``, makes FastAPI dependencies);
+:class:`AsyncTaskRepository` has the methods, arguments, results and errors of
+:class:`~todo_backend.TaskRepository`. Both repositories carry
 out the rules of :mod:`todo_backend.repository_core`, so they cannot drift apart.
 
 ``import todo_backend`` never imports this package: the sync package works without

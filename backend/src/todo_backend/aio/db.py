@@ -38,6 +38,7 @@ from todo_backend.db import (
     sqlite_engine_options,
     sqlite_on_connect,
 )
+from todo_backend.pool import AsyncIdleQueuePool
 
 __all__ = ["create_async_db_engine", "get_async_session", "user_scope"]
 
@@ -70,8 +71,9 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
     Takes the same Settings or URL (``postgresql://``, ``postgres://``,
     ``postgresql+psycopg://``, ``postgresql+psycopg2://``, ``sqlite:///FILE``,
     ``sqlite://``) and picks the async driver itself: psycopg 3 or aiosqlite, whichever
-    driver the URL names. PostgreSQL:
-    a pool of ``pool_size`` plus ``max_overflow`` connections, ``connect_timeout``,
+    driver the URL names. PostgreSQL: a pool of ``pool_size`` plus ``max_overflow``
+    connections kept while busy, those above ``pool_size`` closed once idle for
+    ``pool_idle_timeout``, ``connect_timeout``,
     keepalives, recycling below Neon's 300 s idle suspend, ``sslmode=require`` for a
     non-local host whose URL does not choose one, no server-side prepared statements,
     and dead pooled connections replaced at checkout without a round trip. SQLite:
@@ -88,6 +90,7 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
             event.listen(engine.sync_engine, "connect", sqlite_on_connect)
         return engine
     options = postgres_engine_options(url, settings)
+    options["poolclass"] = AsyncIdleQueuePool
     options["connect_args"]["cursor_factory"] = _LastResultCursor
     # Client-side binding never prepares; this keeps it so should a cursor of another
     # kind ever be used.
@@ -101,7 +104,10 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
 
 
 async def get_async_session(engine: AsyncEngine) -> AsyncGenerator[AsyncSession, None]:
-    """Yield an async session on *engine* and close it afterwards: a FastAPI dependency.
+    """Yield an async session on *engine* and close it afterwards.
+
+    Not a FastAPI dependency by itself (FastAPI cannot supply *engine*):
+    :func:`todo_backend.fastapi.session_dependency` makes one from an engine.
 
     Objects stay readable after commit (``expire_on_commit=False``), as with
     :func:`~todo_backend.get_session`: an async session could not lazily re-read them.

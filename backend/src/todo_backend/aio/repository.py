@@ -52,7 +52,15 @@ class AsyncTaskRepository:
         """Run the calls inside ``async with repo.atomic():`` in one transaction.
 
         All apply, or none; nested blocks and other repositories on the same session
-        join the outer block, exactly as :meth:`TaskRepository.atomic`.
+        join the outer block, and the block fails as a whole (a failed call or a
+        nested block that raised, even if caught; no savepoints), exactly as
+        :meth:`TaskRepository.atomic`. A call cancelled inside the block
+        (``asyncio.wait_for``, ``Task.cancel``, a request whose client went away)
+        fails it the same way: the caller sees the ``CancelledError`` (or
+        ``wait_for``'s ``TimeoutError``), later calls in the block and its end raise
+        :class:`TodoBackendError`, and nothing of the block is stored. A failed
+        ROLLBACK is added as a note to the caller's own exception, never raised in
+        its place. A block cancelled during its COMMIT may have been committed.
         """
         block = core.Block(self._state)
         try:
@@ -100,9 +108,15 @@ class AsyncTaskRepository:
         """Delete task *task_id* if *user_id* owns it; return whether a row was deleted."""
         return await self._execute(core.delete_call, user_id, task_id)
 
-    async def count(self, user_id: str, *, complete: bool | None = None) -> int:
-        """Count the user's tasks, optionally only complete or only pending ones."""
-        return await self._execute(core.count_call, user_id, complete)
+    async def count(
+        self, user_id: str, *, complete: bool | None = None, limit: int | None = None
+    ) -> int:
+        """Count the user's tasks, optionally only complete or only pending ones.
+
+        With *limit*, the answer is at most *limit* ("*limit* or more" when it equals
+        it), and the count reads at most *limit* index entries, whatever the user owns.
+        """
+        return await self._execute(core.count_call, user_id, complete, limit)
 
     # -- execution: the awaited I/O of repository_core's policy -----------------------
 
@@ -114,7 +128,7 @@ class AsyncTaskRepository:
         for step in driver:
             try:
                 driver.done(await self._perform(step))
-            except Exception as err:  # noqa: BLE001 - the policy decides what it means
+            except BaseException as err:  # noqa: BLE001 - the policy decides, cancellation too
                 driver.failed(err)
         return driver.result
 

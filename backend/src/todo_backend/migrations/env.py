@@ -6,7 +6,8 @@ transaction, so alembic runs every revision in it and the caller commits once.
 Started any other way, it opens such a connection itself on the database in
 ``config.attributes["url_or_engine"]``, the ``sqlalchemy.url`` option of an ini
 file, or else ``DATABASE_URL``. Offline (``--sql``) it renders SQL for that URL's
-dialect without connecting, the URL normalised as everywhere in the package
+dialect without connecting (on PostgreSQL each transaction starts with the
+``SET LOCAL lock_timeout`` the runner sends), the URL normalised as everywhere in the package
 (``postgres://`` is PostgreSQL through psycopg2). Options come from
 :func:`todo_backend.migrate.context_options`.
 """
@@ -22,7 +23,12 @@ from sqlalchemy.engine import URL
 
 from todo_backend.config import load_settings, normalize_database_url
 from todo_backend.errors import ConfigurationError
-from todo_backend.migrate import UrlOrEngine, context_options, migration_connection
+from todo_backend.migrate import (
+    UrlOrEngine,
+    context_options,
+    migration_connection,
+    offline_lock_timeout,
+)
 
 # A URL that names only a dialect, such as "postgresql://": enough for offline SQL.
 _DIALECT_ONLY: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -71,6 +77,10 @@ def run_migrations_offline() -> None:
         **context_options(),
     )
     with context.begin_transaction():
+        migration = context.get_context()
+        if migration.dialect.name == "postgresql":
+            # As the runner does online: every transaction bounds its lock waits.
+            migration.impl.static_output(offline_lock_timeout())
         context.run_migrations()
 
 
@@ -82,12 +92,17 @@ def run_migrations_on(connection: Connection) -> None:
 
 
 def run_migrations_online() -> None:
-    """Run the migrations on the caller's connection, or on a new one in a transaction."""
+    """Run the migrations on the caller's connection, or on a new one in a transaction.
+
+    ``config.attributes["connection"]`` may also hold an engine (pytest-alembic puts
+    its ``alembic_engine`` there): the run then opens its transaction on that engine.
+    """
     connection = config.attributes.get("connection")
     if isinstance(connection, Connection):
         run_migrations_on(connection)
         return
-    with migration_connection(_database()) as new_connection:
+    database = connection if isinstance(connection, Engine) else _database()
+    with migration_connection(database) as new_connection:
         run_migrations_on(new_connection)
 
 

@@ -1,0 +1,320 @@
+"""Migrations on a live database: bounded lock waits, retries, online steps, INVALID indexes.
+
+Direct on the server under test, and through a PgBouncer of our own in transaction
+mode. Timing appears only as generous liveness bounds; the worst wait seen is printed
+(``-s``) for the benchmark notes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError
+
+from tests.cli_runner import cli_env, run_cli
+from tests.fix_servers import PgBouncerFactory
+from tests.migration_scripts import HEAD, SCRATCH, scripts_with
+from todo_backend import migrate
+from todo_backend.config import Settings
+from todo_backend.db import create_db_engine, get_session
+from todo_backend.errors import DatabaseTimeoutError
+from todo_backend.models import TaskCreate, TaskUpdate
+from todo_backend.repository import TaskRepository
+
+ADD_COLUMN = 'op.add_column("tasks", sa.Column("rank", sa.BigInteger(), nullable=True))'
+READER = "nightly-report"
+_VALID = text(
+    "select conname, convalidated from pg_constraint "
+    "where conrelid = to_regclass('public.tasks') and conname like '%\\_text' order by conname"
+)
+
+
+def _emptied(database: URL) -> str:
+    admin = create_engine(database, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    admin.dispose()
+    return database.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def url(scratch_url: URL) -> str:
+    """The module's scratch database on the server under test, its schema emptied."""
+    return _emptied(scratch_url)
+
+
+@pytest.fixture(params=["direct", pytest.param("pgbouncer", marks=pytest.mark.pgbouncer)])
+def live_url(request: pytest.FixtureRequest, scratch_url: URL) -> str:
+    """An emptied database: direct on the server under test, or through our own PgBouncer.
+
+    The PgBouncer (transaction mode, four server connections) fronts a database on
+    our own cluster, since the server under test may not be reachable to one.
+    """
+    if request.param == "direct":
+        return _emptied(scratch_url)
+    own: URL = request.getfixturevalue("own_scratch_url")
+    pgbouncer: PgBouncerFactory = request.getfixturevalue("pgbouncer")
+    _emptied(own)
+    bouncer = pgbouncer(own, pool_size=4)
+    database = own.database
+    assert database is not None
+    return bouncer.url(database).render_as_string(hide_password=False)
+
+
+@contextmanager
+def reading(url: str, seconds: float) -> Iterator[threading.Thread]:
+    """Hold a reader's transaction on tasks (ACCESS SHARE) for *seconds*, in a thread.
+
+    The block starts once the reader holds its lock; it ends after the reader commits.
+    """
+    engine = create_engine(url, connect_args={"application_name": READER})
+    holding = threading.Event()
+
+    def hold() -> None:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(text("select count(*) from tasks"))
+            holding.set()
+            time.sleep(seconds)
+
+    thread = threading.Thread(target=hold, name="reader", daemon=True)
+    thread.start()
+    try:
+        assert holding.wait(30), "the reader never got its lock"
+        yield thread
+    finally:
+        thread.join(60)
+        engine.dispose()
+
+
+@contextmanager
+def holding_open(url: str) -> Iterator[int]:
+    """Hold a reader's transaction on tasks until the block ends; yield its pid."""
+    engine = create_engine(url, connect_args={"application_name": READER})
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(text("select count(*) from tasks"))
+            yield int(conn.execute(text("select pg_backend_pid()")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _columns(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        return {column["name"] for column in inspect(engine).get_columns("tasks")}
+    finally:
+        engine.dispose()
+
+
+def test_the_application_waits_at_most_the_migration_bound_while_a_reader_blocks_it(
+    live_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A migration blocked by a reader retries; meanwhile every repository call succeeds."""
+    migrate.upgrade(live_url)
+    app = create_db_engine(live_url)  # DB_LOCK_TIMEOUT 5 s: longer than the migration's 1 s
+    repo = TaskRepository(next(get_session(app)))
+    task = repo.create("alice", TaskCreate(title="live"))
+    assert task.id is not None
+    scripts_with(tmp_path, monkeypatch, ADD_COLUMN)
+    waits: list[float] = []
+    failures: list[BaseException] = []
+    result: list[migrate.UpgradeResult] = []
+
+    def migrating() -> None:
+        try:
+            result.append(migrate.upgrade(live_url, lock_timeout=1, retry_for=60))
+        except BaseException as err:  # noqa: BLE001 - reported by the test's thread
+            failures.append(err)
+
+    with caplog.at_level("WARNING", logger="todo_backend.migrate"), reading(live_url, 6):
+        migration = threading.Thread(target=migrating, name="migration", daemon=True)
+        migration.start()
+        while migration.is_alive():
+            started = time.monotonic()
+            assert repo.get("alice", task.id) is not None
+            repo.update("alice", task.id, TaskUpdate(complete=True))
+            waits.append(time.monotonic() - started)
+        migration.join()
+    app.dispose()
+    assert not failures, failures
+    assert result == [(HEAD, SCRATCH)]
+    assert "rank" in _columns(live_url)
+    assert any("retrying" in record.getMessage() for record in caplog.records)
+    print(f"\nworst application call while the migration waited: {max(waits):.3f} s")
+    assert max(waits) < 4  # liveness: the 1 s migration bound, never the reader's 6 s
+
+
+def test_a_migration_that_never_gets_its_lock_names_the_blocker_and_applies_nothing(
+    live_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its retry budget the upgrade fails naming the reader; the revision is not applied."""
+    migrate.upgrade(live_url)
+    scripts_with(
+        tmp_path,
+        monkeypatch,
+        f"""
+        op.create_table("half_done", sa.Column("id", sa.BigInteger(), primary_key=True))
+        {ADD_COLUMN}
+        """,
+    )
+    with (
+        holding_open(live_url) as pid,
+        pytest.raises(migrate.MigrationLockTimeoutError) as caught,
+    ):
+        migrate.upgrade(live_url, lock_timeout=0.2, retry_for=1.5)
+    message = str(caught.value)
+    assert f"pid {pid} (application_name {READER!r}, idle in transaction" in message
+    assert "holds AccessShareLock on tasks" in message
+    assert "DB_MIGRATION_RETRY_FOR=1.5 s" in message
+    assert "nothing of it is applied" in message
+    assert len(caught.value.blockers) == 1
+    assert migrate.current_revision(live_url) == HEAD
+    assert "rank" not in _columns(live_url)
+    engine = create_engine(live_url)
+    assert "half_done" not in inspect(engine).get_table_names()
+    engine.dispose()
+
+
+def test_todo_db_migrate_exits_non_zero_naming_the_blocking_session(
+    url: str, tmp_path: Path
+) -> None:
+    """`todo-db migrate` gives up after DB_MIGRATION_RETRY_FOR with the blocker in its error."""
+    migrate.upgrade(url, "0001")
+    env = cli_env(DATABASE_URL=url, DB_MIGRATION_LOCK_TIMEOUT="0.2", DB_MIGRATION_RETRY_FOR="1")
+    with holding_open(url) as pid:
+        result = run_cli("migrate", cwd=tmp_path, env=env)
+    assert result.returncode != 0
+    assert "revision 0002 could not get its table locks" in result.stderr
+    assert f"pid {pid} (application_name {READER!r}" in result.stderr
+    assert "pg_terminate_backend" in result.stderr
+    assert migrate.current_revision(url) == "0001"
+
+
+def test_the_lock_timeout_error_tells_a_held_row_from_a_locked_table(url: str) -> None:
+    """DB_LOCK_TIMEOUT's message names a held row, or a table behind a schema change."""
+    migrate.upgrade(url)
+    app = create_db_engine(Settings(database_url=url, lock_timeout=0.2))
+    repo = TaskRepository(next(get_session(app)))
+    task = repo.create("alice", TaskCreate(title="row"))
+    assert task.id is not None
+    other = create_engine(url)
+    try:
+        with other.connect() as conn, conn.begin():
+            conn.execute(text("select id from tasks where id = :id for update"), {"id": task.id})
+            with pytest.raises(DatabaseTimeoutError) as row:
+                repo.update("alice", task.id, TaskUpdate(title="x"))
+        assert "the task is locked by another transaction" in str(row.value)
+        with other.connect() as conn, conn.begin():
+            conn.execute(text("lock table tasks in access exclusive mode"))
+            with pytest.raises(DatabaseTimeoutError) as table:
+                repo.get("alice", task.id)
+        message = str(table.value)
+        assert "queued behind a table lock" in message
+        assert "todo-db migrate" in message
+        assert "locked by another transaction" not in message
+        assert table.value.bound == row.value.bound == "DB_LOCK_TIMEOUT"
+    finally:
+        other.dispose()
+        app.dispose()
+
+
+def test_0002_commits_its_not_valid_constraints_first_and_a_rerun_resumes(url: str) -> None:
+    """0002's constraints hold for new writes once added; a rerun validates them and finishes."""
+    migrate.upgrade(url, "0001")
+    engine = create_engine(url)
+    # The state a failure after 0002's commit point leaves: its first transaction ran.
+    first, _ = migrate.upgrade_sql("postgresql://", "0001:0002").split("COMMIT;", 1)
+    with engine.connect() as conn:
+        conn.exec_driver_sql(first.replace("BEGIN;", "", 1))
+        conn.commit()
+    with engine.connect() as conn:
+        assert conn.execute(_VALID).all() == [
+            ("ck_tasks_description_text", False),
+            ("ck_tasks_title_text", False),
+            ("ck_tasks_user_id_text", False),
+        ]
+    with pytest.raises(IntegrityError, match="ck_tasks_title_text"), engine.begin() as conn:
+        conn.execute(
+            text(
+                "insert into tasks (user_id, title, complete, created_at, updated_at) "
+                "values ('bob', 'bell' || chr(7), false, now(), now())"
+            )
+        )
+    with engine.connect() as conn:  # a writer's open transaction does not stop VALIDATE
+        conn.execute(
+            text(
+                "insert into tasks (user_id, title, complete, created_at, updated_at) "
+                "values ('bob', 'fine', false, now(), now())"
+            )
+        )
+        assert migrate.upgrade(url, "0002", lock_timeout=0.5, retry_for=0) == ("0001", "0002")
+        conn.commit()
+    with engine.connect() as conn:
+        assert conn.execute(_VALID).all() == [
+            ("ck_tasks_description_text", True),
+            ("ck_tasks_title_text", True),
+            ("ck_tasks_user_id_text", True),
+        ]
+    engine.dispose()
+    assert migrate.check(url).ok
+
+
+def test_an_index_revision_builds_concurrently_and_a_failed_build_is_reported(
+    live_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """outside_transaction() runs CREATE INDEX CONCURRENTLY; an INVALID leftover shows in check."""
+    migrate.upgrade(live_url)
+    engine = create_db_engine(live_url)
+    repo = TaskRepository(next(get_session(engine)))
+    repo.create("alice", TaskCreate(title="same"))
+    repo.create("bob", TaskCreate(title="same"))
+    scripts_with(
+        tmp_path,
+        monkeypatch,
+        """
+        from todo_backend.migrate import outside_transaction
+
+        with outside_transaction():
+            op.create_index(
+                "ix_tasks_title_unique", "tasks", ["title"], unique=True,
+                postgresql_concurrently=True, if_not_exists=True,
+            )
+        """,
+    )
+    with pytest.raises(IntegrityError, match="ix_tasks_title_unique"):
+        migrate.upgrade(live_url)
+    assert migrate.current_revision(live_url) == HEAD
+    problems = migrate.check(live_url).problems
+    assert any(
+        "index ix_tasks_title_unique on tasks is INVALID" in problem
+        and "DROP INDEX CONCURRENTLY ix_tasks_title_unique" in problem
+        for problem in problems
+    ), problems
+
+    raw = create_engine(live_url, isolation_level="AUTOCOMMIT")
+    with raw.connect() as conn:
+        conn.execute(text("drop index concurrently ix_tasks_title_unique"))
+        conn.execute(text("delete from tasks where user_id = 'bob'"))
+    raw.dispose()
+    assert migrate.upgrade(live_url) == (HEAD, SCRATCH)
+    with engine.connect() as conn:
+        valid = conn.execute(
+            text(
+                "select indisvalid from pg_index "
+                "where indexrelid = to_regclass('public.ix_tasks_title_unique')"
+            )
+        ).scalar_one()
+        assert migrate.invalid_indexes(conn) == []
+    assert valid is True
+    engine.dispose()

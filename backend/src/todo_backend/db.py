@@ -811,9 +811,14 @@ def leave_scope(session: orm.Session, outer: str | None) -> None:
 
 def scope_transaction(conn: Connection, user_id: str | None) -> None:
     """Set the user the next caller's statements of *conn*'s transaction run as."""
-    tx = conn.info.get(_TRANSACTION) if conn.dialect.name == "postgresql" else None
-    if tx is not None:
-        tx.want = user_id
+    if conn.dialect.name != "postgresql":
+        return
+    tx = conn.info.get(_TRANSACTION)
+    if tx is None:
+        # The record of a transaction is made lazily, by its first statement (the
+        # begin hook clears the last one): make it now, to carry the user.
+        tx = conn.info[_TRANSACTION] = _Transaction()
+    tx.want = user_id
 
 
 @event.listens_for(orm.Session, "after_begin")

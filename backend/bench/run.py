@@ -48,6 +48,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 from sqlmodel import Session
 
+from todo_backend import migrate
 from todo_backend.config import normalize_database_url
 from todo_backend.db import create_db_engine, get_session, init_db, is_local_host
 from todo_backend.models import TaskCreate, TaskUpdate
@@ -459,10 +460,24 @@ def _compare(
     return out
 
 
+def make_schema(engine: Engine, row_security: str) -> None:
+    """Create the schema: migrated to head (row-level security on), or by init_db (off).
+
+    Off is the same code with the policy absent: the engine's per-transaction role
+    switch then falls back to the connecting role, as on a database made by init_db.
+    The raw driver side connects as the connecting role either way (a superuser or
+    BYPASSRLS role for its seeding and bulk loads).
+    """
+    if row_security == "on":
+        migrate.upgrade(engine)
+    else:
+        init_db(engine)
+
+
 def run_all(args: argparse.Namespace, target: Target, proxy: ProxyHandle) -> dict[str, Any]:
     """Run every part of the benchmark and return the results as plain data."""
     direct = target.engine()
-    init_db(direct)
+    make_schema(direct, args.row_security)
     admin_conn = _admin(target.url, target.database)
     admin = admin_conn.cursor()
     _seed_list_user(admin)
@@ -570,7 +585,7 @@ def _scale_part(
     with scratch_database(target.url) as name:
         large_db = Target(target.url, name)
         large_engine = large_db.engine()
-        init_db(large_engine)
+        make_schema(large_engine, args.row_security)
         large_admin = _admin(target.url, name)
         try:
             scale = run_scale(
@@ -661,7 +676,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{meta['load_before']:.2f} before, {meta['load_after']:.2f} after. Python "
         f"{meta['python']}, SQLAlchemy {meta['sqlalchemy']}, psycopg2 {meta['psycopg2']}, "
         f"psycopg {meta['psycopg']}, "
-        f"PostgreSQL {meta['postgresql']}. Wall time {meta['seconds']:.0f} s. Medians; "
+        f"PostgreSQL {meta['postgresql']}. Row-level security "
+        f"{meta.get('row_security', 'off')}. Wall time {meta['seconds']:.0f} s. Medians; "
         "the floor is raw psycopg2 in autocommit running the same statements.",
         "",
         f"## Simulated Neon link: {2 * lat['one_way_delay_ms']:.1f} ms RTT",
@@ -891,6 +907,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--throughput-rounds", type=int, default=9, help="waves of 200 lists")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="report folder")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run, not a result")
+    parser.add_argument(
+        "--row-security",
+        choices=("on", "off"),
+        default="on",
+        help="on: databases migrated to head, the policy in force (default); off: init_db",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.iterations, args.zero_iterations, args.bulk_repeats = 30, 200, 2
@@ -923,6 +945,7 @@ def main(argv: list[str] | None = None) -> int:
         "postgresql": _server_version(url),
         "load_before": os.getloadavg()[0],
         "quick": args.quick,
+        "row_security": args.row_security,
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     proxy = start_proxy(url.host or "127.0.0.1", url.port or 5432, args.delay_ms / 1000)

@@ -8,7 +8,8 @@ local, so it insists on TLS there exactly as it does for Neon.
 
 - direct: a throwaway PostgreSQL cluster whose pg_hba.conf admits only TLS connections
   with a SCRAM password (plain-text connections are refused); database ``neondb``
-  owned by ``neondb_owner`` (``LOGIN CREATEDB``, no superuser).
+  owned by ``neondb_owner`` (``LOGIN CREATEDB CREATEROLE BYPASSRLS``, no superuser,
+  as Neon's owner role: BYPASSRLS through ``neon_superuser``).
 - pooled: PgBouncer in transaction pool mode in front of it, requiring TLS and SCRAM
   from its clients and using both towards the server.
 
@@ -118,7 +119,8 @@ def start() -> StandIn:
         try:
             with admin.connect() as conn:
                 conn.execute(
-                    text(f"CREATE ROLE {OWNER} LOGIN CREATEDB PASSWORD :pw"), {"pw": password}
+                    text(f"CREATE ROLE {OWNER} LOGIN CREATEDB CREATEROLE BYPASSRLS PASSWORD :pw"),
+                    {"pw": password},
                 )
                 conn.execute(text(f"CREATE DATABASE {DATABASE} OWNER {OWNER}"))
         finally:

@@ -14,6 +14,7 @@ from todo_backend.db import (
     create_db_engine,
     get_session,
     init_db,
+    user_scope,
     wait_for_database,
 )
 from todo_backend.errors import (
@@ -59,6 +60,7 @@ __all__ = [
     "get_session",
     "init_db",
     "load_settings",
+    "user_scope",
     "wait_for_database",
 ]
 __version__ = "1.0.0"

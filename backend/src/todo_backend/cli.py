@@ -309,11 +309,21 @@ def run_init(_args: argparse.Namespace, engine: Engine) -> int:
     return ExitCode.OK
 
 
-def run_check(_args: argparse.Namespace, engine: Engine) -> int:
-    """Connect once and report reachability, latency, server, TLS, endpoint kind and bounds.
+_RLS_STATES: Final = {
+    "forced": "on and forced (revision 0003): PostgreSQL keeps users apart too",
+    "on": "on, not forced: the table's owner is exempt",
+    "off": "off: the repository's user_id condition is the only wall (run `todo-db migrate`)",
+    "no table": "off: no tasks table yet",
+}
 
-    The URL is shown with its password masked. Exits 0 when the database answered,
-    otherwise :attr:`ExitCode.UNAVAILABLE` with what to check on stderr.
+
+def run_check(_args: argparse.Namespace, engine: Engine) -> int:
+    """Connect once and report reachability, latency, server, TLS, endpoint, bounds, RLS.
+
+    Row-level security (PostgreSQL): on and forced, on, or off, and a warning when the
+    connecting role bypasses it or cannot switch to the application role. The check
+    runs as the connecting role. The URL is shown with its password masked. Exits 0
+    when the database answered, otherwise :attr:`ExitCode.UNAVAILABLE` with what to check on stderr.
     """
     health = check_database(engine)
     is_sqlite = engine.dialect.name == "sqlite"
@@ -338,8 +348,12 @@ def run_check(_args: argparse.Namespace, engine: Engine) -> int:
     if health.timeouts:
         # As the server applies them to this connection's statements.
         report["bounds"] = ", ".join(f"{name}={value}" for name, value in health.timeouts.items())
+    if health.row_security:
+        report["rls"] = _RLS_STATES.get(health.row_security, health.row_security)
     for key, value in report.items():
         print(f"{key + ':':<10} {value}")
+    for warning in health.warnings:
+        print(f"warning:   {warning}")
     if health.ok:
         return ExitCode.OK
     return _fail(ExitCode.UNAVAILABLE, health.detail)

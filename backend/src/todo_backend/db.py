@@ -18,12 +18,13 @@ import random
 import re
 import select
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import ip_address
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, orm, text
 from sqlalchemy.engine import URL, ExceptionContext, ExecutionContext
 from sqlalchemy.engine.interfaces import ExecuteStyle
 from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
@@ -32,13 +33,16 @@ from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlmodel import Session, SQLModel
 
 from todo_backend.config import Settings, mask_url
-from todo_backend.errors import DatabaseTimeoutError, DatabaseUnavailableError
-from todo_backend.models import Task
+from todo_backend.errors import ConfigurationError, DatabaseTimeoutError, DatabaseUnavailableError
+from todo_backend.models import Task, validate_user_id
 from todo_backend.pool import IdleQueuePool
 
 __all__ = [
+    "APP_ROLE",
     "BOUNDED",
+    "CONNECTING_ROLE",
     "UNBOUNDED",
+    "USER_SETTING",
     "DatabaseHealth",
     "as_settings",
     "bound_every_statement",
@@ -46,18 +50,25 @@ __all__ = [
     "cannot_connect",
     "check_database",
     "create_db_engine",
+    "enter_scope",
     "error_reason",
     "get_session",
     "init_db",
     "is_in_memory",
     "is_local_host",
+    "leave_scope",
+    "owned_by",
     "postgres_engine_options",
     "reject_dead_connection",
+    "role_error",
+    "scope_transaction",
     "set_local_sql",
     "sqlite_engine_options",
     "sqlite_on_connect",
     "timeout_error",
     "url_host",
+    "user_call",
+    "user_scope",
     "wait_for_database",
 ]
 
@@ -201,13 +212,73 @@ def postgres_engine_options(url: URL, settings: Settings) -> dict[str, Any]:
     }
 
 
-# Execution option that sends statements without the bounds (see bound_every_statement).
+# Execution option that sends statements without the bounds (see bound_every_statement),
+# and as the connecting role: migrations use it.
 UNBOUNDED: Final = {"todo_backend_unbounded": True}
 _UNBOUNDED_KEY: Final = "todo_backend_unbounded"
 # Execution option of the package's own statements (the repository's): bounded even
 # when they autocommit, and the only statements after which the idle bound is inferred.
 BOUNDED: Final = {"todo_backend_bounded": True}
 _BOUNDED_KEY: Final = "todo_backend_bounded"
+# Execution option naming the parameter that holds a package statement's owner: the
+# statement runs with the row-level security user set to it (see owned_by).
+_OWNER_KEY: Final = "todo_backend_owner"
+# Execution option of admin paths (todo-db check): bounded, but run as the connecting
+# role instead of APP_ROLE, explicitly.
+CONNECTING_ROLE: Final = {"todo_backend_connecting_role": True}
+_CONNECTING_ROLE_KEY: Final = "todo_backend_connecting_role"
+# The role every transaction of the package's engines runs as where the database has
+# row-level security on tasks (revision 0003), and the transaction-local setting its
+# policy reads the user from.
+APP_ROLE: Final = "todo_app"
+USER_SETTING: Final = "todo.user_id"
+# Switch to APP_ROLE only where it holds privileges on this database's tasks (granted
+# by revision 0003 with the policy, revoked by its downgrade): a database made by
+# init_db, or not yet migrated, runs as the connecting role, as before. Two name
+# lookups and an ACL check, evaluated once, in the statement that sets the bounds:
+# about 7 us of server time, against about 45 us for a query on pg_class.
+_ROLE_CALL: Final = (
+    "set_config('role', CASE WHEN pg_catalog.has_table_privilege("
+    f"pg_catalog.to_regrole('{APP_ROLE}'), pg_catalog.to_regclass('tasks'), 'SELECT') "
+    f"THEN '{APP_ROLE}' ELSE 'none' END, true)"
+)
+_NO_USER_CALL: Final = f"set_config('{USER_SETTING}', '', true)"
+# Caller's statements that refuse a transaction block: sent as they are (as the
+# connecting role) on an autocommit connection; they read and write no rows.
+_REFUSES_BLOCK: Final = re.compile(
+    r"\s*(VACUUM|CREATE\s+(UNIQUE\s+)?INDEX\s+CONCURRENTLY|DROP\s+INDEX\s+CONCURRENTLY"
+    r"|REINDEX|CLUSTER|CREATE\s+DATABASE|DROP\s+DATABASE|ALTER\s+SYSTEM|CREATE\s+TABLESPACE"
+    r"|DROP\s+TABLESPACE|ALTER\s+DATABASE|CREATE\s+SUBSCRIPTION|ALTER\s+SUBSCRIPTION"
+    r"|DROP\s+SUBSCRIPTION|DISCARD|CHECKPOINT)\b",
+    re.IGNORECASE,
+)
+# The user a transaction's setting holds is not known (after ROLLBACK TO SAVEPOINT).
+_UNKNOWN: Final = object()
+
+
+def owned_by(parameter: str) -> dict[str, Any]:
+    """Return the execution options of a package statement whose owner is *parameter*.
+
+    :data:`BOUNDED`, plus the name of the bound parameter that holds the user id: the
+    engine sets the row-level security user (:data:`USER_SETTING`) to its value in the
+    same message, so the policy lets the statement see exactly that user's rows.
+    """
+    return {**BOUNDED, _OWNER_KEY: parameter}
+
+
+def user_call(user_id: str | None) -> str:
+    """Return the ``set_config`` call that sets the row-level security user (None: unset).
+
+    The user id travels hex-encoded (``convert_from(decode('...', 'hex'), 'UTF8')``):
+    no quote, backslash or ``%`` of a user id can reach the SQL text or the driver's
+    parameter formatting, whatever the statement it rides with.
+    """
+    if not user_id:
+        return _NO_USER_CALL
+    encoded = user_id.encode().hex()
+    return f"set_config('{USER_SETTING}', convert_from(decode('{encoded}', 'hex'), 'UTF8'), true)"
+
+
 # Connection.info key of the connection's _Transaction.
 _TRANSACTION: Final = "todo_backend.transaction"
 # Set on a disconnect error that the idle-in-transaction bound explains.
@@ -273,10 +344,14 @@ class _Transaction:
     the only case in which a lost connection may be explained by the idle bound.
     """
 
-    __slots__ = ("bounded_at", "idle_since", "savepoints", "sent_at", "trusted")
+    __slots__ = ("bounded_at", "idle_since", "savepoints", "sent_at", "trusted", "user", "want")
 
     def __init__(self) -> None:
         self.bounded_at: int | None = None
+        # The row-level security user the transaction's setting holds (None: unset),
+        # and the one its next statement of the caller's must run as (user_scope).
+        self.user: object = _UNKNOWN
+        self.want: str | None = None
         self.savepoints: list[str] = []
         self.trusted = True
         # When the last statement's answer arrived; when the next message was sent.
@@ -316,6 +391,7 @@ class _Transaction:
                 del self.savepoints[depth + 1 :]
             # Rolling back to a savepoint undoes the settings made after it: the next
             # statement sets the bounds again, and they were not in force throughout.
+            self.user = _UNKNOWN
             if depth is None or (self.bounded_at is not None and self.bounded_at > depth):
                 self.bounded_at = None
                 self.trusted = False
@@ -376,7 +452,7 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
     engine, or an async engine's ``sync_engine``.
     """
     bounds = set_local_sql(bounds_settings(settings))
-    prefix = bounds + "; "
+    prefixes = _Prefixes(bounds)
     idle_bound = settings.idle_in_transaction_timeout
 
     def before(
@@ -388,14 +464,17 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
         _executemany: bool,
     ) -> tuple[str, Any]:
         options = context.execution_options if context else conn.get_execution_options()
-        own = options.get(_BOUNDED_KEY, False) and not options.get(_UNBOUNDED_KEY, False)
+        unbounded = options.get(_UNBOUNDED_KEY, False)
+        own, owner, as_app = _marks(options, parameters)
         # A server-side cursor wraps the statement in DECLARE, which takes one query only;
         # an executemany sends its statement once per row (psycopg2) or prepared (psycopg 3).
         alone = getattr(cursor, "name", None) is not None or (
             context is not None and context.execute_style is ExecuteStyle.EXECUTEMANY
         )
         if _autocommit(conn):
-            return (prefix + statement if own and not alone else statement), parameters
+            if not (unbounded or alone):
+                statement = prefixes.autocommitted(statement, own, owner, as_app)
+            return statement, parameters
         info = conn.info
         tx: _Transaction | None = info.get(_TRANSACTION)
         if tx is None:
@@ -405,15 +484,11 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
             return statement, parameters
         if not own or alone:
             tx.trusted = False
-            if options.get(_UNBOUNDED_KEY, False):
-                return statement, parameters
-        if tx.bounded_at is not None:
-            return statement, parameters
-        tx.bounded_at = len(tx.savepoints)
-        if alone:
-            _send_alone(conn, bounds)
-            return statement, parameters
-        return prefix + statement, parameters
+        setting = None if unbounded else prefixes.in_transaction(tx, owner or tx.want, as_app)
+        if setting is not None and alone:
+            _send_alone(conn, setting)
+            setting = None
+        return (statement if setting is None else setting + "; " + statement), parameters
 
     def after(conn: Connection, *_args: Any) -> None:
         if not _autocommit(conn):
@@ -452,6 +527,69 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
     event.listen(engine, "begin", begin)
     event.listen(engine, "commit", commit)
     event.listen(engine, "handle_error", handle_error)
+
+
+class _Prefixes:
+    """The settings an engine's hooks send in front of statements, built once per engine.
+
+    A transaction starts with the bounds, the switch to :data:`APP_ROLE` (where tasks
+    has row-level security) and the row-level security user, in one statement; later
+    statements of the transaction carry the user again only when it must change.
+    """
+
+    __slots__ = ("bounds", "head", "unscoped_start")
+
+    def __init__(self, bounds: str) -> None:
+        self.bounds = bounds
+        self.head = bounds + ", " + _ROLE_CALL + ", "
+        self.unscoped_start = self.head + _NO_USER_CALL
+
+    def start(self, user: str | None, as_app: bool) -> str:
+        """Return the statement that starts a transaction as *user* (None: unscoped)."""
+        if not as_app:
+            return self.bounds
+        return self.unscoped_start if user is None else self.head + user_call(user)
+
+    def autocommitted(self, statement: str, own: bool, owner: str | None, as_app: bool) -> str:
+        """Return *statement* as an autocommit connection sends it.
+
+        The package's own statement carries the bounds, the role and its owner; a
+        caller's runs as the application role, unscoped, unless it refuses the
+        implicit transaction such a message makes (``VACUUM``...) or controls
+        transactions: those go as they are, as the connecting role.
+        """
+        if own:
+            return self.start(owner, as_app) + "; " + statement
+        if not as_app or _REFUSES_BLOCK.match(statement) or _CONTROL.match(statement):
+            return statement
+        return "SELECT " + _ROLE_CALL + ", " + _NO_USER_CALL + "; " + statement
+
+    def in_transaction(self, tx: _Transaction, user: str | None, as_app: bool) -> str | None:
+        """Return the settings a statement of *tx* run as *user* needs first, if any."""
+        if tx.bounded_at is None:
+            tx.bounded_at = len(tx.savepoints)
+            tx.user = user
+            return self.start(user, as_app)
+        if tx.user != user:
+            tx.user = user
+            return "SELECT " + user_call(user)
+        return None
+
+
+def _marks(options: Any, parameters: Any) -> tuple[bool, str | None, bool]:
+    """Return what a statement's execution options say of it.
+
+    Whether it is the package's own, its owner (the value of the parameter its
+    options name, for the package's own statements), and whether it runs as the
+    application role (not :data:`CONNECTING_ROLE`).
+    """
+    own = options.get(_BOUNDED_KEY, False) and not options.get(_UNBOUNDED_KEY, False)
+    as_app = not options.get(_CONNECTING_ROLE_KEY, False)
+    name = options.get(_OWNER_KEY) if own else None
+    if name is None or not isinstance(parameters, dict):
+        return own, None, as_app
+    value = parameters.get(name)
+    return own, (value if isinstance(value, str) else None), as_app
 
 
 def _send_alone(conn: Connection, bounds: str) -> None:
@@ -525,6 +663,35 @@ def timeout_error(err: BaseException) -> DatabaseTimeoutError | None:
             "was stored. Keep slow work (network calls) outside atomic() blocks, then repeat "
             "the block.",
             bound="DB_IDLE_IN_TRANSACTION_TIMEOUT",
+        )
+    return None
+
+
+# SQLSTATEs of a failed switch to APP_ROLE: not a member, or the role is gone.
+_NOT_A_MEMBER: Final = "42501"
+_NO_SUCH_ROLE: Final = "22023"
+
+
+def role_error(err: BaseException) -> ConfigurationError | None:
+    """Return the :class:`ConfigurationError` of a failed switch to :data:`APP_ROLE`, or None.
+
+    Where ``tasks`` has row-level security, every transaction switches to the
+    application role in its first message; a login role that is not a member of it
+    (or a role dropped by hand) fails there, before the statement ran: nothing was
+    stored, and only an administrator can fix it.
+    """
+    orig = getattr(err, "orig", None)
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    message = str(orig)
+    if (code == _NOT_A_MEMBER and "set role" in message) or (
+        code == _NO_SUCH_ROLE and f'role "{APP_ROLE}" does not exist' in message
+    ):
+        return ConfigurationError(
+            "the database keeps users apart with row-level security (revision 0003), but "
+            f"the connecting role cannot switch to the application role {APP_ROLE}, so "
+            f"nothing was sent to tasks. As the database owner, run GRANT {APP_ROLE} TO "
+            "<the login role of DATABASE_URL> (or run `todo-db migrate` as that role), then "
+            "retry; `todo-db check` shows the state."
         )
     return None
 
@@ -628,6 +795,81 @@ def init_db(engine: Engine) -> None:
     SQLModel.metadata.create_all(engine, tables=[Task.__table__])  # type: ignore[attr-defined]
 
 
+# session.info key: the user a user_scope block runs the session's SQL as.
+_SCOPE: Final = "todo_backend.user_scope"
+_S = TypeVar("_S", bound=orm.Session)
+
+
+@contextmanager
+def user_scope(session: _S, user_id: str) -> Iterator[_S]:
+    """Run the SQL sent through *session* inside the block as *user_id*: a context manager.
+
+    Outside any scope, every transaction of the package's engines runs as the
+    application role with no user, and row-level security (revision 0003) lets such SQL
+    see and change no task at all. Inside ``with user_scope(session, user_id):`` raw
+    SQL and ORM queries on *session* see, change, insert and delete exactly
+    *user_id*'s tasks; writing a row of another user is refused by the policy, with
+    SQLAlchemy's ``ProgrammingError`` (SQLSTATE 42501) as for any refused statement of
+    the caller's own SQL. The user setting rides in the message of the block's next
+    statement: no extra round trip, and it ends with the transaction, so nothing leaks
+    to the next one or, through PgBouncer, to another client. A commit inside the
+    block keeps the scope for the next transaction; after the block the session is
+    unscoped again (or back in the enclosing block's scope). *user_id* is validated
+    like the repository's (``pydantic.ValidationError``). The repository's own calls
+    run as their ``user_id`` argument, inside a scope or not.
+
+    SQLite has no row-level security: there the block only marks the session, and the
+    repository's ``user_id`` condition is the only wall.
+    """
+    user_id, outer = enter_scope(session, user_id)
+    if session.in_transaction():
+        scope_transaction(session.connection(), user_id)
+    try:
+        yield session
+    finally:
+        leave_scope(session, outer)
+        if session.in_transaction():
+            scope_transaction(session.connection(), outer)
+
+
+def enter_scope(session: orm.Session, user_id: str) -> tuple[str, str | None]:
+    """Mark *session* as scoped to *user_id*; return it validated, and the enclosing user."""
+    user_id = validate_user_id(user_id)
+    outer: str | None = session.info.get(_SCOPE)
+    session.info[_SCOPE] = user_id
+    return user_id, outer
+
+
+def leave_scope(session: orm.Session, outer: str | None) -> None:
+    """Give *session* back to the enclosing scope *outer* (None: unscoped)."""
+    if outer is None:
+        session.info.pop(_SCOPE, None)
+    else:
+        session.info[_SCOPE] = outer
+
+
+def scope_transaction(conn: Connection, user_id: str | None) -> None:
+    """Set the user the next caller's statements of *conn*'s transaction run as."""
+    if conn.dialect.name != "postgresql":
+        return
+    tx = conn.info.get(_TRANSACTION)
+    if tx is None:
+        # The record of a transaction is made lazily, by its first statement (the
+        # begin hook clears the last one): make it now, to carry the user.
+        tx = conn.info[_TRANSACTION] = _Transaction()
+    tx.want = user_id
+
+
+@event.listens_for(orm.Session, "after_begin")
+def _scope_new_transaction(
+    session: orm.Session, _transaction: orm.SessionTransaction, connection: Connection
+) -> None:
+    # A session transaction begun inside a user_scope block runs as its user.
+    user_id = session.info.get(_SCOPE)
+    if user_id is not None:
+        scope_transaction(connection, user_id)
+
+
 def get_session(engine: Engine) -> Generator[Session, None, None]:
     """Yield a session on *engine* and close it afterwards.
 
@@ -651,6 +893,8 @@ class DatabaseHealth:
     ssl: bool | None
     detail: str
     timeouts: dict[str, str] = field(default_factory=dict)
+    row_security: str = ""
+    warnings: tuple[str, ...] = ()
 
 
 def check_database(engine: Engine) -> DatabaseHealth:
@@ -663,6 +907,15 @@ def check_database(engine: Engine) -> DatabaseHealth:
     names the host (password masked) and, on failure, what to check. ``timeouts``
     holds the statement, lock and idle-in-transaction bounds as the server reports
     them for the check's own statement (empty for SQLite).
+
+    ``row_security`` says how PostgreSQL keeps users apart on ``tasks``: ``"forced"``
+    (revision 0003: the policy binds every role but superusers and BYPASSRLS roles),
+    ``"on"`` (not forced: the table's owner is exempt), ``"off"`` (the repository's
+    ``user_id`` condition is the only wall), ``"no table"``; empty for SQLite or when
+    unreachable. ``warnings`` say what weakens it: the connecting role bypasses row
+    security (superuser or BYPASSRLS, as Neon's default owner role does), or cannot
+    switch to :data:`APP_ROLE`. The check runs as the connecting role
+    (:data:`CONNECTING_ROLE`), as every admin path does.
     """
     started = time.perf_counter()
     where = mask_url(engine.url)
@@ -672,11 +925,14 @@ def check_database(engine: Engine) -> DatabaseHealth:
                 version = "SQLite " + str(conn.exec_driver_sql("select sqlite_version()").scalar())
                 ssl: bool | None = None
                 timeouts: dict[str, str] = {}
+                row_security = ""
+                warnings: tuple[str, ...] = ()
             else:
-                row = conn.execute(_PG_HEALTH).one()
+                row = conn.execute(_PG_HEALTH, execution_options=CONNECTING_ROLE).one()
                 version = str(row.version)
                 ssl = bool(conn.connection.dbapi_connection.info.ssl_in_use)  # type: ignore[union-attr]
                 timeouts = {name: str(getattr(row, name)) for name in _BOUNDS}
+                row_security, warnings = str(row.row_security), _rls_warnings(row)
     except (SQLAlchemyError, OSError) as err:
         latency = (time.perf_counter() - started) * 1000
         return DatabaseHealth(
@@ -694,6 +950,8 @@ def check_database(engine: Engine) -> DatabaseHealth:
         ssl=ssl,
         detail=f"connected to {where}",
         timeouts=timeouts,
+        row_security=row_security,
+        warnings=warnings,
     )
 
 
@@ -705,8 +963,43 @@ _PG_HEALTH: Final = text(
     "current_setting('statement_timeout') as statement_timeout, "
     "current_setting('lock_timeout') as lock_timeout, "
     "current_setting('idle_in_transaction_session_timeout') "
-    "as idle_in_transaction_session_timeout"
-)
+    "as idle_in_transaction_session_timeout, "
+    "(SELECT CASE WHEN c.oid IS NULL THEN 'no table' WHEN NOT c.relrowsecurity THEN 'off' "
+    "WHEN c.relforcerowsecurity THEN 'forced' ELSE 'on' END "
+    "FROM (SELECT pg_catalog.to_regclass('tasks') AS oid) AS t "
+    "LEFT JOIN pg_catalog.pg_class AS c ON c.oid = t.oid) AS row_security, "
+    "(SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user) "
+    "AS bypasses, "
+    "(SELECT pg_catalog.pg_has_role(current_user, oid, 'MEMBER') FROM pg_catalog.pg_roles "
+    "WHERE rolname = :app_role) AS app_member, "
+    "current_user AS role_name"
+).bindparams(app_role=APP_ROLE)
+
+
+def _rls_warnings(row: Any) -> tuple[str, ...]:
+    """Return what weakens row-level security, from the health query's *row*."""
+    warnings = []
+    protected = row.row_security in ("on", "forced")
+    if row.bypasses and protected:
+        warnings.append(
+            f"the connecting role {row.role_name} bypasses row-level security (superuser "
+            "or BYPASSRLS, as Neon's default owner role does): the application's "
+            f"transactions are kept apart only because the engine switches them to {APP_ROLE}; "
+            "admin paths (migrations, UNBOUNDED or CONNECTING_ROLE statements, psql) see and "
+            "change every user's tasks"
+        )
+    if protected and not row.app_member:
+        warnings.append(
+            f"the connecting role {row.role_name} cannot switch to {APP_ROLE}, so every "
+            f"application statement on tasks fails: run GRANT {APP_ROLE} TO {row.role_name} "
+            "as the database owner, or migrate with this role"
+        )
+    if row.row_security == "on":
+        warnings.append(
+            "row-level security on tasks is not forced: the table's owner is exempt; "
+            "run `todo-db migrate`"
+        )
+    return tuple(warnings)
 
 
 def wait_for_database(engine: Engine, *, attempts: int = 5, base_delay: float = 0.5) -> None:

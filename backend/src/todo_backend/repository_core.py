@@ -56,7 +56,7 @@ from sqlalchemy.orm import InstanceState, Session, configure_mappers
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from todo_backend.db import BOUNDED, cannot_connect, error_reason, timeout_error
+from todo_backend.db import cannot_connect, error_reason, owned_by, role_error, timeout_error
 from todo_backend.errors import (
     DatabaseConflictError,
     DatabaseStatementError,
@@ -122,14 +122,16 @@ _BLOCK_FAILED: Final = (
 )
 _OWNED = (_c.user_id == bindparam("owner"), _c.id == bindparam("task_id"))
 
-# Every statement is marked as the package's own: the engine bounds it even when it
-# autocommits (todo_backend.db.bound_every_statement).
+# Every statement is marked as the package's own, with the parameter that holds its
+# owner: the engine bounds it even when it autocommits, and runs it as that user under
+# row-level security (todo_backend.db.bound_every_statement).
+_BY_OWNER: Final = owned_by("owner")
 _INSERT: Final = (
     insert(_table)
     .returning(*_ALL_COLUMNS, sort_by_parameter_order=True)
-    .execution_options(**BOUNDED)
+    .execution_options(**owned_by("user_id"))
 )
-_GET: Final = select(*_ALL_COLUMNS).where(*_OWNED).execution_options(**BOUNDED)
+_GET: Final = select(*_ALL_COLUMNS).where(*_OWNED).execution_options(**_BY_OWNER)
 
 
 def _array_of(column: Any) -> ARRAY[Any]:
@@ -168,9 +170,9 @@ _INSERT_BATCH: Final = (
         ).order_by(_BATCH.c.ordinal),
     )
     .returning(*_ALL_COLUMNS)
-    .execution_options(**BOUNDED)
+    .execution_options(**_BY_OWNER)
 )
-_DELETE: Final = delete(_table).where(*_OWNED).execution_options(**BOUNDED)
+_DELETE: Final = delete(_table).where(*_OWNED).execution_options(**_BY_OWNER)
 
 
 class _Owner(FunctionElement[str]):
@@ -223,7 +225,7 @@ def _list_statement(*, by_complete: bool, keyset: bool) -> Select[Any]:
     return (
         stmt.order_by(_c.user_id.desc(), _c.id.desc())
         .limit(bindparam("limit"))
-        .execution_options(**BOUNDED)
+        .execution_options(**_BY_OWNER)
     )
 
 
@@ -232,11 +234,11 @@ def _count_statement(*, by_complete: bool, bounded: bool) -> Select[Any]:
     if by_complete:
         stmt = stmt.where(_c.complete == bindparam("complete"))
     if not bounded:
-        return stmt.execution_options(**BOUNDED)
+        return stmt.execution_options(**_BY_OWNER)
     # At most :limit rows are read from the index: the cost of a count stops growing
     # with the owner's tasks.
     capped = stmt.with_only_columns(_c.id).limit(bindparam("limit")).subquery("capped")
-    return select(func.count()).select_from(capped).execution_options(**BOUNDED)
+    return select(func.count()).select_from(capped).execution_options(**_BY_OWNER)
 
 
 # Every list shape, built once: (filter on complete?, after a cursor?).
@@ -268,7 +270,7 @@ class _Updates(dict[frozenset[str], Update]):
             .where(*_OWNED)
             .values(**values, updated_at=bindparam("new_updated_at"))
             .returning(*_ALL_COLUMNS)
-            .execution_options(**BOUNDED)
+            .execution_options(**_BY_OWNER)
         )
         self[fields] = stmt
         return stmt
@@ -692,12 +694,13 @@ def translate(err: Exception) -> Exception:
     read-only server or one out of resources, a DatabaseUnavailableError; a database
     without the tasks table, a SchemaMissingError that says to run ``todo-db migrate``;
     a deadlock or serialization failure, a DatabaseConflictError; any other driver
-    error, a DatabaseStatementError carrying its SQLSTATE. No DBAPIError is returned
-    as is.
+    error, a DatabaseStatementError carrying its SQLSTATE; a login role that cannot
+    switch to the row-level security role, a ConfigurationError. No DBAPIError is
+    returned as is.
     """
-    timeout = timeout_error(err)
-    if timeout is not None:
-        return timeout
+    known = timeout_error(err) or role_error(err)
+    if known is not None:
+        return known
     if not isinstance(err, DBAPIError):
         return err
     if err.connection_invalidated:

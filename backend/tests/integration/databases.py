@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
-from todo_backend.db import create_db_engine, init_db
+from todo_backend.db import CONNECTING_ROLE, create_db_engine, init_db
 
 __all__ = ["emptied", "engine_with_schema", "fresh_database"]
 
@@ -48,7 +48,11 @@ def engine_with_schema(url: URL) -> Iterator[Engine]:
 
 
 def emptied(engine: Engine) -> Engine:
-    """Return *engine* after emptying its tasks table and restarting the ids."""
-    with engine.begin() as conn:
+    """Return *engine* after emptying its tasks table and restarting the ids.
+
+    As the connecting role: the application role may not TRUNCATE (which row-level
+    security does not filter) where the database is migrated to head.
+    """
+    with engine.execution_options(**CONNECTING_ROLE).begin() as conn:
         conn.execute(text("TRUNCATE tasks RESTART IDENTITY"))
     return engine

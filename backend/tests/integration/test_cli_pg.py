@@ -12,7 +12,7 @@ from sqlalchemy.engine import URL
 from tests.cli_runner import SENTINEL, Call, cli_env, error_lines, run_all, run_cli, run_json
 from todo_backend.cli import ExitCode, main
 from todo_backend.config import mask_url
-from todo_backend.db import create_db_engine
+from todo_backend.db import CONNECTING_ROLE, create_db_engine, init_db
 
 
 def _env(url: URL) -> dict[str, str]:
@@ -20,7 +20,8 @@ def _env(url: URL) -> dict[str, str]:
 
 
 def _drop_tasks(engine: Engine) -> None:
-    with engine.begin() as conn:
+    # Admin work: as the connecting role (the database may be migrated, RLS forced).
+    with engine.execution_options(**CONNECTING_ROLE).begin() as conn:
         # A fresh database: no table and no migration history either.
         conn.execute(text("DROP TABLE IF EXISTS tasks, alembic_version"))
 
@@ -191,3 +192,28 @@ def test_check_shows_the_bounds_the_server_applies(scratch_url: URL, tmp_path: P
     assert report["bounds"].strip() == (
         "statement_timeout=12s, lock_timeout=750ms, idle_in_transaction_session_timeout=45s"
     )
+
+
+def test_check_reports_row_security_off_then_forced(
+    module_engine: Engine, scratch_url: URL, tmp_path: Path
+) -> None:
+    """`todo-db check` says rls off on an init_db database and on and forced after migrate."""
+    _drop_tasks(module_engine)
+    env = _env(scratch_url)
+    init_db(module_engine)
+    before = run_cli("check", cwd=tmp_path, env=env)
+    assert before.returncode == 0, before.stderr
+    assert "rls:       off: the repository's user_id condition is the only wall" in before.stdout
+    assert "warning" not in before.stdout
+    _drop_tasks(module_engine)
+    assert run_cli("migrate", cwd=tmp_path, env=env).returncode == 0
+    after = run_cli("check", cwd=tmp_path, env=env)
+    assert after.returncode == 0, after.stderr
+    assert "rls:       on and forced (revision 0003)" in after.stdout
+    with module_engine.connect() as conn:
+        bypasses = conn.execute(
+            text("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"),
+            execution_options=CONNECTING_ROLE,
+        ).scalar_one()
+    assert ("bypasses row-level security" in after.stdout) is bool(bypasses)
+    _drop_tasks(module_engine)

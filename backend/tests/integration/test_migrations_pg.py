@@ -24,7 +24,7 @@ from sqlmodel import SQLModel
 from tests.fix_servers import PgBouncer, PgBouncerFactory
 from tests.migration_scripts import HEAD, SCRATCH, model_column, probe_checks, scripts_with
 from todo_backend import migrate
-from todo_backend.db import create_db_engine, get_session, init_db
+from todo_backend.db import CONNECTING_ROLE, create_db_engine, get_session, init_db
 from todo_backend.models import TaskCreate
 from todo_backend.repository import TaskRepository
 
@@ -257,7 +257,8 @@ def test_check_constraints_are_compared_by_meaning_and_written_into_revisions(
         migrate.upgrade(url)
         result = migrate.check(url)
         assert result.ok, result.problems
-        with engine.begin() as conn:
+        # DDL: as the connecting role (the application role does not own tasks).
+        with engine.execution_options(**CONNECTING_ROLE).begin() as conn:
             conn.execute(text("ALTER TABLE tasks DROP CONSTRAINT ck_tasks_probe_short"))
             conn.execute(
                 text(

@@ -182,8 +182,13 @@ _SESSION_STATE = re.compile(
 _BOUNDS = re.compile(
     r"^SELECT set_config\('statement_timeout', '\d+', true\), "
     r"set_config\('lock_timeout', '\d+', true\), "
-    r"set_config\('idle_in_transaction_session_timeout', '\d+', true\)(; |$)"
+    r"set_config\('idle_in_transaction_session_timeout', '\d+', true\)"
+    # The application role and the row-level security user ride with them.
+    r"(, set_config\('role', .*?, true\), set_config\('todo\.user_id', .*?, true\))?"
+    r"(; |$)"
 )
+# The row-level security user, set again in front of a later statement of a transaction.
+_USER = re.compile(r"^SELECT set_config\('todo\.user_id', .*?, true\)(; |$)")
 _LOG_START = re.compile(r"^@@(?P<app>[^|]*)\|(?P<pid>\d+)\|(?P<kind>[A-Z]+):  (?P<message>.*)$")
 _SAVEPOINTS = re.compile(r"^(SAVEPOINT|RELEASE|ROLLBACK TO)\b")
 # SQLAlchemy's own probes of a new engine's first connection (server version, hstore),
@@ -265,7 +270,7 @@ def test_engine_keeps_no_session_state(pg_cluster: ClusterFactory) -> None:
     sent = [
         (pid, m.removeprefix("statement: ")) for pid, m in messages if m.startswith("statement: ")
     ]
-    statements = [_BOUNDS.sub("", s) for _, s in sent]
+    statements = [_USER.sub("", _BOUNDS.sub("", s)) for _, s in sent]
     # The bounds ride in each transaction's first statement and in each autocommitted
     # repository call, in the same query message, and nowhere else...
     assert _misplaced_bounds(sent) == ([], [], [])
@@ -278,7 +283,8 @@ def test_engine_keeps_no_session_state(pg_cluster: ClusterFactory) -> None:
     # ...every message is a simple-protocol statement (no named prepared statements)...
     assert [m for _, m in messages if not m.startswith("statement: ")] == []
     # ...and none of them leaves state on the server connection.
-    assert [s for _, s in sent if _SESSION_STATE.search(s)] == []
+    assert [s for s in statements if _SESSION_STATE.search(s)] == []
+    assert all(_BOUNDS.match(s) or _USER.match(s) for _, s in sent if "set_config" in s)
     assert _SESSION_STATE.search("SET LOCAL lock_timeout = 1; SET statement_timeout = 1")
     assert _SESSION_STATE.search("SELECT set_config('lock_timeout', '1', false)")
     assert not _SESSION_STATE.search("SELECT set_config('lock_timeout', '1', true)")

@@ -18,8 +18,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, Engine, Select, any_, func, text
 from sqlalchemy.dialects.postgresql import array
+from sqlalchemy.engine import URL
+from sqlmodel import Session
 
+from tests.integration.row_security import migrated_engine
 from todo_backend import repository_core as core
+from todo_backend import user_scope
+from todo_backend.db import CONNECTING_ROLE
 from todo_backend.models import Task
 
 ROWS = 60_000
@@ -147,3 +152,65 @@ def test_pages_hold_with_a_row_security_predicate(
         assert isinstance(call.stmt, Select)
         plan = _explain(conn, call.stmt.where(policy), call.params)
     _assert_user_index_page(plan, complete=complete, before_id=before_id, ordered=True)
+
+
+@pytest.fixture(scope="module")
+def skewed_with_policy(admin_url: URL) -> Iterator[Engine]:
+    """The skewed table in a database migrated to head: revision 0003's policy in force.
+
+    Loaded through the package's engine, each owner's rows inside that owner's scope
+    (the policy refuses any other insert), then analysed as the connecting role.
+    """
+    with migrated_engine(admin_url) as engine:
+        users = (ROWS - HEAVY_ROWS) // 100
+        with Session(engine) as session:
+            with user_scope(session, HEAVY):
+                session.execute(
+                    text(
+                        "INSERT INTO tasks (user_id, title, complete, created_at, updated_at) "
+                        "SELECT :heavy, 'task ' || g, g % 2 = 0, now(), now() "
+                        "FROM generate_series(1, :heavy_rows) g"
+                    ),
+                    {"heavy": HEAVY, "heavy_rows": HEAVY_ROWS},
+                )
+            for n in range(users):
+                with user_scope(session, f"user-{n}"):
+                    session.execute(
+                        text(
+                            "INSERT INTO tasks (user_id, title, complete, created_at, updated_at) "
+                            "SELECT :owner, 'task ' || g, g % 2 = 0, now(), now() "
+                            "FROM generate_series(1, 100) g"
+                        ),
+                        {"owner": f"user-{n}"},
+                    )
+            session.commit()
+        with engine.connect() as conn:
+            conn.execute(text("ANALYZE tasks"), execution_options=CONNECTING_ROLE)
+            conn.commit()
+        yield engine
+
+
+@pytest.mark.parametrize("owner", [HEAVY, NORMAL])
+@pytest.mark.parametrize(("complete", "share"), PAGES)
+def test_pages_hold_under_the_row_level_security_policy(
+    skewed_with_policy: Engine, owner: str, complete: bool | None, share: float | None
+) -> None:
+    """Run as todo_app with revision 0003's policy, every page still reads a user_id index.
+
+    The policy's ``user_id = (SELECT current_setting(...))`` is an InitPlan: the planner
+    keeps the repository's owner in the index condition and checks the setting once.
+    """
+    with Session(skewed_with_policy) as session, user_scope(session, owner):
+        conn = session.connection()
+        assert conn.execute(text("SELECT current_user")).scalar_one() == "todo_app"
+        before_id = _before_id(conn, owner, share)
+        call = core.list_call(owner, complete, 50, before_id)
+        assert isinstance(call.stmt, Select)
+        plan = _explain(conn, call.stmt, call.params)
+    assert any("InitPlan" in str(node.get("Parent Relationship", "")) for node in _nodes(plan))
+    # A normal owner's page may come from either user_id index (about 100 rows either
+    # way); the skewed owner's must use the one that bounds every condition.
+    heavy = owner == HEAVY
+    _assert_user_index_page(
+        plan, complete=complete if heavy else None, before_id=before_id, ordered=heavy
+    )

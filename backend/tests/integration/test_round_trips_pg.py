@@ -45,7 +45,10 @@ _PARTS_OF_A_QUERY = frozenset({b"B", b"D", b"E", b"S", b"X"})
 _BOUNDS = re.compile(
     r"^SELECT set_config\('statement_timeout', '\d+', true\), "
     r"set_config\('lock_timeout', '\d+', true\), "
-    r"set_config\('idle_in_transaction_session_timeout', '\d+', true\)(; |\Z)"
+    r"set_config\('idle_in_transaction_session_timeout', '\d+', true\)"
+    # The application role and the row-level security user ride with them.
+    r"(, set_config\('role', .*?, true\), set_config\('todo\.user_id', .*?, true\))?"
+    r"(; |\Z)"
 )
 BOUNDS_ALONE = "<bounds>"
 
@@ -452,15 +455,24 @@ def test_an_executemany_first_in_a_transaction_gets_the_bounds_alone(
     ]
 
 
-def test_a_callers_autocommit_statement_carries_nothing(
+def test_a_callers_autocommit_statement_carries_the_role_and_no_bounds(
     wired_run: Callable[[Body], None], wire: Wire
 ) -> None:
-    """A statement the caller runs in autocommit goes out exactly as written."""
+    """A caller's autocommitted statement runs as the application role, unscoped, unbounded.
+
+    In its own message, with no extra round trip; VACUUM, which refuses the implicit
+    transaction such a message makes, goes out exactly as written.
+    """
 
     def body(conn: Connection) -> None:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("SELECT 1"))
+        autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+        autocommit.execute(text("SELECT 1"))
+        autocommit.execute(text("VACUUM pg_catalog.pg_am"))
 
     with wire.recording() as seen:
         wired_run(body)
-    assert seen.queries == ["SELECT 1"]
+    assert len(seen.queries) == 2
+    assert seen.queries[0].startswith("SELECT set_config('role', ")
+    assert seen.queries[0].endswith(", set_config('todo.user_id', '', true); SELECT 1")
+    assert seen.queries[1] == "VACUUM pg_catalog.pg_am"
     assert seen.bounded == []

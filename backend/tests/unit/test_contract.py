@@ -51,6 +51,7 @@ PUBLIC_SURFACE = frozenset(
         "get_session",
         "init_db",
         "load_settings",
+        "user_scope",
         "wait_for_database",
     }
 )
@@ -185,13 +186,14 @@ def test_public_api_types_from_the_user_side() -> None:
 
 
 def test_async_surface_is_documented() -> None:
-    """todo_backend.aio exports the three documented names, and the contract names each."""
+    """todo_backend.aio exports the four documented names, and the contract names each."""
     import todo_backend.aio
 
     assert set(todo_backend.aio.__all__) == {
         "AsyncTaskRepository",
         "create_async_db_engine",
         "get_async_session",
+        "user_scope",
     }
     text = _contract_text()
     assert all(f"`{name}(" in text for name in todo_backend.aio.__all__)

@@ -25,7 +25,11 @@ for _module in ("greenlet", "psycopg", "aiosqlite"):
             'pip install "todo-backend[async]"'
         ) from _missing
 
-from todo_backend.aio.db import create_async_db_engine, get_async_session  # noqa: E402
+from todo_backend.aio.db import (  # noqa: E402
+    create_async_db_engine,
+    get_async_session,
+    user_scope,
+)
 from todo_backend.aio.repository import AsyncTaskRepository  # noqa: E402
 
-__all__ = ["AsyncTaskRepository", "create_async_db_engine", "get_async_session"]
+__all__ = ["AsyncTaskRepository", "create_async_db_engine", "get_async_session", "user_scope"]

@@ -15,29 +15,35 @@ SQLite runs on aiosqlite.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from typing import Any, Final
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Final, TypeVar
 
 from psycopg import AsyncClientCursor
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession as SAAsyncSession
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from todo_backend.config import Settings
 from todo_backend.db import (
     as_settings,
     bound_every_statement,
+    enter_scope,
     is_in_memory,
+    leave_scope,
     postgres_engine_options,
     reject_dead_connection,
+    scope_transaction,
     sqlite_engine_options,
     sqlite_on_connect,
 )
 from todo_backend.pool import AsyncIdleQueuePool
 
-__all__ = ["create_async_db_engine", "get_async_session"]
+__all__ = ["create_async_db_engine", "get_async_session", "user_scope"]
 
 _POSTGRES_DRIVER: Final = "postgresql+psycopg_async"
+_S = TypeVar("_S", bound=SAAsyncSession)
 _SQLITE_DRIVER: Final = "sqlite+aiosqlite"
 
 
@@ -108,3 +114,30 @@ async def get_async_session(engine: AsyncEngine) -> AsyncGenerator[AsyncSession,
     """
     async with AsyncSession(engine, expire_on_commit=False) as session:
         yield session
+
+
+@asynccontextmanager
+async def user_scope(session: _S, user_id: str) -> AsyncIterator[_S]:
+    """Run the SQL sent through *session* inside the block as *user_id*: ``async with``.
+
+    The async form of :func:`todo_backend.user_scope`, with the same promises: raw SQL
+    and ORM queries on *session* inside the block see and change exactly *user_id*'s
+    tasks (row-level security, PostgreSQL), the user rides in the next statement's own
+    message, and after the block the session is unscoped again. On SQLite it only
+    marks the session.
+    """
+    user_id, outer = enter_scope(session.sync_session, user_id)
+    await _rescope(session, user_id)
+    try:
+        yield session
+    finally:
+        leave_scope(session.sync_session, outer)
+        await _rescope(session, outer)
+
+
+async def _rescope(session: SAAsyncSession, user_id: str | None) -> None:
+    """Make *session*'s open transaction, if any, run its next statement as *user_id*."""
+    if session.in_transaction():
+        conn = (await session.connection()).sync_connection
+        if conn is not None:
+            scope_transaction(conn, user_id)

@@ -32,7 +32,11 @@ from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlmodel import Session, SQLModel
 
 from todo_backend.config import Settings, mask_url
-from todo_backend.errors import DatabaseTimeoutError, DatabaseUnavailableError
+from todo_backend.errors import (
+    ConfigurationError,
+    DatabaseTimeoutError,
+    DatabaseUnavailableError,
+)
 from todo_backend.models import Task
 from todo_backend.pool import IdleQueuePool
 
@@ -648,7 +652,42 @@ def _switch_isolation_without_round_trips(engine: Engine) -> None:
         else:
             dbapi_connection.set_session(isolation_level=level, autocommit=False)
 
+    def set_readonly(dbapi_connection: Any, value: bool) -> None:
+        # False (SQLAlchemy's reset) is psycopg2's DEFAULT, None: an explicit False
+        # would be re-SET on every later autocommit switch.
+        dbapi_connection.readonly = True if value else None
+
+    def set_deferrable(dbapi_connection: Any, value: bool) -> None:
+        dbapi_connection.deferrable = True if value else None
+
     dialect.set_isolation_level = set_isolation_level  # type: ignore[method-assign]
+    dialect.set_readonly = set_readonly  # type: ignore[attr-defined]
+    dialect.set_deferrable = set_deferrable  # type: ignore[attr-defined]
+    event.listen(engine, "set_connection_execution_options", _refuse_session_characteristics)
+    event.listen(engine, "set_engine_execution_options", _refuse_session_characteristics)
+
+
+_SESSION_CHARACTERISTICS: Final = ("postgresql_readonly", "postgresql_deferrable")
+
+
+def _refuse_session_characteristics(target: Connection | Engine, options: dict[str, Any]) -> None:
+    """Refuse read-only or deferrable together with AUTOCOMMIT, before either is applied.
+
+    With autocommit on, psycopg2 turns them into session-level ``SET
+    default_transaction_read_only`` / ``default_transaction_deferrable`` statements: a
+    round trip each, and session state that PgBouncer's transaction pooling hands to
+    other clients. In a transaction they cost nothing (psycopg2 says ``BEGIN READ
+    ONLY``), and an autocommitted statement has no transaction for them to shape.
+    """
+    merged = {**target.get_execution_options(), **options}
+    chosen = [name for name in _SESSION_CHARACTERISTICS if merged.get(name)]
+    if chosen and merged.get("isolation_level") == "AUTOCOMMIT":
+        raise ConfigurationError(
+            f"{' and '.join(chosen)} cannot be combined with isolation_level='AUTOCOMMIT' "
+            "on this engine: psycopg2 would make them session settings, which outlive the "
+            "connection's use behind PgBouncer. Run the work in a transaction instead "
+            "(drop AUTOCOMMIT, or begin one), where they apply to that transaction only."
+        )
 
 
 def _create_sqlite_engine(url: URL, settings: Settings) -> Engine:

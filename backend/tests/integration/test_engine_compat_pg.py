@@ -265,3 +265,16 @@ def test_a_commented_rollback_to_savepoint_sends_the_bounds_again(compat: Engine
         conn.execute(text("SELECT 1"))  # the transaction's first statement: the bounds
         conn.execute(text("/* undo */ ROLLBACK TO SAVEPOINT s1"))
         assert shown(conn) == SHOWN
+
+
+def test_two_phase_transactions_are_bounded_like_any(target: Target, made: list[Engine]) -> None:
+    """begin_twophase opens a transaction as begin does: its first statement carries the bounds."""
+    engine = target.engine(**BOUNDS, pool_size=1, max_overflow=0)  # one connection throughout
+    made.append(engine)
+    with engine.begin() as conn:
+        assert shown(conn) == SHOWN
+    for _ in range(2):  # after an ordinary transaction, then after a two-phase one
+        with engine.connect() as conn:
+            two_phase = conn.begin_twophase()
+            assert shown(conn) == SHOWN
+            two_phase.rollback()

@@ -294,7 +294,9 @@ class _Transaction:
         """Tell whether *statement* controls the transaction; if so, follow what it does.
 
         Savepoints are tracked by name (``SAVEPOINT``, ``RELEASE``, ``ROLLBACK TO``);
-        a ``COMMIT`` or ``ROLLBACK`` sent as a statement ends the transaction.
+        a ``COMMIT`` or ``ROLLBACK`` sent as a statement ends the transaction;
+        ``SET TRANSACTION`` (which must precede any query) changes nothing here. Leading
+        comments are skipped.
         """
         text = _strip_leading_comments(statement)
         if _BEFORE_ANY_QUERY.match(text) is not None:
@@ -362,23 +364,29 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
       message as one implicit transaction, which the bounds cover exactly.
 
     Nothing is put in front of ``SAVEPOINT``, ``RELEASE``, ``ROLLBACK [TO SAVEPOINT]``,
-    ``COMMIT``, a caller's own autocommitted statements (``VACUUM`` and ``CREATE INDEX
-    CONCURRENTLY`` refuse the implicit transaction a prefix would make), an
-    executemany, a server-side (``stream_results``) cursor's ``DECLARE``, or statements
-    run with :data:`UNBOUNDED`. When an executemany or a server-side cursor is the first
+    ``COMMIT``, ``SET TRANSACTION ...`` (and ``SET [LOCAL] transaction_isolation`` and
+    the like, which PostgreSQL takes only before a transaction's first query: the next
+    statement carries the bounds), a caller's own autocommitted statements (``VACUUM``
+    and ``CREATE INDEX CONCURRENTLY`` refuse the implicit transaction a prefix would
+    make), an executemany, a server-side (``stream_results``) cursor's ``DECLARE``, or
+    statements run with :data:`UNBOUNDED`. These are recognised after leading ``--``
+    and ``/* */`` comments. When an executemany or a server-side cursor is the first
     statement of a transaction, the bounds go out alone just before it: one extra round
     trip, once in that transaction (the repository never does either). After ``ROLLBACK
     TO SAVEPOINT`` has undone the bounds (they were set inside that savepoint), the next
-    statement carries them again.
+    statement carries them again. Two-phase transactions (``begin_twophase``) are
+    bounded like any other; the hooks' record of a transaction ends with it.
 
     The server closes a connection idle in a transaction past its bound; the client
-    only sees a dropped connection. A dropped connection is put down to the idle bound
-    (:func:`timeout_error`) only when the transaction sat idle longer than the bound
-    before the failed message was sent, the bound was set by the transaction's first
-    statement and never undone, and everything in the transaction went through these
-    hooks as the package's own statements: no :data:`UNBOUNDED` statement, no streamed
-    result (whose fetches the hooks do not see), no statement of the caller's (which
-    may change the bound). Otherwise, a lost COMMIT above all, the outcome is unknown.
+    only sees a dropped connection. Before each statement inside a transaction and
+    before its COMMIT, a zero-timeout poll of the socket (no round trip) tells whether
+    the server had already closed it: only then was nothing of the transaction stored,
+    and the error is put down to the idle bound (:func:`timeout_error`) when the
+    server's message says so (plain text) or, over TLS, when the measured idle gap
+    exceeded the bound the server enforces and the hooks saw the whole transaction
+    (:func:`_note_closed`). Without that evidence, a lost COMMIT above all, the outcome
+    is unknown (``DatabaseUnavailableError``), however long the transaction looked
+    idle: work on the driver's own cursor (a ``COPY``) is invisible to the hooks.
 
     The driver must send the string as one simple-protocol message and hand back the
     last statement's result: psycopg2 does; the async engine gives psycopg 3 a
@@ -447,6 +455,9 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
             _note_closed(conn, tx, settings)
 
     def rollback(conn: Connection, *_xid: Any) -> None:
+        # Also called after the connection was lost or closed: it has no info then.
+        if conn.invalidated or conn.closed:
+            return
         conn.info.pop(_TRANSACTION, None)
 
     event.listen(engine, "before_cursor_execute", before, retval=True)
@@ -641,6 +652,11 @@ def _switch_isolation_without_round_trips(engine: Engine) -> None:
     that escapes the repository after the write was committed and leaks the pool
     slot for good. Toggling ``autocommit`` and leaving the isolation level at the
     server default sends nothing; a dead connection is then caught at checkout.
+
+    ``postgresql_readonly`` and ``postgresql_deferrable`` get the same treatment: the
+    pool's reset to False becomes psycopg2's DEFAULT (None), which later autocommit
+    switches leave alone, and combined with AUTOCOMMIT they are refused
+    (:func:`_refuse_session_characteristics`).
     """
     dialect = engine.dialect
 

@@ -435,6 +435,7 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
         return prefix + statement, parameters
 
     def after(conn: Connection, *_args: Any) -> None:
+        conn.info.pop(_CLOSED, None)  # answered: whatever the poll saw, the server was there
         if not _autocommit(conn):
             tx = conn.info.get(_TRANSACTION)
             if tx is not None:
@@ -549,10 +550,11 @@ def _closed_by_server(conn: Connection) -> bytes | None:
     flags = events[0][1]
     peeked = b""
     if flags & select.POLLIN:
+        # A second descriptor of the driver's socket, read without consuming anything
+        # and without touching the flags the two share.
         sock = socket.socket(fileno=os.dup(fileno))
         try:
-            sock.setblocking(False)
-            peeked = sock.recv(512, socket.MSG_PEEK)
+            peeked = sock.recv(512, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except OSError:
             peeked = b""
         finally:

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from sqlalchemy import Engine, event, orm, text
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Session
 
-from todo_backend.errors import TodoBackendError
+from todo_backend.errors import DatabaseStatementError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskRead, TaskUpdate
 from todo_backend.repository import MAX_PAGE_SIZE, TaskRepository
 
@@ -905,6 +905,23 @@ class RepositoryContract:
         """count(complete=...) takes a bool or None, like list()."""
         with pytest.raises(TypeError, match="complete"):
             repo.count(ALICE, complete="yes")  # type: ignore[arg-type]
+
+    def test_a_statement_the_database_refuses_is_a_package_error(
+        self, repo: TaskRepository, raw_engine: Engine
+    ) -> None:
+        """A refused statement is DatabaseStatementError with its cause, never a DBAPIError."""
+        with raw_engine.begin() as conn:
+            conn.execute(text("ALTER TABLE tasks RENAME COLUMN description TO notes"))
+        try:
+            with pytest.raises(DatabaseStatementError, match="description") as refused:
+                _new(repo, description="param-sentinel")
+        finally:
+            with raw_engine.begin() as conn:
+                conn.execute(text("ALTER TABLE tasks RENAME COLUMN notes TO description"))
+        assert isinstance(refused.value.__cause__, DBAPIError)
+        assert "param-sentinel" not in str(refused.value)
+        assert refused.value.sqlstate in {"", "42703"}  # SQLite gives no SQLSTATE
+        assert repo.count(ALICE) == 0
 
     def test_count_with_a_limit_answers_at_most_the_limit(self, repo: TaskRepository) -> None:
         """count(limit=N) is the exact count up to N, then N ("N or more"), per filter and owner."""

@@ -18,6 +18,8 @@ from todo_backend.db import (
 )
 from todo_backend.errors import (
     ConfigurationError,
+    DatabaseConflictError,
+    DatabaseStatementError,
     DatabaseTimeoutError,
     DatabaseUnavailableError,
     SchemaMissingError,
@@ -39,7 +41,9 @@ __all__ = [
     "TITLE_MAX_LENGTH",
     "USER_ID_MAX_LENGTH",
     "ConfigurationError",
+    "DatabaseConflictError",
     "DatabaseHealth",
+    "DatabaseStatementError",
     "DatabaseTimeoutError",
     "DatabaseUnavailableError",
     "SchemaMissingError",

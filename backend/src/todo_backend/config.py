@@ -59,7 +59,9 @@ _POSTGRES_SCHEMES: Final = frozenset(
     }
 )
 _SQLITE_SCHEMES: Final = frozenset({"sqlite", "sqlite+pysqlite", "sqlite+aiosqlite"})
-_QUERY_PASSWORD: Final = re.compile(r"(?P<key>[?&]password=)[^&]*")
+_MASK: Final = "***"
+# libpq's key is "password"; any capitalisation is treated as one, so none slips past.
+_QUERY_PASSWORD: Final = re.compile(r"(?P<key>[?&]password=)[^&]*", re.IGNORECASE)
 _URL_HINT: Final = (
     "expected postgresql://USER:PASSWORD@HOST/DBNAME?sslmode=require "
     "(or postgres://, postgresql+psycopg://, postgresql+psycopg2://) "
@@ -106,11 +108,19 @@ def normalize_database_url(raw: str) -> URL:
     url = _parse(text)
     if url is None:
         raise ConfigurationError(f"DATABASE_URL is not a valid URL: {_URL_HINT}")
-    if "password" in url.query:
+    if url.host and "@" in url.host:
+        # An unencoded @ in the password (or user name) splits it at the first @, and the
+        # rest of it would show as part of the host in every masked URL and message.
+        raise ConfigurationError(
+            "DATABASE_URL has more than one @ before its host: percent-encode @ in the "
+            "password (or user name) as %40"
+        )
+    keys = _password_keys(url)
+    if keys:
         # libpq also takes ?password=; move it where SQLAlchemy knows to mask it in
         # every repr of the URL and the engine.
-        password = url.query["password"]
-        url = url.difference_update_query(["password"]).set(
+        password = url.query[keys[-1]]
+        url = url.difference_update_query(keys).set(
             password=password if isinstance(password, str) else password[-1]
         )
     scheme = url.drivername.lower()
@@ -123,6 +133,11 @@ def normalize_database_url(raw: str) -> URL:
     raise ConfigurationError(
         f"DATABASE_URL scheme {url.drivername!r} is not supported: {_URL_HINT}"
     )
+
+
+def _password_keys(url: URL) -> list[str]:
+    """Return the query keys of *url* that name a password, whatever their capitalisation."""
+    return [key for key in url.query if key.lower() == "password"]
 
 
 def _parse(text: str) -> URL | None:
@@ -145,9 +160,12 @@ def mask_url(url: URL | str) -> str:
         if parsed is None:
             return "<unparseable URL>"
         url = parsed
+    if url.host and "@" in url.host:
+        # An unencoded @ in the password: the host part holds the rest of the password.
+        url = url.set(host=url.host.rpartition("@")[2], password=_MASK)
     rendered = url.render_as_string(hide_password=True)
     # libpq also takes the password as a query parameter (?password=...).
-    return _QUERY_PASSWORD.sub(r"\g<key>***", rendered) if "password" in url.query else rendered
+    return _QUERY_PASSWORD.sub(r"\g<key>***", rendered) if _password_keys(url) else rendered
 
 
 @dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
@@ -189,13 +207,7 @@ class Settings:
     @model_validator(mode="wrap")
     @classmethod
     def _name_the_variable(cls, data: Any, handler: Any) -> Any:
-        try:
-            return handler(data)
-        except ValidationError as error:
-            problem = error.errors(include_input=False)[0]
-        # pydantic's message repeats the input: name the variable and its range only,
-        # and raise outside the handler, where the error is no one's __context__.
-        raise _configuration_error(cls, problem)
+        return _validated(cls, data, handler)
 
     @property
     def url(self) -> URL:
@@ -246,6 +258,17 @@ def _allowed(info: FieldInfo) -> str:
     return f"{kind} {low} {bounds['le']}"
 
 
+def _validated(cls: type, data: Any, handler: Any) -> Any:
+    """Run pydantic's validation of a settings class; a failure names the variable."""
+    try:
+        return handler(data)
+    except ValidationError as error:
+        problem = error.errors(include_input=False)[0]
+    # pydantic's message repeats the input: name the variable and its range only, and
+    # raise outside the handler, where the error is no one's __context__.
+    raise _configuration_error(cls, problem)
+
+
 def _configuration_error(cls: type, error: Any) -> Exception:
     # A validator sees the class pydantic built before adding slots: use the final one.
     cls = _SETTINGS_CLASSES[cls.__name__]
@@ -287,8 +310,21 @@ def _environment(variables: Mapping[str, str]) -> type[BaseSettings]:
 
 
 def _read(reader: type[BaseSettings], env_file: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """Read the variables that are set and not blank, the environment over *env_file*."""
-    read = reader(_env_file=None if env_file is None else os.fspath(env_file))
+    """Read the variables that are set and not blank, the environment over *env_file*.
+
+    A file that is not UTF-8 raises :class:`ConfigurationError` naming the file only:
+    the decoder's error holds the file's bytes (secrets too), so it is raised outside
+    the ``except`` block, where it is no one's ``__context__``.
+    """
+    path = None if env_file is None else os.fspath(env_file)
+    try:
+        read = reader(_env_file=path)
+    except UnicodeDecodeError:
+        read = None
+    if read is None:
+        raise ConfigurationError(
+            f"the env file {path} is not UTF-8 text: save it as UTF-8 (see .env.example)"
+        )
     return {
         field: value.strip()
         for field, value in read.model_dump().items()
@@ -311,8 +347,9 @@ def load_settings(
     default. A variable set in the process environment wins over the file; the file is
     optional, is read without touching ``os.environ``, and may hold other variables too.
     *database_url* (a command line's ``--database-url``) replaces ``DATABASE_URL`` while
-    the ``DB_*`` settings still apply. Raises :class:`ConfigurationError` naming the variable that
-    is missing or out of range, and the range.
+    the ``DB_*`` settings still apply. Raises :class:`ConfigurationError` naming the
+    variable that is missing or out of range, and the range, or saying to save a
+    *env_file* that is not UTF-8 as UTF-8.
     """
     values = _read(_Environment, env_file)
     if database_url is not None:
@@ -343,11 +380,7 @@ class MigrationSettings:
     @model_validator(mode="wrap")
     @classmethod
     def _name_the_variable(cls, data: Any, handler: Any) -> Any:
-        try:
-            return handler(data)
-        except ValidationError as error:
-            problem = error.errors(include_input=False)[0]
-        raise _configuration_error(cls, problem)
+        return _validated(cls, data, handler)
 
 
 _MigrationEnvironment: Final = _environment(_variables(MigrationSettings))

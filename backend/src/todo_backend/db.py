@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
+from ipaddress import ip_address
 from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
@@ -67,7 +68,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+_LOOPBACK_ADDRESSES: Final = frozenset({ip_address("127.0.0.1"), ip_address("::1")})
 # The longest single wait of wait_for_database: a Neon cold start takes a few seconds.
 MAX_BACKOFF_SECONDS: Final = 10.0
 # Neon suspends an idle compute after 300 s and closes its connections; recycle first.
@@ -82,13 +83,50 @@ _KEEPALIVES: Final = {
 
 def url_host(url: URL) -> str:
     """Return the server host of *url*: its host part, else libpq's ``?host=``, else ""."""
-    return url.host or str(url.query.get("host", ""))
+    return url.host or ",".join(_query_values(url, "host"))
+
+
+def _query_values(url: URL, key: str) -> list[str]:
+    """Return the values of *key* in *url*'s query (a repeated key gives several)."""
+    value = url.query.get(key, ())
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _split(values: list[str]) -> list[str]:
+    """libpq's comma-separated lists of hosts or addresses, one entry each."""
+    return [entry.strip() for value in values for entry in value.split(",")]
+
+
+def _is_loopback(host: str) -> bool:
+    """Tell whether *host* is the default socket (empty), a Unix socket, or loopback."""
+    if not host or host.startswith(("/", "@")):  # libpq: a path or @name is a socket
+        return True
+    name = host.removeprefix("[").removesuffix("]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ip_address(name) in _LOOPBACK_ADDRESSES
+    except ValueError:
+        return False
 
 
 def is_local_host(url: URL) -> bool:
-    """Tell whether *url* points at this machine (loopback or a Unix socket)."""
-    host = url_host(url)
-    return not host or host.startswith("/") or host.lower() in _LOCAL_HOSTS
+    """Tell whether *url* connects only to this machine (loopback or a Unix socket).
+
+    Every host counts, libpq's multi-host lists (``h1,h2``, ``?host=/tmp,remote``)
+    and every ``hostaddr`` (libpq connects to that address, whatever the host says);
+    without them in the URL, libpq's ``PGHOST`` and ``PGHOSTADDR`` do. Loopback means
+    ``localhost``, ``127.0.0.1`` and ``::1``: other 127/8 addresses count as remote,
+    so a test server there (the Neon stand-in on 127.0.0.2) is held to TLS as a remote
+    one would be.
+    """
+    hosts = _split([url.host] if url.host else []) + _split(_query_values(url, "host"))
+    if not url.host and "host" not in url.query:
+        hosts = _split([os.environ.get("PGHOST", "")])
+    addresses = _split(_query_values(url, "hostaddr")) or _split([os.environ.get("PGHOSTADDR", "")])
+    return all(_is_loopback(host) for host in hosts) and all(
+        _is_loopback(address) for address in addresses if address
+    )
 
 
 def create_db_engine(settings_or_url: Settings | str) -> Engine:

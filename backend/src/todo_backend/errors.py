@@ -7,8 +7,13 @@ catch the whole family at once::
     ├── ConfigurationError        settings (or engine options) cannot be used; fix them
     ├── DatabaseUnavailableError  the database cannot be reached; check the URL, TLS, network
     ├── DatabaseTimeoutError      a bounded wait ran out (pool, statement, lock, idle block)
+    ├── DatabaseConflictError     a deadlock or serialization failure; nothing stored, retry
+    ├── DatabaseStatementError    any other database error; carries its SQLSTATE
     ├── SchemaMissingError        the database has no tasks table; run `todo-db migrate`
     └── migrate.MigrationError    a migration cannot run as asked; nothing was changed
+
+No error of the database driver or SQLAlchemy reaches a repository caller: each is
+one of these, with the original as its ``__cause__``.
 
 A failed call inside ``TaskRepository.atomic()`` makes the block raise
 ``TodoBackendError`` itself at its end (the whole block was rolled back).
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "DatabaseConflictError",
+    "DatabaseStatementError",
     "DatabaseTimeoutError",
     "DatabaseUnavailableError",
     "SchemaMissingError",
@@ -66,6 +73,42 @@ class DatabaseTimeoutError(TodoBackendError):
     def __reduce__(self) -> tuple[type[DatabaseTimeoutError], tuple[str], dict[str, str]]:
         # Keeps ``bound`` when the error crosses a process boundary (pickle).
         return type(self), (str(self),), {"bound": self.bound}
+
+
+class DatabaseConflictError(TodoBackendError):
+    """The server aborted the call's transaction to resolve a conflict; nothing was stored.
+
+    Raised for a deadlock (SQLSTATE ``40P01``: two transactions waited for each other's
+    rows, and the server rolled one back) and a serialization failure (``40001``).
+    Nothing of the call, or of the ``atomic()`` block or the caller's transaction it ran
+    in, was stored: repeat the call, or the whole block. ``sqlstate`` holds the code.
+    """
+
+    def __init__(self, message: str, *, sqlstate: str = "") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+    def __reduce__(self) -> tuple[type[DatabaseConflictError], tuple[str], dict[str, str]]:
+        # Keeps ``sqlstate`` when the error crosses a process boundary (pickle).
+        return type(self), (str(self),), {"sqlstate": self.sqlstate}
+
+
+class DatabaseStatementError(TodoBackendError):
+    """The database refused or failed a statement for a reason no other error names.
+
+    A bug, a schema that differs from the package's, or a server fault. The message
+    holds the SQLSTATE and the first line of the server's message (never the SQL
+    parameters, never a password); ``sqlstate`` holds the code ("" when the database
+    gives none, as SQLite does); the driver's error is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, sqlstate: str = "") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+    def __reduce__(self) -> tuple[type[DatabaseStatementError], tuple[str], dict[str, str]]:
+        # Keeps ``sqlstate`` when the error crosses a process boundary (pickle).
+        return type(self), (str(self),), {"sqlstate": self.sqlstate}
 
 
 class SchemaMissingError(TodoBackendError):

@@ -15,7 +15,8 @@ Four pieces, each usable alone::
 - :func:`add_error_handlers` answers the package's errors with the right status and
   a message meant for API clients: invalid data (``pydantic.ValidationError``, e.g. a
   bad user id or a ``limit`` outside 1..100) is 422, a bound that ran out
-  (``DatabaseTimeoutError``) is 503 with ``Retry-After``, an unreachable database or
+  (``DatabaseTimeoutError``) and a deadlock or serialization failure
+  (``DatabaseConflictError``) are 503 with ``Retry-After``, an unreachable database or
   a lost connection (``DatabaseUnavailableError``) is 503, any other
   ``TodoBackendError`` (a missing schema, a failed ``atomic()`` block) is 500. The
   full message goes to the log, never to the client: no host, user or URL leaves
@@ -47,6 +48,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from todo_backend.aio import AsyncTaskRepository
 from todo_backend.errors import (
+    DatabaseConflictError,
     DatabaseTimeoutError,
     DatabaseUnavailableError,
     TodoBackendError,
@@ -69,6 +71,9 @@ _TIMEOUT_DETAIL: Final = (
 _UNAVAILABLE_DETAIL: Final = (
     "the database is unavailable. Retry later; a write whose connection was lost may "
     "have been applied, so read before repeating it."
+)
+_CONFLICT_DETAIL: Final = (
+    "the request collided with another one on the same data; nothing of it was stored. Repeat it."
 )
 _INTERNAL_DETAIL: Final = "internal server error"
 
@@ -125,6 +130,7 @@ def add_error_handlers(app: FastAPI, *, retry_after: int = RETRY_AFTER_SECONDS) 
     ``pydantic.ValidationError`` becomes 422 with the field errors (type, location and
     message, as FastAPI reports request errors, without the input); ``DatabaseTimeoutError``
     503 with ``Retry-After: retry_after`` and the ``bound`` that ran out;
+    ``DatabaseConflictError`` (nothing stored, safe to repeat) 503 with ``Retry-After``;
     ``DatabaseUnavailableError`` 503; any other ``TodoBackendError`` 500. The error's
     own message is logged, never sent.
     """
@@ -138,7 +144,16 @@ def add_error_handlers(app: FastAPI, *, retry_after: int = RETRY_AFTER_SECONDS) 
             headers={"Retry-After": str(retry_after)},
         )
 
+    async def conflicted(_request: Request, err: DatabaseConflictError) -> JSONResponse:
+        logger.warning("transaction aborted by a conflict (%s): %s", err.sqlstate, err)
+        return JSONResponse(
+            {"detail": _CONFLICT_DETAIL},
+            status_code=503,
+            headers={"Retry-After": str(retry_after)},
+        )
+
     app.add_exception_handler(DatabaseTimeoutError, timed_out)  # type: ignore[arg-type]
+    app.add_exception_handler(DatabaseConflictError, conflicted)  # type: ignore[arg-type]
     app.add_exception_handler(DatabaseUnavailableError, _unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(TodoBackendError, _failed)  # type: ignore[arg-type]
 

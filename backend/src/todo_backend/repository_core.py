@@ -56,8 +56,14 @@ from sqlalchemy.orm import InstanceState, Session, configure_mappers
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from todo_backend.db import BOUNDED, cannot_connect, timeout_error
-from todo_backend.errors import DatabaseUnavailableError, SchemaMissingError, TodoBackendError
+from todo_backend.db import BOUNDED, cannot_connect, error_reason, timeout_error
+from todo_backend.errors import (
+    DatabaseConflictError,
+    DatabaseStatementError,
+    DatabaseUnavailableError,
+    SchemaMissingError,
+    TodoBackendError,
+)
 from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_user_id
 
 __all__ = [
@@ -680,9 +686,14 @@ def _fail(session: Session, err: BaseException) -> Generator[Step | Run, Any, No
 def translate(err: Exception) -> Exception:
     """Map a driver error to this package's errors: the one translation boundary.
 
-    Returns *err* itself when it is not the package's to translate. A bound that ran
-    out (pool, statement, lock, idle block) is a DatabaseTimeoutError; a database
-    without the tasks table is a SchemaMissingError that says to run ``todo-db migrate``.
+    Returns *err* itself when it is not a database error (a BaseException, a bug's
+    own exception). A bound that ran out (pool, statement, lock, idle block) is a
+    DatabaseTimeoutError; a lost connection or one that could not be opened, a
+    read-only server or one out of resources, a DatabaseUnavailableError; a database
+    without the tasks table, a SchemaMissingError that says to run ``todo-db migrate``;
+    a deadlock or serialization failure, a DatabaseConflictError; any other driver
+    error, a DatabaseStatementError carrying its SQLSTATE. No DBAPIError is returned
+    as is.
     """
     timeout = timeout_error(err)
     if timeout is not None:
@@ -704,7 +715,57 @@ def translate(err: Exception) -> Exception:
             "the database has no tasks table: its schema was never created. Run "
             "`todo-db migrate` against it (with the same DATABASE_URL), then repeat the call."
         )
-    return err
+    return _refused(err)
+
+
+# SQLSTATEs: the transaction was rolled back to resolve a conflict, and the server
+# refuses writes; class 53 is "insufficient resources" (Neon's storage limit: 53100).
+_CONFLICTS: Final = frozenset({"40P01", "40001"})
+_READ_ONLY: Final = "25006"
+_NO_RESOURCES: Final = "53"
+
+
+def _sqlstate(err: DBAPIError) -> str:
+    # psycopg2 names the SQLSTATE pgcode, psycopg 3 (the async engine) sqlstate.
+    orig = err.orig
+    return str(getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None) or "")
+
+
+def _refused(err: DBAPIError) -> TodoBackendError:
+    """Map an error the server returned for a statement it received (a connection was open).
+
+    The message carries the SQLSTATE and the first line of the server's message
+    only: the rest of a SQLAlchemy error repeats the SQL and a DETAIL line may
+    repeat row values.
+    """
+    code = _sqlstate(err)
+    reason = error_reason(err)
+    if code in _CONFLICTS:
+        return DatabaseConflictError(
+            f"the server aborted the transaction to resolve a conflict with a concurrent one "
+            f"(SQLSTATE {code}: {reason}); nothing of it was stored. Repeat the call, or the "
+            "whole atomic() block; if it keeps happening, make concurrent blocks change tasks "
+            "in the same order.",
+            sqlstate=code,
+        )
+    if code == _READ_ONLY:
+        return DatabaseUnavailableError(
+            f"the database is read-only (SQLSTATE {code}: {reason}); nothing was stored. "
+            "Point DATABASE_URL at a read-write server (on Neon: the branch's read-write "
+            "compute, not a read replica), or check default_transaction_read_only."
+        )
+    if code.startswith(_NO_RESOURCES):
+        return DatabaseUnavailableError(
+            f"the database server ran out of a resource (SQLSTATE {code}: {reason}); "
+            "nothing was stored. Free disk space or raise the limit (on Neon: the "
+            "project's storage or compute size), or close connections, then retry."
+        )
+    where = f" (SQLSTATE {code})" if code else ""
+    return DatabaseStatementError(
+        f"the database refused the statement: {reason}{where}. If the database's schema "
+        "is behind the package's, run `todo-db migrate`; otherwise report it as a bug.",
+        sqlstate=code,
+    )
 
 
 def _no_such_table(err: DBAPIError) -> bool:

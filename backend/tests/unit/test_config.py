@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -158,6 +158,21 @@ def test_env_file_path_can_be_chosen(clean_env: Path) -> None:
         load_settings(None)
 
 
+@pytest.mark.parametrize("load", [load_settings, load_migration_settings])
+def test_an_env_file_that_is_not_utf8_is_a_configuration_error(
+    clean_env: Path, load: Callable[[], object]
+) -> None:
+    """A .env in another encoding raises ConfigurationError saying to save it as UTF-8."""
+    (clean_env / ".env").write_bytes(
+        f"DATABASE_URL=postgresql://u:{SECRET}@h/db\n# caf\xe9\n".encode("latin-1")
+    )
+    with pytest.raises(ConfigurationError, match="UTF-8") as info:
+        load()
+    assert SECRET not in error_chain(info.value)
+    assert "caf" not in error_chain(info.value)
+    assert info.value.__context__ is None
+
+
 def test_env_file_does_not_leak_into_os_environ(clean_env: Path) -> None:
     """Reading .env leaves the process environment untouched."""
     import os
@@ -281,6 +296,46 @@ def test_mask_url_handles_strings_and_garbage() -> None:
     assert query_password.url.query == {"x": "1"}
     assert mask_url(f"::{SECRET}::") == "<unparseable URL>"
     assert mask_url(f"postgresql://u:{SECRET}@h:notaport/db") == "<unparseable URL>"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "postgresql://app:Tr0ub4dor@Horse-Battery@db.invalid/app",
+        "postgresql://app:Tr0ub4dor@Horse@Battery@db.invalid:5432/app?sslmode=require",
+        "postgres://app:Tr0ub4dor@Horse-Battery@db.invalid/app?password=Battery",
+    ],
+)
+def test_an_unencoded_at_before_the_host_is_refused_without_echoing(raw: str) -> None:
+    """A URL with an @ left unencoded in its credentials is refused, saying to write %40."""
+    with pytest.raises(ConfigurationError, match="%40") as info:
+        Settings(database_url=raw)
+    for piece in ("Tr0ub4dor", "Horse", "Battery"):
+        assert piece not in error_chain(info.value)
+    assert "Tr0ub4dor" not in mask_url(raw)
+    assert "Horse" not in mask_url(raw)
+    assert "Battery" not in mask_url(raw)
+
+
+def test_an_encoded_at_in_the_password_is_kept() -> None:
+    """A password with @ written as %40 connects with the @ and is masked whole."""
+    settings = Settings(database_url="postgresql://app:Tr0ub4dor%40Horse@db.invalid/app")
+    assert settings.url.password == "Tr0ub4dor@Horse"
+    assert settings.url.host == "db.invalid"
+    assert "Horse" not in settings.masked_url
+    assert "Horse" not in repr(settings)
+
+
+@pytest.mark.parametrize("key", ["PASSWORD", "Password", "passWord"])
+def test_a_query_password_in_any_case_is_moved_and_masked(key: str) -> None:
+    """?PASSWORD= in any capitalisation becomes the URL's password and never shows."""
+    raw = f"postgresql://u@h/db?{key}={SECRET}&sslmode=require"
+    assert mask_url(raw) == f"postgresql://u@h/db?{key}=***&sslmode=require"
+    settings = Settings(database_url=raw)
+    assert settings.url.password == SECRET
+    assert settings.url.query == {"sslmode": "require"}
+    assert SECRET not in repr(settings)
+    assert SECRET not in settings.masked_url
 
 
 def test_explicit_url_replaces_database_url_but_keeps_the_tuning(

@@ -81,6 +81,8 @@ def test_postgres_engine_pool_bounds_and_recycling() -> None:
         ("postgresql://u:p@127.0.0.1/db", None),
         ("postgresql://u:p@[::1]/db", None),
         ("postgresql://u@/db?host=/var/run/postgresql", None),
+        ("postgresql://u:p@localhost/db?hostaddr=203.0.113.5", "require"),
+        ("postgresql://u@/db?host=/tmp,remote.example.com", "require"),
     ],
 )
 def test_remote_hosts_get_sslmode_require(url: str, sslmode: str | None) -> None:
@@ -104,6 +106,60 @@ def test_is_local_host() -> None:
     assert is_local_host(make_url("postgresql:///db"))
     assert not is_local_host(make_url("postgresql://127.0.0.2/db"))
     assert not is_local_host(make_url("postgresql://db.neon.tech/db"))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pw@localhost/db?hostaddr=203.0.113.5",
+        "postgresql://u:pw@localhost/db?hostaddr=127.0.0.1,203.0.113.5",
+        "postgresql://u:pw@/db?host=/tmp,remote.example.com",
+        "postgresql://u:pw@/db?host=/tmp&host=remote.example.com",
+        "postgresql://u:pw@localhost,remote.example.com/db",
+        "postgresql://u:pw@localhost/db?host=remote.example.com",
+        "postgresql://u:pw@127.0.0.2/db",
+        "postgresql://u:pw@[2001:db8::1]/db",
+        "postgresql://u:pw@db.example.com/db?hostaddr=::1",
+    ],
+)
+def test_a_url_with_any_remote_host_or_hostaddr_is_not_local(url: str) -> None:
+    """Any remote host of a multi-host list, or any remote hostaddr, makes the URL remote."""
+    from sqlalchemy.engine import make_url
+
+    assert not is_local_host(make_url(url))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pw@localhost/db?hostaddr=127.0.0.1",
+        "postgresql://u:pw@/db?host=/tmp,/var/run/postgresql",
+        "postgresql://u:pw@/db?host=@abstract",
+        "postgresql://u:pw@localhost,127.0.0.1/db",
+        "postgresql://u:pw@[::1]/db",
+    ],
+)
+def test_a_url_whose_every_host_is_loopback_is_local(url: str) -> None:
+    """Loopback names, addresses and sockets, alone or in lists, keep the URL local."""
+    from sqlalchemy.engine import make_url
+
+    assert is_local_host(make_url(url))
+
+
+def test_without_a_host_in_the_url_libpqs_environment_decides(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no host in the URL, PGHOST and PGHOSTADDR (what libpq then uses) are checked."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url("postgresql:///db")
+    monkeypatch.setenv("PGHOST", "remote.example.com")
+    assert not is_local_host(url)
+    monkeypatch.setenv("PGHOST", "/tmp")
+    monkeypatch.setenv("PGHOSTADDR", "203.0.113.5")
+    assert not is_local_host(url)
+    monkeypatch.delenv("PGHOSTADDR")
+    assert is_local_host(url)
 
 
 def test_memory_database_is_shared_across_sessions_and_threads() -> None:

@@ -24,6 +24,7 @@ from todo_backend.aio import create_async_db_engine
 from todo_backend.db import create_db_engine, init_db
 from todo_backend.errors import (
     ConfigurationError,
+    DatabaseConflictError,
     DatabaseTimeoutError,
     DatabaseUnavailableError,
     SchemaMissingError,
@@ -171,6 +172,9 @@ def _raising_app() -> FastAPI:
         "unavailable": DatabaseUnavailableError(
             f"cannot reach postgresql://app:{SECRET}@db.internal.example/app: refused"
         ),
+        "conflict": DatabaseConflictError(
+            f"deadlock detected on postgresql://app:{SECRET}@h/db", sqlstate="40P01"
+        ),
         "schema": SchemaMissingError("no tasks table: run `todo-db migrate`"),
         "config": ConfigurationError(f"DATABASE_URL postgresql://app:{SECRET}@h/db is bad"),
         "block": TodoBackendError("a call inside this atomic() block failed"),
@@ -196,6 +200,15 @@ def test_a_timeout_is_a_503_with_retry_after(raising: TestClient) -> None:
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "3"
     assert response.json()["bound"] == "DB_POOL_TIMEOUT"
+
+
+def test_a_conflict_is_a_503_with_retry_after_that_leaks_nothing(raising: TestClient) -> None:
+    """DatabaseConflictError (nothing stored, safe to repeat) answers 503 with Retry-After."""
+    response = raising.get("/conflict")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "3"
+    assert "nothing of it was stored" in response.json()["detail"]
+    assert SECRET not in response.text
 
 
 def test_an_unavailable_database_is_a_503_that_leaks_nothing(raising: TestClient) -> None:

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import select
+import socket
 import time
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,11 @@ from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlmodel import Session, SQLModel
 
 from todo_backend.config import Settings, mask_url
-from todo_backend.errors import ConfigurationError, DatabaseTimeoutError, DatabaseUnavailableError
+from todo_backend.errors import (
+    ConfigurationError,
+    DatabaseTimeoutError,
+    DatabaseUnavailableError,
+)
 from todo_backend.models import Task, validate_user_id
 from todo_backend.pool import IdleQueuePool
 
@@ -284,15 +289,55 @@ _TRANSACTION: Final = "todo_backend.transaction"
 # Set on a disconnect error that the idle-in-transaction bound explains.
 _IDLE_EXPIRED: Final = "_todo_backend_idle_expired"
 # Statements that control the transaction itself: never carry the bounds, never use up
-# the first statement of a transaction. Group 1 the verb, group 2 the rest.
+# the first statement of a transaction. Group 1 the verb, group 2 the rest. Matched
+# after leading comments and whitespace (:func:`_strip_leading_comments`).
 _CONTROL: Final = re.compile(
-    r"\s*(SAVEPOINT|RELEASE|ROLLBACK|COMMIT|END|ABORT|BEGIN|START)\b\s*(.*?)[\s;]*\Z",
+    r"(SAVEPOINT|RELEASE|ROLLBACK|COMMIT|END|ABORT|BEGIN|START)\b\s*(.*?)[\s;]*\Z",
     re.IGNORECASE | re.DOTALL,
+)
+# Statements PostgreSQL accepts only before the first query of a transaction
+# ("SET TRANSACTION ISOLATION LEVEL must be called before any query"): SET TRANSACTION
+# (isolation, READ ONLY, DEFERRABLE, SNAPSHOT) and its GUC spellings. They go out
+# alone and leave the bounds to the next statement.
+_BEFORE_ANY_QUERY: Final = re.compile(
+    r"SET\s+(?:LOCAL\s+|SESSION\s+)?"
+    r"(?:TRANSACTION\b|transaction_(?:isolation|read_only|deferrable)\b)",
+    re.IGNORECASE,
 )
 _ROLLBACK_TO: Final = re.compile(
     r"(?:(?:WORK|TRANSACTION)\s+)?TO\s+(.*)", re.IGNORECASE | re.DOTALL
 )
 _SAVEPOINT_WORD: Final = re.compile(r"\ASAVEPOINT\s+", re.IGNORECASE)
+_LINE_COMMENT: Final = re.compile(r"\s*--[^\n]*(?:\n|\Z)")
+
+
+def _strip_leading_comments(statement: str) -> str:
+    """Return *statement* without its leading whitespace, ``--`` and ``/* */`` comments.
+
+    PostgreSQL's block comments nest; an unterminated one leaves the text as it is
+    (the server refuses it anyway).
+    """
+    rest = statement
+    while True:
+        rest = rest.lstrip()
+        line = _LINE_COMMENT.match(rest)
+        if line is not None:
+            rest = rest[line.end() :]
+            continue
+        if not rest.startswith("/*"):
+            return rest
+        depth, i = 1, 2
+        while depth and i < len(rest):
+            pair = rest[i : i + 2]
+            if pair == "/*":
+                depth, i = depth + 1, i + 2
+            elif pair == "*/":
+                depth, i = depth - 1, i + 2
+            else:
+                i += 1
+        if depth:
+            return rest
+        rest = rest[i:]
 
 
 def _milliseconds(seconds: float) -> int:
@@ -362,9 +407,14 @@ class _Transaction:
         """Tell whether *statement* controls the transaction; if so, follow what it does.
 
         Savepoints are tracked by name (``SAVEPOINT``, ``RELEASE``, ``ROLLBACK TO``);
-        a ``COMMIT`` or ``ROLLBACK`` sent as a statement ends the transaction.
+        a ``COMMIT`` or ``ROLLBACK`` sent as a statement ends the transaction;
+        ``SET TRANSACTION`` (which must precede any query) changes nothing here. Leading
+        comments are skipped.
         """
-        control = _CONTROL.match(statement)
+        text = _strip_leading_comments(statement)
+        if _BEFORE_ANY_QUERY.match(text) is not None:
+            return True
+        control = _CONTROL.match(text)
         if control is None:
             return False
         self._control(control[1].upper(), control[2])
@@ -428,23 +478,29 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
       message as one implicit transaction, which the bounds cover exactly.
 
     Nothing is put in front of ``SAVEPOINT``, ``RELEASE``, ``ROLLBACK [TO SAVEPOINT]``,
-    ``COMMIT``, a caller's own autocommitted statements (``VACUUM`` and ``CREATE INDEX
-    CONCURRENTLY`` refuse the implicit transaction a prefix would make), an
-    executemany, a server-side (``stream_results``) cursor's ``DECLARE``, or statements
-    run with :data:`UNBOUNDED`. When an executemany or a server-side cursor is the first
+    ``COMMIT``, ``SET TRANSACTION ...`` (and ``SET [LOCAL] transaction_isolation`` and
+    the like, which PostgreSQL takes only before a transaction's first query: the next
+    statement carries the bounds), a caller's own autocommitted statements (``VACUUM``
+    and ``CREATE INDEX CONCURRENTLY`` refuse the implicit transaction a prefix would
+    make), an executemany, a server-side (``stream_results``) cursor's ``DECLARE``, or
+    statements run with :data:`UNBOUNDED`. These are recognised after leading ``--``
+    and ``/* */`` comments. When an executemany or a server-side cursor is the first
     statement of a transaction, the bounds go out alone just before it: one extra round
     trip, once in that transaction (the repository never does either). After ``ROLLBACK
     TO SAVEPOINT`` has undone the bounds (they were set inside that savepoint), the next
-    statement carries them again.
+    statement carries them again. Two-phase transactions (``begin_twophase``) are
+    bounded like any other; the hooks' record of a transaction ends with it.
 
     The server closes a connection idle in a transaction past its bound; the client
-    only sees a dropped connection. A dropped connection is put down to the idle bound
-    (:func:`timeout_error`) only when the transaction sat idle longer than the bound
-    before the failed message was sent, the bound was set by the transaction's first
-    statement and never undone, and everything in the transaction went through these
-    hooks as the package's own statements: no :data:`UNBOUNDED` statement, no streamed
-    result (whose fetches the hooks do not see), no statement of the caller's (which
-    may change the bound). Otherwise, a lost COMMIT above all, the outcome is unknown.
+    only sees a dropped connection. Before each statement inside a transaction and
+    before its COMMIT, a zero-timeout poll of the socket (no round trip) tells whether
+    the server had already closed it: only then was nothing of the transaction stored,
+    and the error is put down to the idle bound (:func:`timeout_error`) when the
+    server's message says so (plain text) or, over TLS, when the measured idle gap
+    exceeded the bound the server enforces and the hooks saw the whole transaction
+    (:func:`_note_closed`). Without that evidence, a lost COMMIT above all, the outcome
+    is unknown (``DatabaseUnavailableError``), however long the transaction looked
+    idle: work on the driver's own cursor (a ``COPY``) is invisible to the hooks.
 
     The driver must send the string as one simple-protocol message and hand back the
     last statement's result: psycopg2 does; the async engine gives psycopg 3 a
@@ -453,7 +509,6 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
     """
     bounds = set_local_sql(bounds_settings(settings))
     prefixes = _Prefixes(bounds)
-    idle_bound = settings.idle_in_transaction_timeout
 
     def before(
         conn: Connection,
@@ -480,6 +535,8 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
         if tx is None:
             tx = info[_TRANSACTION] = _Transaction()
         tx.sent_at = time.monotonic()
+        if tx.idle_since is not None:
+            _note_closed(conn, tx, settings)
         if tx.follow(statement):
             return statement, parameters
         if not own or alone:
@@ -491,42 +548,135 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
         return (statement if setting is None else setting + "; " + statement), parameters
 
     def after(conn: Connection, *_args: Any) -> None:
+        conn.info.pop(_CLOSED, None)  # answered: whatever the poll saw, the server was there
         if not _autocommit(conn):
             tx = conn.info.get(_TRANSACTION)
             if tx is not None:
                 tx.idle_since = time.monotonic()
 
-    def begin(conn: Connection) -> None:
+    def begin(conn: Connection, *_xid: Any) -> None:
         # The next statement sent in a transaction starts a fresh record (autocommit
         # statements, the repository's common case, never need one).
         conn.info.pop(_TRANSACTION, None)
+        conn.info.pop(_CLOSED, None)
 
-    def commit(conn: Connection) -> None:
-        tx = conn.info.get(_TRANSACTION)
-        if tx is not None:
+    def commit(conn: Connection, *_xid: Any) -> None:
+        # The record ends with its transaction; only the evidence about the COMMIT
+        # about to be sent stays, for handle_error, until the next transaction.
+        tx = conn.info.pop(_TRANSACTION, None)
+        if tx is not None and tx.idle_since is not None:
             tx.sent_at = time.monotonic()
+            _note_closed(conn, tx, settings)
 
-    def handle_error(context: ExceptionContext) -> None:
-        conn = context.connection
-        if not context.is_disconnect or conn is None:
+    def rollback(conn: Connection, *_xid: Any) -> None:
+        # Also called after the connection was lost or closed: it has no info then.
+        if conn.invalidated or conn.closed:
             return
-        try:
-            tx = conn.info.get(_TRANSACTION)
-        except SQLAlchemyError:  # pragma: no cover - already invalidated
-            return
-        if tx is None or not tx.trusted or tx.bounded_at is None:
-            return
-        idle_since, sent_at = tx.idle_since, tx.sent_at
-        if idle_since is not None and sent_at is not None and sent_at - idle_since > idle_bound:
-            # The server's idle timer started before the last answer left it and the
-            # message reached it after sent_at: the server had ended the transaction.
-            setattr(context.sqlalchemy_exception, _IDLE_EXPIRED, True)
+        conn.info.pop(_TRANSACTION, None)
 
     event.listen(engine, "before_cursor_execute", before, retval=True)
-    event.listen(engine, "after_cursor_execute", after)
-    event.listen(engine, "begin", begin)
-    event.listen(engine, "commit", commit)
-    event.listen(engine, "handle_error", handle_error)
+    for name, hook in (
+        ("after_cursor_execute", after),
+        ("begin", begin),
+        ("begin_twophase", begin),
+        ("commit", commit),
+        ("commit_twophase", commit),
+        ("rollback", rollback),
+        ("rollback_twophase", rollback),
+        ("handle_error", _explain_closed),
+    ):
+        event.listen(engine, name, hook)
+
+
+# Connection.info key: the server had closed the connection before the message now
+# being sent (True: it ended the transaction for the idle bound; False: for another
+# reason, or one that cannot be read). Set just before sending, read by handle_error.
+_CLOSED: Final = "todo_backend.closed"
+
+
+def _explain_closed(context: ExceptionContext) -> None:
+    """Mark an error raised after the server had closed the connection (a ``handle_error`` hook)."""
+    conn = context.connection
+    if conn is None:
+        return
+    try:
+        closed = conn.info.pop(_CLOSED, None)
+    except SQLAlchemyError:  # pragma: no cover - already invalidated
+        return
+    if closed is None:
+        return
+    # The server had closed the connection before the failed message was sent: it
+    # never ran, and the server rolled the transaction back. Whatever the driver
+    # made of the closed socket, the connection is gone.
+    context.is_disconnect = True
+    if closed:
+        setattr(context.sqlalchemy_exception, _IDLE_EXPIRED, True)
+
+
+def _note_closed(conn: Connection, tx: _Transaction, settings: Settings) -> None:
+    """Record in *conn*.info whether the server closed the connection while *tx* sat idle.
+
+    The server ends a transaction idle past its bound by sending a FATAL
+    idle_in_transaction_session_timeout message and closing the socket, as it does
+    for a terminated backend (PgBouncer relays the message and closes the client's
+    socket too). A zero-timeout poll sees that before the next message is sent, with
+    no round trip: then nothing of the transaction can have been stored. Without
+    that evidence a lost answer (above all a COMMIT's) has an unknown outcome,
+    however long the transaction looked idle. Which bound closed it is read from the
+    message itself when it is in clear text; over TLS it is inferred from the idle
+    gap the hooks measured, only when the engine's bound was in force throughout.
+    """
+    seen = _closed_by_server(conn)
+    if seen is None:
+        return
+    if seen:
+        # The first message: type, length, then its fields, each a code byte and text.
+        idle = b"C" + _IDLE_TIMEOUT.encode() in seen[5:].split(b"\0")
+    else:
+        sent_at, idle_since = tx.sent_at, tx.idle_since
+        # The bound the server enforces: the rounded milliseconds it was given.
+        idle_bound = _milliseconds(settings.idle_in_transaction_timeout) / 1000
+        idle = (
+            tx.trusted
+            and tx.bounded_at is not None
+            and sent_at is not None
+            and idle_since is not None
+            and sent_at - idle_since >= idle_bound
+        )
+    conn.info[_CLOSED] = idle
+
+
+def _closed_by_server(conn: Connection) -> bytes | None:
+    """Return what the server sent before closing *conn*'s socket, or None if it is open.
+
+    The bytes are the start of the server's last message when it is readable
+    (``b""`` over TLS or when nothing could be read).
+    """
+    dbapi: Any = conn.connection.dbapi_connection
+    connection = getattr(dbapi, "driver_connection", dbapi)
+    fileno = connection.fileno()
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN | select.POLLERR | select.POLLHUP | select.POLLRDHUP)
+    events = poller.poll(0)
+    if not events:
+        return None
+    flags = events[0][1]
+    peeked = b""
+    if flags & select.POLLIN:
+        # A second descriptor of the driver's socket, read without consuming anything
+        # and without touching the flags the two share.
+        sock = socket.socket(fileno=os.dup(fileno))
+        try:
+            peeked = sock.recv(512, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            peeked = b""
+        finally:
+            sock.close()
+    # A FATAL ErrorResponse in clear text, or a peer that hung up: the server closed.
+    fatal = peeked.startswith(b"E") and b"SFATAL\0" in peeked
+    if fatal or flags & (select.POLLHUP | select.POLLRDHUP | select.POLLERR):
+        return peeked if fatal else b""
+    return None
 
 
 class _Prefixes:
@@ -709,6 +859,11 @@ def _switch_isolation_without_round_trips(engine: Engine) -> None:
     that escapes the repository after the write was committed and leaks the pool
     slot for good. Toggling ``autocommit`` and leaving the isolation level at the
     server default sends nothing; a dead connection is then caught at checkout.
+
+    ``postgresql_readonly`` and ``postgresql_deferrable`` get the same treatment: the
+    pool's reset to False becomes psycopg2's DEFAULT (None), which later autocommit
+    switches leave alone, and combined with AUTOCOMMIT they are refused
+    (:func:`_refuse_session_characteristics`).
     """
     dialect = engine.dialect
 
@@ -720,7 +875,42 @@ def _switch_isolation_without_round_trips(engine: Engine) -> None:
         else:
             dbapi_connection.set_session(isolation_level=level, autocommit=False)
 
+    def set_readonly(dbapi_connection: Any, value: bool) -> None:
+        # False (SQLAlchemy's reset) is psycopg2's DEFAULT, None: an explicit False
+        # would be re-SET on every later autocommit switch.
+        dbapi_connection.readonly = True if value else None
+
+    def set_deferrable(dbapi_connection: Any, value: bool) -> None:
+        dbapi_connection.deferrable = True if value else None
+
     dialect.set_isolation_level = set_isolation_level  # type: ignore[method-assign]
+    dialect.set_readonly = set_readonly  # type: ignore[attr-defined]
+    dialect.set_deferrable = set_deferrable  # type: ignore[attr-defined]
+    event.listen(engine, "set_connection_execution_options", _refuse_session_characteristics)
+    event.listen(engine, "set_engine_execution_options", _refuse_session_characteristics)
+
+
+_SESSION_CHARACTERISTICS: Final = ("postgresql_readonly", "postgresql_deferrable")
+
+
+def _refuse_session_characteristics(target: Connection | Engine, options: dict[str, Any]) -> None:
+    """Refuse read-only or deferrable together with AUTOCOMMIT, before either is applied.
+
+    With autocommit on, psycopg2 turns them into session-level ``SET
+    default_transaction_read_only`` / ``default_transaction_deferrable`` statements: a
+    round trip each, and session state that PgBouncer's transaction pooling hands to
+    other clients. In a transaction they cost nothing (psycopg2 says ``BEGIN READ
+    ONLY``), and an autocommitted statement has no transaction for them to shape.
+    """
+    merged = {**target.get_execution_options(), **options}
+    chosen = [name for name in _SESSION_CHARACTERISTICS if merged.get(name)]
+    if chosen and merged.get("isolation_level") == "AUTOCOMMIT":
+        raise ConfigurationError(
+            f"{' and '.join(chosen)} cannot be combined with isolation_level='AUTOCOMMIT' "
+            "on this engine: psycopg2 would make them session settings, which outlive the "
+            "connection's use behind PgBouncer. Run the work in a transaction instead "
+            "(drop AUTOCOMMIT, or begin one), where they apply to that transaction only."
+        )
 
 
 def _create_sqlite_engine(url: URL, settings: Settings) -> Engine:

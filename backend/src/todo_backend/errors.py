@@ -4,7 +4,7 @@ Every error the package raises on purpose derives from one base, so a caller can
 catch the whole family at once::
 
     TodoBackendError
-    ├── ConfigurationError        settings are missing or malformed; fix the environment
+    ├── ConfigurationError        settings (or engine options) cannot be used; fix them
     ├── DatabaseUnavailableError  the database cannot be reached; check the URL, TLS, network
     ├── DatabaseTimeoutError      a bounded wait ran out (pool, statement, lock, idle block)
     ├── DatabaseConflictError     a deadlock or serialization failure; nothing stored, retry
@@ -42,7 +42,9 @@ class TodoBackendError(Exception):
 class ConfigurationError(TodoBackendError):
     """The settings cannot be used: a variable is missing, blank or malformed.
 
-    The message names the variable and says how to fix it; it never repeats a password.
+    Also raised for engine options the package cannot honour safely (read-only or
+    deferrable with AUTOCOMMIT on the sync engine). The message names the variable or
+    option and says how to fix it; it never repeats a password.
     """
 
 

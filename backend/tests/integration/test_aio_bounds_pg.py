@@ -25,6 +25,7 @@ from tests.integration.test_bounds_pg import (
     Target,
     _locked_row,
     _titles,
+    idle_target,
     made,
     target,
 )
@@ -33,7 +34,7 @@ from todo_backend.config import Settings
 from todo_backend.errors import DatabaseTimeoutError
 from todo_backend.models import TaskCreate, TaskUpdate
 
-__all__ = ["made", "runner", "target"]  # fixtures
+__all__ = ["idle_target", "made", "runner", "target"]  # fixtures
 
 
 @pytest.fixture
@@ -93,10 +94,10 @@ def test_any_statement_carries_the_statement_bound(
 
 
 def test_an_idle_atomic_block_raises_the_idle_bound(
-    target: Target, made: list[Engine], async_made: list[AsyncEngine], runner: asyncio.Runner
+    idle_target: Target, made: list[Engine], async_made: list[AsyncEngine], runner: asyncio.Runner
 ) -> None:
     """An async block idle past DB_IDLE_IN_TRANSACTION_TIMEOUT stores nothing of itself."""
-    engine = _engine(target, async_made, idle_in_transaction_timeout=TINY)
+    engine = _engine(idle_target, async_made, idle_in_transaction_timeout=TINY)
 
     async def stalled_block() -> None:
         session, _ = await open_session(engine)
@@ -109,4 +110,26 @@ def test_an_idle_atomic_block_raises_the_idle_bound(
     with pytest.raises(DatabaseTimeoutError) as caught:
         runner.run(stalled_block())
     assert caught.value.bound == "DB_IDLE_IN_TRANSACTION_TIMEOUT"
-    assert _titles(target, made) == []
+    assert _titles(idle_target, made) == []
+
+
+def test_an_async_block_idle_before_its_commit_stores_nothing(
+    idle_target: Target, made: list[Engine], async_made: list[AsyncEngine], runner: asyncio.Runner
+) -> None:
+    """An async block that stalls after its last statement fails at COMMIT with the idle bound."""
+    engine = _engine(idle_target, async_made, idle_in_transaction_timeout=TINY)
+
+    async def stalled_block() -> None:
+        session, _ = await open_session(engine)
+        repo = AsyncTaskRepository(session)
+        try:
+            async with repo.atomic():
+                await repo.create(ALICE, TaskCreate(title="only"))
+                await asyncio.sleep(PAST_TINY)
+        finally:
+            await session.close()
+
+    with pytest.raises(DatabaseTimeoutError) as caught:
+        runner.run(stalled_block())
+    assert caught.value.bound == "DB_IDLE_IN_TRANSACTION_TIMEOUT"
+    assert _titles(idle_target, made) == []

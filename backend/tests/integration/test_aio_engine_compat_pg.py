@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sqlalchemy import Engine, insert, text
+from sqlalchemy import Engine, create_engine, insert, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlmodel import col, select
@@ -19,7 +19,13 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from tests.async_face import runner
 from tests.integration.test_aio_bounds_pg import _engine, async_made
 from tests.integration.test_bounds_pg import ALICE, PAST_TINY, TINY, Target, _titles, made, target
-from tests.integration.test_engine_compat_pg import _INSERT_ROW, BOUNDS, SHOWN, rows
+from tests.integration.test_engine_compat_pg import (
+    _INSERT_ROW,
+    BEFORE_ANY_QUERY,
+    BOUNDS,
+    SHOWN,
+    rows,
+)
 from todo_backend.aio import AsyncTaskRepository
 from todo_backend.models import Task, TaskCreate, utc_now
 
@@ -242,3 +248,53 @@ def test_the_statement_bound_fires_on_a_callers_raw_statement(
 
     with pytest.raises(DBAPIError, match="statement timeout"):
         runner.run(scenario())
+
+
+@pytest.mark.parametrize(("statement", "name", "value"), BEFORE_ANY_QUERY)
+def test_set_transaction_as_the_first_statement(
+    compat: AsyncEngine, runner: asyncio.Runner, statement: str, name: str, value: str
+) -> None:
+    """SET TRANSACTION opens a caller's transaction as anywhere; the next statement is bounded."""
+
+    async def scenario() -> tuple[dict[str, str], str]:
+        async with compat.begin() as conn:
+            await conn.execute(text(statement))
+            bounds = await shown(conn)
+            return bounds, (await conn.execute(text(f"SHOW {name}"))).scalar_one()
+
+    assert runner.run(scenario()) == (SHOWN, value)
+
+
+def test_a_transaction_imports_an_exported_snapshot(
+    compat: AsyncEngine, target: Target, made: list[Engine], runner: asyncio.Runner
+) -> None:
+    """SET TRANSACTION SNAPSHOT after SET TRANSACTION ISOLATION LEVEL sees the exporter's data."""
+    exporter = create_engine(target.direct)
+    made.append(exporter)
+
+    async def scenario(snapshot: str) -> dict[str, str]:
+        async with compat.begin() as conn:
+            await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+            await conn.execute(text(f"SET TRANSACTION SNAPSHOT '{snapshot}'"))
+            return await shown(conn)
+
+    with exporter.connect() as source:
+        source.execute(text("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+        snapshot = source.execute(text("SELECT pg_export_snapshot()")).scalar_one()
+        assert runner.run(scenario(snapshot)) == SHOWN
+        source.execute(text("ROLLBACK"))
+
+
+def test_a_commented_rollback_to_savepoint_sends_the_bounds_again(
+    compat: AsyncEngine, runner: asyncio.Runner
+) -> None:
+    """A comment before ROLLBACK TO SAVEPOINT hides nothing: the bounds it undid come back."""
+
+    async def scenario() -> dict[str, str]:
+        async with compat.begin() as conn:
+            await conn.execute(text("SAVEPOINT s1"))
+            await conn.execute(text("SELECT 1"))
+            await conn.execute(text("/* undo */ ROLLBACK TO SAVEPOINT s1"))
+            return await shown(conn)
+
+    assert runner.run(scenario()) == SHOWN

@@ -4,7 +4,8 @@ The engine sets the statement, lock and idle-in-transaction bounds once per
 transaction, in the same query message as its first statement (and as each
 autocommitted repository call), so they hold through PgBouncer's transaction pooling
 too. The direct variants run on the server under test (any role,
-TLS or not); the PgBouncer variants on a throwaway cluster with its own PgBouncer. In
+TLS or not); the PgBouncer variants on a throwaway cluster with its own PgBouncer (and
+the idle bound also on one over TLS, where the server's last message is unreadable). In
 every case nothing of the call is stored and no pooled connection is leaked.
 """
 
@@ -56,18 +57,41 @@ def target(
     scratch_url: URL,
     pg_cluster: ClusterFactory,
     pgbouncer: PgBouncerFactory,
-) -> Iterator[Target]:
+) -> Target:
     """The scratch database directly, or a throwaway cluster behind PgBouncer."""
-    if request.param == "direct":
-        yield Target(scratch_url, scratch_url)
-        return
-    cluster = pg_cluster()
+    return _target(request.param, scratch_url, pg_cluster, pgbouncer)
+
+
+@pytest.fixture(params=["direct", "pgbouncer", "tls"])
+def idle_target(
+    request: pytest.FixtureRequest,
+    engine: Engine,
+    scratch_url: URL,
+    pg_cluster: ClusterFactory,
+    pgbouncer: PgBouncerFactory,
+) -> Target:
+    """The targets of the idle bound: also a throwaway cluster over TLS.
+
+    Over TLS the server's last message before it closes a connection cannot be read
+    without the driver: the engine tells the idle bound by the gap it measured.
+    """
+    return _target(request.param, scratch_url, pg_cluster, pgbouncer)
+
+
+def _target(
+    kind: str, scratch_url: URL, pg_cluster: ClusterFactory, pgbouncer: PgBouncerFactory
+) -> Target:
+    if kind == "direct":
+        return Target(scratch_url, scratch_url)
+    cluster = pg_cluster(ssl=kind == "tls")
     direct = cluster.url()
     schema = create_db_engine(direct.render_as_string(hide_password=False))
     init_db(schema)
     schema.dispose()
+    if kind == "tls":
+        return Target(direct.update_query_dict({"sslmode": "require"}), direct)
     bouncer = pgbouncer(direct)
-    yield Target(bouncer.url(direct.database or ""), direct)
+    return Target(bouncer.url(direct.database or ""), direct)
 
 
 @pytest.fixture
@@ -137,9 +161,11 @@ def test_statement_bound_covers_any_statement_of_the_engine(
         conn.execute(text("SELECT pg_sleep(:s)"), {"s": PAST_TINY})
 
 
-def test_an_idle_atomic_block_raises_the_idle_bound(target: Target, made: list[Engine]) -> None:
+def test_an_idle_atomic_block_raises_the_idle_bound(
+    idle_target: Target, made: list[Engine]
+) -> None:
     """A block idle past DB_IDLE_IN_TRANSACTION_TIMEOUT is ended by the server; none of it stays."""
-    engine = target.engine(idle_in_transaction_timeout=TINY)
+    engine = idle_target.engine(idle_in_transaction_timeout=TINY)
     made.append(engine)
     repo = _repo(engine)
 
@@ -153,15 +179,15 @@ def test_an_idle_atomic_block_raises_the_idle_bound(target: Target, made: list[E
         stalled_block()
     assert caught.value.bound == "DB_IDLE_IN_TRANSACTION_TIMEOUT"
     assert "atomic()" in str(caught.value)
-    assert _titles(target, made) == []
+    assert _titles(idle_target, made) == []
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 def test_an_atomic_block_idle_before_its_commit_stores_nothing(
-    target: Target, made: list[Engine]
+    idle_target: Target, made: list[Engine]
 ) -> None:
     """A block that stalls after its last statement fails at COMMIT with the idle bound."""
-    engine = target.engine(idle_in_transaction_timeout=TINY)
+    engine = idle_target.engine(idle_in_transaction_timeout=TINY)
     made.append(engine)
     repo = _repo(engine)
 
@@ -173,7 +199,7 @@ def test_an_atomic_block_idle_before_its_commit_stores_nothing(
     with pytest.raises(DatabaseTimeoutError) as caught:
         stalled_block()
     assert caught.value.bound == "DB_IDLE_IN_TRANSACTION_TIMEOUT"
-    assert _titles(target, made) == []
+    assert _titles(idle_target, made) == []
     assert repo.create(ALICE, TaskCreate(title="next")).title == "next"  # the session recovers
 
 
@@ -189,13 +215,13 @@ def test_a_busy_block_within_the_idle_bound_commits(target: Target, made: list[E
 
 
 def test_a_lost_connection_in_a_block_is_not_called_a_timeout(
-    target: Target, made: list[Engine]
+    idle_target: Target, made: list[Engine]
 ) -> None:
     """A block whose backend is terminated (not idle) reports a lost connection, not a bound."""
-    engine = target.engine()
+    engine = idle_target.engine()
     made.append(engine)
     repo = _repo(engine)
-    killer = create_engine(target.direct, isolation_level="AUTOCOMMIT")
+    killer = create_engine(idle_target.direct, isolation_level="AUTOCOMMIT")
     made.append(killer)
 
     def interrupted_block() -> None:
@@ -214,7 +240,7 @@ def test_a_lost_connection_in_a_block_is_not_called_a_timeout(
 
     with pytest.raises(DatabaseUnavailableError):
         interrupted_block()
-    assert _titles(target, made) == []
+    assert _titles(idle_target, made) == []
 
 
 def test_no_free_pooled_connection_raises_the_pool_bound(

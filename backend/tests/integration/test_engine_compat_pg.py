@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, insert, text
+from sqlalchemy import Connection, Engine, create_engine, insert, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
@@ -212,3 +212,69 @@ def test_the_statement_bound_fires_on_a_callers_raw_statement(
             conn.begin_nested()
         with pytest.raises(DBAPIError, match="statement timeout"):
             conn.execute(sleep, {"s": PAST_TINY})
+
+
+# Statements PostgreSQL takes only before a transaction's first query, and what they set.
+BEFORE_ANY_QUERY = [
+    ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", "transaction_isolation", "serializable"),
+    ("/* a read-only endpoint */ SET TRANSACTION READ ONLY", "transaction_read_only", "on"),
+    (
+        "-- reports\nset transaction isolation level repeatable read, read only, deferrable",
+        "transaction_deferrable",
+        "on",
+    ),
+    (
+        "SET LOCAL transaction_isolation = 'repeatable read'",
+        "transaction_isolation",
+        "repeatable read",
+    ),
+]
+
+
+@pytest.mark.parametrize(("statement", "name", "value"), BEFORE_ANY_QUERY)
+def test_set_transaction_as_the_first_statement(
+    compat: Engine, statement: str, name: str, value: str
+) -> None:
+    """SET TRANSACTION opens a caller's transaction as anywhere; the next statement is bounded."""
+    with compat.begin() as conn:
+        conn.execute(text(statement))
+        assert shown(conn) == SHOWN
+        assert conn.execute(text(f"SHOW {name}")).scalar_one() == value
+
+
+def test_a_transaction_imports_an_exported_snapshot(
+    compat: Engine, target: Target, made: list[Engine]
+) -> None:
+    """SET TRANSACTION SNAPSHOT after SET TRANSACTION ISOLATION LEVEL sees the exporter's data."""
+    exporter = create_engine(target.direct)
+    made.append(exporter)
+    with exporter.connect() as source:
+        source.execute(text("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+        snapshot = source.execute(text("SELECT pg_export_snapshot()")).scalar_one()
+        with compat.begin() as conn:
+            conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+            conn.execute(text(f"SET TRANSACTION SNAPSHOT '{snapshot}'"))
+            assert shown(conn) == SHOWN
+        source.execute(text("ROLLBACK"))
+
+
+def test_a_commented_rollback_to_savepoint_sends_the_bounds_again(compat: Engine) -> None:
+    """A comment before ROLLBACK TO SAVEPOINT hides nothing: the bounds it undid come back."""
+    with compat.begin() as conn:
+        conn.execute(text("SAVEPOINT s1"))
+        conn.execute(text("SELECT 1"))  # the transaction's first statement: the bounds
+        conn.execute(text("/* undo */ ROLLBACK TO SAVEPOINT s1"))
+        assert shown(conn) == SHOWN
+
+
+def test_two_phase_transactions_are_bounded_like_any(target: Target, made: list[Engine]) -> None:
+    """begin_twophase opens a transaction as begin does: its first statement carries the bounds."""
+    engine = target.engine(**BOUNDS, pool_size=1, max_overflow=0)  # one connection throughout
+    made.append(engine)
+    with engine.begin() as conn:
+        assert shown(conn) == SHOWN
+    for _ in range(2):  # after an ordinary transaction, then after a two-phase one
+        with engine.connect() as conn:
+            two_phase = conn.begin_twophase()
+            assert shown(conn) == SHOWN
+            two_phase.rollback()

@@ -5,17 +5,18 @@ A loopback relay between the package's engine and a cluster of our own forwards 
 answer and closes the client's connection. The block's writes are stored, so the
 caller must hear DatabaseUnavailableError (check, maybe repeat), never
 DatabaseTimeoutError (nothing stored, repeat the block), which would make it store
-the block twice. The idle bound explains a dropped connection only when it was in
-force for the whole transaction and the engine saw all of it: not after an
-UNBOUNDED statement (the server's own idle bound applied), nor after a streamed
-result (whose fetches the engine does not see), however long the block looked idle
-before its COMMIT. Both faces, on psycopg2 and psycopg 3.
+the block twice. Only a server that had closed the connection
+before the COMMIT was sent ended the block; however long the block looked idle
+before its COMMIT (after an UNBOUNDED statement, a streamed result whose fetches
+the engine does not see, or a COPY on the driver's own cursor), a lost answer is
+outcome unknown. Both faces, on psycopg2 and psycopg 3.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import socket
 import threading
 import time
@@ -178,6 +179,11 @@ def _sync_block(kind: str, repo: TaskRepository, session: Session) -> None:
             ).all()
         elif kind == "unbounded":
             time.sleep(PAST_TINY)  # the server's own idle bound (none) applies
+        elif kind == "raw":
+            # Work on the driver's own cursor, which the engine's hooks never see: the
+            # server is busy in COPY, not idle, though no hooked statement ran.
+            raw = session.connection().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            raw.copy_expert(f"COPY (SELECT pg_sleep({PAST_TINY})) TO STDOUT", io.StringIO())
 
 
 async def _async_block(kind: str, repo: AsyncTaskRepository, session: AsyncSession) -> None:
@@ -191,9 +197,18 @@ async def _async_block(kind: str, repo: AsyncTaskRepository, session: AsyncSessi
             await result.all()
         elif kind == "unbounded":
             await asyncio.sleep(PAST_TINY)
+        elif kind == "raw":
+            raw = await (await session.connection()).get_raw_connection()
+            copying = f"COPY (SELECT pg_sleep({PAST_TINY})) TO STDOUT"
+            async with (
+                raw.driver_connection.cursor() as cursor,  # type: ignore[union-attr]
+                cursor.copy(copying) as copy,
+            ):
+                async for _ in copy:
+                    pass
 
 
-KINDS = ["plain", "streamed", "unbounded"]
+KINDS = ["plain", "streamed", "unbounded", "raw"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

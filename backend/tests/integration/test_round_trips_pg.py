@@ -31,6 +31,7 @@ from sqlalchemy.engine import URL
 from tests.async_face import AwaitedRepository, open_session
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.db import create_db_engine, get_session
+from todo_backend.errors import ConfigurationError
 from todo_backend.models import Task, TaskCreate, TaskUpdate
 from todo_backend.repository import TaskRepository
 
@@ -476,3 +477,58 @@ def test_a_callers_autocommit_statement_carries_the_role_and_no_bounds(
     assert seen.queries[0].endswith(", set_config('todo.user_id', '', true); SELECT 1")
     assert seen.queries[1] == "VACUUM pg_catalog.pg_am"
     assert seen.bounded == []
+
+
+@pytest.mark.parametrize("option", ["postgresql_readonly", "postgresql_deferrable"])
+def test_a_read_only_transaction_leaves_nothing_for_later_calls(
+    wired_engine: Engine, wire: Wire, option: str
+) -> None:
+    """After a read-only or deferrable transaction, calls on its connection cost one round trip."""
+    for session in get_session(wired_engine):
+        TaskRepository(session).count(ALICE)  # the one pooled connection
+    with wire.recording() as during, wired_engine.connect() as conn:
+        conn.execution_options(**{option: True})
+        conn.execute(text("SELECT 1"))
+        conn.commit()
+    with wire.recording() as seen:
+        for _ in range(3):
+            for session in get_session(wired_engine):
+                TaskRepository(session).count(ALICE)
+    assert wired_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    assert seen.round_trips == 3
+    assert [q.split()[0] for q in seen.queries] == ["SELECT"] * 3
+    begin = "BEGIN READ ONLY" if option == "postgresql_readonly" else "BEGIN DEFERRABLE"
+    assert during.queries == [begin, "SELECT 1", "COMMIT"]  # the flags cost nothing more
+
+
+_SESSION_LEVEL_REQUESTS: dict[str, Callable[[Connection], object]] = {
+    "together": lambda c: c.execution_options(
+        isolation_level="AUTOCOMMIT", postgresql_readonly=True
+    ),
+    "readonly later": lambda c: (
+        c.execution_options(isolation_level="AUTOCOMMIT").execute(text("SELECT 1")).all()
+        and c.execution_options(postgresql_readonly=True)
+    ),
+    "autocommit later": lambda c: c.execution_options(postgresql_deferrable=True).execution_options(
+        isolation_level="AUTOCOMMIT"
+    ),
+}
+
+
+@pytest.mark.parametrize("request_kind", list(_SESSION_LEVEL_REQUESTS))
+def test_read_only_with_autocommit_is_refused_before_anything_is_sent(
+    wired_engine: Engine, wire: Wire, request_kind: str
+) -> None:
+    """Read-only or deferrable with AUTOCOMMIT would be session SETs: a ConfigurationError."""
+    for session in get_session(wired_engine):
+        TaskRepository(session).count(ALICE)
+    with (
+        wire.recording() as seen,
+        wired_engine.connect() as conn,
+        pytest.raises(ConfigurationError, match="AUTOCOMMIT"),
+    ):
+        _SESSION_LEVEL_REQUESTS[request_kind](conn)
+    assert not [q for q in seen.queries if q.upper().startswith("SET")]
+    with wired_engine.connect() as conn:
+        assert conn.execute(text("SHOW transaction_read_only")).scalar_one() == "off"
+        assert conn.execute(text("SHOW transaction_deferrable")).scalar_one() == "off"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import create_engine, event, inspect, text
@@ -11,8 +13,10 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 from todo_backend.config import Settings
 from todo_backend.db import (
+    _CLOSED,
     MAX_BACKOFF_SECONDS,
     POOL_RECYCLE_SECONDS,
+    _note_closed,
     _Transaction,
     bounds_settings,
     check_database,
@@ -411,3 +415,122 @@ def test_a_transaction_ended_by_a_statement_starts_over(end: str) -> None:
     assert tx.bounded_at is None
     assert tx.savepoints == []
     assert not tx.trusted
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "/* undo */ ROLLBACK TO SAVEPOINT a",
+        "-- undo\nROLLBACK TO SAVEPOINT a",
+        "  /* outer /* nested */ still */ -- and a line\n\t rollback to a;",
+    ],
+)
+def test_comments_before_a_control_statement_are_skipped(statement: str) -> None:
+    """A leading comment hides no ROLLBACK TO SAVEPOINT: the bounds it undoes are sent again."""
+    tx = _followed("SAVEPOINT a", "<bounds>")
+    assert tx.follow(statement)
+    assert tx.bounded_at is None
+    assert tx.savepoints == ["a"]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "set transaction read only",
+        "SET TRANSACTION SNAPSHOT '00000003-0000001B-1'",
+        "/* first */ SET TRANSACTION DEFERRABLE",
+        "SET LOCAL transaction_isolation = 'repeatable read'",
+        "SET transaction_read_only TO on",
+        "set session transaction_deferrable = on",
+    ],
+)
+def test_what_must_precede_any_query_leaves_the_bounds_to_the_next(statement: str) -> None:
+    """SET TRANSACTION and its GUC spellings go out alone and do not use up the first statement."""
+    tx = _Transaction()
+    assert tx.follow(statement)
+    assert tx.bounded_at is None
+    assert tx.trusted
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+        "SET transaction_timeout = 5",
+        "/* unterminated SET TRANSACTION READ ONLY",
+        "SELECT 1 -- SET TRANSACTION READ ONLY",
+    ],
+)
+def test_other_sets_are_ordinary_statements(statement: str) -> None:
+    """Statements allowed after a query, or no SET TRANSACTION at all, carry the bounds."""
+    assert not _Transaction().follow(statement)
+
+
+_ANY = Settings(database_url="sqlite://")
+
+
+class _Driver:
+    """Stands in for a driver connection: only its socket is looked at."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def fileno(self) -> int:
+        """The client end of the socket pair."""
+        return self._sock.fileno()
+
+
+def _closed_evidence(
+    server_sends: bytes | None, tx: _Transaction, settings: Settings
+) -> bool | None:
+    """What _note_closed records for a socket whose server end sent *server_sends* and hung up."""
+    client, server = socket.socketpair()
+    try:
+        if server_sends is not None:
+            server.sendall(server_sends)
+            server.close()
+        conn = SimpleNamespace(
+            connection=SimpleNamespace(dbapi_connection=_Driver(client)), info={}
+        )
+        _note_closed(conn, tx, settings)  # type: ignore[arg-type]
+        return conn.info.get(_CLOSED)  # type: ignore[no-any-return]
+    finally:
+        client.close()
+        server.close()
+
+
+def _fatal(code: str) -> bytes:
+    fields = b"SFATAL\0VFATAL\0C" + code.encode() + b"\0Mterminating connection\0\0"
+    return b"E" + (len(fields) + 4).to_bytes(4, "big") + fields
+
+
+def _idle_for(seconds: float, *, trusted: bool = True) -> _Transaction:
+    tx = _followed("<bounds>")
+    tx.idle_since, tx.sent_at, tx.trusted = 0.0, seconds, trusted
+    return tx
+
+
+def test_an_open_socket_is_no_evidence_of_an_ended_transaction() -> None:
+    """However long the transaction looked idle, an open socket says nothing was ended."""
+    assert _closed_evidence(None, _idle_for(60), _ANY) is None
+
+
+def test_the_servers_idle_timeout_message_is_the_idle_bound() -> None:
+    """FATAL 25P03 before the hang-up names the idle bound, whatever the measured gap."""
+    assert _closed_evidence(_fatal("25P03"), _idle_for(0), _ANY) is True
+
+
+def test_another_fatal_message_is_a_lost_connection() -> None:
+    """A terminated backend (FATAL 57P01) ended the transaction, but not for the idle bound."""
+    assert _closed_evidence(_fatal("57P01"), _idle_for(60), _ANY) is False
+
+
+def test_an_unreadable_hang_up_is_put_down_to_the_rounded_idle_bound() -> None:
+    """Over TLS the gap decides, against the milliseconds the server enforces (1.6 ms is 2 ms)."""
+    tls = b"\x17\x03\x03\x00\x10" + b"\0" * 16
+    settings = Settings(database_url="sqlite://", idle_in_transaction_timeout=0.0016)
+    assert _closed_evidence(tls, _idle_for(0.0018), settings) is False
+    assert _closed_evidence(tls, _idle_for(0.002), settings) is True
+    assert _closed_evidence(b"", _idle_for(0.002), settings) is True
+    assert _closed_evidence(b"", _idle_for(60, trusted=False), settings) is False

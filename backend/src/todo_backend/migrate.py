@@ -740,7 +740,8 @@ def upgrade(
     while an INVALID index is on the package's tables raises it naming the index and
     the ``DROP INDEX CONCURRENTLY`` to run, recording nothing. Two upgrades at once
     take turns (a transaction-level advisory lock, waited for like any lock): the
-    later one finds the revisions applied and returns.
+    later one finds the revisions applied and returns, its result then saying from
+    where it applied something itself (equal values: the other run did it all).
     """
     settings = load_migration_settings()
     budget = settings.retry_for if retry_for is None else retry_for
@@ -759,30 +760,37 @@ def upgrade(
             steps = [rev.revision for rev in script.iterate_revisions(revision, before or "base")]
         except RevisionError:  # an unknown revision: alembic's command says it best
             steps = [revision]
-        after = before
+        after, applied_from = before, None
         for step in reversed(steps):
-            after = _run_step(connection, f"revision {step}", "upgrade", step, budget)
-        return UpgradeResult(_revision_text(before), _revision_text(after))
+            found, after = _run_step(connection, f"revision {step}", "upgrade", step, budget)
+            if found != after and applied_from is None:
+                applied_from = found  # what this run changed first (another may have run)
+        first = after if applied_from is None else applied_from
+        return UpgradeResult(_revision_text(first), _revision_text(after))
 
 
 def _run_step(
     connection: Connection, name: str, direction: str, target: str, retry_for: float
-) -> tuple[str, ...]:
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Run alembic's *direction* (upgrade or downgrade) to *target* as one retried step.
 
     Every transaction of the step takes the runners' advisory lock first (see
     :func:`_begin`), and alembic reads the current revision inside it, so a step
     another run has done meanwhile does nothing. An upgrade step is not committed
     while an INVALID index is on the package's tables. A failing statement of the
-    revision is raised as :class:`MigrationError` (:func:`_revision_failed`).
+    revision is raised as :class:`MigrationError` (:func:`_revision_failed`). Returns
+    the revisions found under the lock and those reached, equal when there was
+    nothing left to do.
     """
+    found: tuple[str, ...] = ()
     reached: tuple[str, ...] = ()
 
     def attempt() -> None:
-        nonlocal reached
+        nonlocal found, reached
         config = alembic_config(connection.engine)
         config.attributes["connection"] = connection
         with _step(connection):
+            found = _current(connection)
             if direction == "upgrade":
                 command.upgrade(config, target)
                 _refuse_invalid_indexes(connection, name)
@@ -798,7 +806,7 @@ def _run_step(
         raise _revision_failed(connection, name, err) from err
     finally:
         connection.info.pop(_SERIAL_KEY, None)
-    return reached
+    return found, reached
 
 
 def _revision_failed(connection: Connection, step: str, err: DBAPIError) -> MigrationError:

@@ -7,6 +7,7 @@ mode. Timing appears only as generous liveness bounds; the worst wait seen is pr
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import threading
@@ -360,7 +361,7 @@ def _fill(url: str, rows: int) -> None:
 _RUN_UPGRADE = (
     "import sys; from pathlib import Path; from todo_backend import migrate\n"
     "if sys.argv[1]: migrate.MIGRATIONS_DIR = Path(sys.argv[1])\n"
-    "raise SystemExit(migrate.main(['upgrade', '--url', sys.argv[2]]))"
+    "print(tuple(migrate.upgrade(sys.argv[2])))"
 )
 
 
@@ -369,13 +370,15 @@ def test_two_migrations_at_once_take_turns_and_both_succeed(
     start: str, live_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two upgrades at once (two replicas starting): one applies, the other waits, none fails."""
-    target, scripts = HEAD, ""
+    target, scripts, before = HEAD, "", None
     if start == "0001":
+        before = "0001"
         migrate.upgrade(live_url, "0001")
         _fill(live_url, ROWS)
     elif start == "index revision":
         migrate.upgrade(live_url)
         _fill(live_url, ROWS)
+        before = HEAD
         scripts = str(scripts_with(tmp_path, monkeypatch, CONCURRENT_INDEX))
         target = SCRATCH
     env = cli_env(DB_MIGRATION_LOCK_TIMEOUT="0.2", DB_MIGRATION_RETRY_FOR="300")
@@ -389,9 +392,16 @@ def test_two_migrations_at_once_take_turns_and_both_succeed(
         )
         for _ in range(2)
     ]
-    outcomes = [(run.wait(600), run.communicate()[1]) for run in runs]
-    assert [code for code, _ in outcomes] == [0, 0], outcomes
-    assert not any("error" in err or "Traceback" in err for _, err in outcomes), outcomes
+    output = [run.communicate(timeout=600) for run in runs]
+    outcomes = [(run.returncode, out, err) for run, (out, err) in zip(runs, output, strict=True)]
+    assert [code for code, _, _ in outcomes] == [0, 0], outcomes
+    assert not any("Traceback" in err for _, _, err in outcomes), outcomes
+    results = [ast.literal_eval(out.strip()) for _, out, _ in outcomes]
+    assert [after for _, after in results] == [target, target], outcomes
+    # Each run says from where it applied something itself: never both from the same place.
+    claims = [first for first, after in results if first != after]
+    assert before in claims, outcomes
+    assert len(claims) == len(set(claims)), outcomes
     assert migrate.current_revision(live_url) == target
     engine = create_engine(live_url)
     with engine.connect() as conn:

@@ -17,10 +17,16 @@ Every transaction starts with ``SET LOCAL lock_timeout`` (``DB_MIGRATION_LOCK_TI
 a migration waits that long at most for a lock, so the application never queues
 longer behind it; a revision that runs out is rolled back and retried with backoff
 (``DB_MIGRATION_RETRY_FOR``), then fails naming the sessions in the way
-(:class:`MigrationLockTimeoutError`). Nothing session-level is used (no advisory
-locks, no session ``SET``), which keeps migrations working through PgBouncer in
-transaction pooling mode as well as on a direct connection. SQLite gets the same
-all-or-nothing behaviour through an explicit ``BEGIN``.
+(:class:`MigrationLockTimeoutError`). Two runs at once (two replicas starting) take
+turns: each transaction of an upgrade or downgrade step first takes a
+transaction-level advisory lock, and a step whose work another run did meanwhile
+finds nothing left to do. An upgrade step that would leave an INVALID index on the
+package's tables (a failed ``CREATE INDEX CONCURRENTLY``) is not recorded. Nothing
+session-level is used (no session advisory locks, no session ``SET``), which keeps
+migrations working through PgBouncer in transaction pooling mode as well as on a
+direct connection. SQLite gets the same all-or-nothing behaviour through an
+explicit ``BEGIN``. An error of a revision's SQL is raised as
+:class:`MigrationError` with the server's message, the driver's error chained.
 
 :func:`check` reports whether a database is behind the newest revision and whether
 the models differ from what the migrations create. ``python -m todo_backend.migrate``
@@ -247,6 +253,11 @@ def _engine_for(url_or_engine: UrlOrEngine) -> tuple[Engine, bool]:
 _LOCK_TIMEOUT_KEY: Final = "todo_backend_migration_lock_timeout"
 _LOCK_NOT_AVAILABLE: Final = "55P03"
 _PID_KEY: Final = "todo_backend_migration_pid"
+_SERIAL_KEY: Final = "todo_backend_migration_serial"
+# pg_advisory_xact_lock key of the package's migration runs ("todo" in ASCII): per
+# database, held to the end of each transaction, so safe through PgBouncer.
+_RUNNER_LOCK: Final = 0x746F646F
+_DEADLOCK: Final = "40P01"
 
 
 @contextmanager
@@ -316,6 +327,10 @@ def _begin(connection: Connection) -> None:
             f"SET LOCAL lock_timeout = {milliseconds}; SELECT pg_backend_pid()"
         ).scalar()
         connection.info[_PID_KEY] = pid
+        if connection.info.get(_SERIAL_KEY):
+            # Another run's transaction holds it: wait within lock_timeout (then 55P03,
+            # retried as any lock wait). A separate message, so the pid is known first.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_RUNNER_LOCK})")
 
 
 def commit_point() -> None:
@@ -349,7 +364,10 @@ def outside_transaction() -> Iterator[None]:
     operations (``op.create_index(..., postgresql_concurrently=True,
     if_not_exists=True)``, ``op.drop_index(..., postgresql_concurrently=True)``) that
     take no lock the application waits for. A failed concurrent build leaves an
-    INVALID index behind, which :func:`check` reports. On SQLite the block runs in
+    INVALID index behind, which ``IF NOT EXISTS`` would skip on a rerun: the upgrade
+    therefore records no revision while an INVALID index is on the package's tables,
+    and raises :class:`MigrationError` naming it and the ``DROP INDEX CONCURRENTLY``
+    to run (:func:`check` reports it too). On SQLite the block runs in
     the migration's transaction (a plain index build). Alembic's own
     ``autocommit_block()`` does not fit this runner's caller-owned transaction.
     """
@@ -412,13 +430,37 @@ select distinct a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
 
 def _is_lock_timeout(err: BaseException) -> bool:
     """Whether *err* (or what it wraps) is PostgreSQL's lock_not_available (55P03)."""
+    return _has_pgcode(err, _LOCK_NOT_AVAILABLE)
+
+
+def _has_pgcode(err: BaseException, code: str) -> bool:
+    """Whether *err* (or what it wraps) is a driver error with SQLSTATE *code*."""
     seen: BaseException | None = err
     while seen is not None:
         orig = getattr(seen, "orig", None)
-        if getattr(orig, "pgcode", None) == _LOCK_NOT_AVAILABLE:
+        if getattr(orig, "pgcode", None) == code:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+class _AnotherRunError(Exception):
+    """Another migration run of the database did this step's work meanwhile, or is doing it.
+
+    Raised inside an attempt, which is then rolled back and retried (and finds the
+    revision recorded, or waits for the other run) while the retry budget lasts.
+    """
+
+
+def _another_run(err: BaseException) -> bool:
+    """Whether *err* means another run raced this step: retry it, then look again.
+
+    Alembic's "expected to match one row" (the other run recorded the revision
+    first), a deadlock, or :class:`_AnotherRunError`.
+    """
+    if isinstance(err, _AnotherRunError) or _has_pgcode(err, _DEADLOCK):
+        return True
+    return isinstance(err, CommandError) and "expected to match one row" in str(err)
 
 
 _BLOCKING_PIDS: Final = """
@@ -516,9 +558,10 @@ def _with_lock_retries(
 ) -> None:
     """Run *run* (one all-or-nothing step), retrying it while it runs out of lock time.
 
-    Each attempt is rolled back entirely when a statement hits ``lock_timeout``; the
-    next waits 0.5 s, doubling up to 8 s (with jitter), while the retry budget lasts.
-    Then :class:`MigrationLockTimeoutError` names the sessions in the way.
+    Each attempt is rolled back entirely when a statement hits ``lock_timeout``, or
+    when another run raced it (:func:`_another_run`); the next waits 0.5 s, doubling
+    up to 8 s (with jitter), while the retry budget lasts. Then
+    :class:`MigrationLockTimeoutError` names the sessions in the way.
     """
     deadline = time.monotonic() + retry_for
     pause = 0.5
@@ -528,18 +571,27 @@ def _with_lock_retries(
         try:
             with _BlockerWatch(connection) as watch:
                 run()
-        except DBAPIError as err:
-            if not _is_lock_timeout(err):
+        except (DBAPIError, CommandError, _AnotherRunError) as err:
+            locked = isinstance(err, DBAPIError) and _is_lock_timeout(err)
+            if not locked and not _another_run(err):
                 raise
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 and locked:
                 blockers = watch.seen or _blocking_sessions(connection)
                 raise _lock_error(step, attempts, retry_for, blockers) from None
+            if left <= 0:
+                raise MigrationError(
+                    f"{step}: another migration run of this database kept running through "
+                    f"DB_MIGRATION_RETRY_FOR={retry_for:g} s ({attempts} attempt(s), each "
+                    "rolled back); let it finish, then run the migration again"
+                ) from err
             wait = min(pause * random.uniform(0.75, 1.25), left)  # noqa: S311 - jitter
             logger.warning(
-                "%s: a table lock was not free within DB_MIGRATION_LOCK_TIMEOUT "
-                "(attempt %d); rolled back, retrying in %.1f s",
+                "%s: %s (attempt %d); rolled back, retrying in %.1f s",
                 step,
+                "a table lock was not free within DB_MIGRATION_LOCK_TIMEOUT"
+                if locked
+                else "another migration run got there first",
                 attempts,
                 wait,
             )
@@ -574,21 +626,50 @@ def invalid_indexes(connection: Connection) -> list[str]:
     cancelled build) leaves its index behind, marked invalid: queries ignore it but
     writes keep maintaining it, and ``IF NOT EXISTS`` would skip rebuilding it.
     """
+    return [
+        f"index {index} on {table} is INVALID (a failed CREATE INDEX CONCURRENTLY left it): "
+        f"run DROP INDEX CONCURRENTLY {index}; then migrate again to rebuild it"
+        for index, table, _ in _invalid_index_rows(connection)
+    ]
+
+
+def _invalid_index_rows(connection: Connection) -> list[tuple[str, str, bool]]:
+    """Return the INVALID indexes on the package's tables: name, table, being built now."""
     if connection.dialect.name != "postgresql":
         return []
     tables = [table.name for table in package_tables()]
     rows = connection.exec_driver_sql(
-        "select i.relname, t.relname from pg_index x"
+        "select i.relname, t.relname, exists (select from pg_stat_progress_create_index p"
+        "   where p.index_relid = x.indexrelid and p.pid <> pg_backend_pid())"
+        " from pg_index x"
         " join pg_class i on i.oid = x.indexrelid join pg_class t on t.oid = x.indrelid"
         " where not x.indisvalid and t.relname = any(%(tables)s)"
         " and t.relnamespace = to_regnamespace(current_schema()) order by 1",
         {"tables": tables},
     ).all()
-    return [
-        f"index {index} on {table} is INVALID (a failed CREATE INDEX CONCURRENTLY left it): "
-        f"run DROP INDEX CONCURRENTLY {index}; then migrate again to rebuild it"
-        for index, table in rows
-    ]
+    return [(str(index), str(table), bool(building)) for index, table, building in rows]
+
+
+def _refuse_invalid_indexes(connection: Connection, step: str) -> None:
+    """Raise, so the step records nothing, while an INVALID index is on the package's tables.
+
+    A rerun's ``CREATE INDEX CONCURRENTLY IF NOT EXISTS`` skips the INVALID index a
+    failed build left, so the revision would be recorded without its index. An index
+    another run is building right now is INVALID until it finishes: wait for that run
+    (:class:`_AnotherRunError`, retried).
+    """
+    rows = _invalid_index_rows(connection)
+    if any(building for _, _, building in rows):
+        raise _AnotherRunError("another session is building an index on the package's tables")
+    if rows:
+        names = ", ".join(f"{index} on {table}" for index, table, _ in rows)
+        drops = " ".join(f"DROP INDEX CONCURRENTLY {index};" for index, _, _ in rows)
+        raise MigrationError(
+            f"{step} is not recorded as applied: index {names} is INVALID (a failed "
+            f"CREATE INDEX CONCURRENTLY left it, and IF NOT EXISTS would keep it). Fix "
+            f"what made the build fail (duplicates for a unique index?), run {drops} "
+            "then run the migration again to rebuild it"
+        )
 
 
 @contextmanager
@@ -654,6 +735,13 @@ def upgrade(
     :class:`MigrationError`, changing nothing, when the package's tables exist
     without a migration history (made by ``init_db``): :func:`stamp` such a database
     first. Tables the package does not declare (:func:`package_tables`) do not count.
+    A revision whose SQL fails raises :class:`MigrationError` with the first line of
+    the server's message (the driver's error chained); one that would be recorded
+    while an INVALID index is on the package's tables raises it naming the index and
+    the ``DROP INDEX CONCURRENTLY`` to run, recording nothing. Two upgrades at once
+    take turns (a transaction-level advisory lock, waited for like any lock): the
+    later one finds the revisions applied and returns, its result then saying from
+    where it applied something itself (equal values: the other run did it all).
     """
     settings = load_migration_settings()
     budget = settings.retry_for if retry_for is None else retry_for
@@ -672,31 +760,75 @@ def upgrade(
             steps = [rev.revision for rev in script.iterate_revisions(revision, before or "base")]
         except RevisionError:  # an unknown revision: alembic's command says it best
             steps = [revision]
-        after = before
+        after, applied_from = before, None
         for step in reversed(steps):
-            after = _run_step(connection, f"revision {step}", "upgrade", step, budget)
-        return UpgradeResult(_revision_text(before), _revision_text(after))
+            found, after = _run_step(connection, f"revision {step}", "upgrade", step, budget)
+            if found != after and applied_from is None:
+                applied_from = found  # what this run changed first (another may have run)
+        first = after if applied_from is None else applied_from
+        return UpgradeResult(_revision_text(first), _revision_text(after))
 
 
 def _run_step(
     connection: Connection, name: str, direction: str, target: str, retry_for: float
-) -> tuple[str, ...]:
-    """Run alembic's *direction* (upgrade or downgrade) to *target* as one retried step."""
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Run alembic's *direction* (upgrade or downgrade) to *target* as one retried step.
+
+    Every transaction of the step takes the runners' advisory lock first (see
+    :func:`_begin`), and alembic reads the current revision inside it, so a step
+    another run has done meanwhile does nothing. An upgrade step is not committed
+    while an INVALID index is on the package's tables. A failing statement of the
+    revision is raised as :class:`MigrationError` (:func:`_revision_failed`). Returns
+    the revisions found under the lock and those reached, equal when there was
+    nothing left to do.
+    """
+    found: tuple[str, ...] = ()
     reached: tuple[str, ...] = ()
 
     def attempt() -> None:
-        nonlocal reached
+        nonlocal found, reached
         config = alembic_config(connection.engine)
         config.attributes["connection"] = connection
         with _step(connection):
+            found = _current(connection)
             if direction == "upgrade":
                 command.upgrade(config, target)
+                _refuse_invalid_indexes(connection, name)
             else:
                 command.downgrade(config, target)
             reached = _current(connection)
 
-    _with_lock_retries(connection, name, retry_for, attempt)
-    return reached
+    connection.info[_SERIAL_KEY] = True
+    try:
+        _with_lock_retries(connection, name, retry_for, attempt)
+    except DBAPIError as err:
+        connection.info.pop(_SERIAL_KEY, None)
+        raise _revision_failed(connection, name, err) from err
+    finally:
+        connection.info.pop(_SERIAL_KEY, None)
+    return found, reached
+
+
+def _revision_failed(connection: Connection, step: str, err: DBAPIError) -> MigrationError:
+    """Say which step failed, with the first line of the server's message, and what to do.
+
+    Only that line: the statement and its parameters stay out of the message (they are
+    in ``__cause__``). INVALID indexes the failure left are named with their fix.
+    """
+    lines = str(err.orig).strip().splitlines() if err.orig is not None else []
+    reason = lines[0] if lines else type(err.orig or err).__name__
+    message = (
+        f"{step} failed: {reason}. It is not recorded as applied and its open transaction "
+        "was rolled back (what it committed before a commit_point() or in an "
+        "outside_transaction() block stays, and the revision reruns safely). Fix the "
+        "cause, then run the migration again"
+    )
+    try:
+        with _step(connection):
+            leftovers = invalid_indexes(connection)
+    except SQLAlchemyError:  # pragma: no cover - the diagnosis must not hide the failure
+        leftovers = []
+    return MigrationError("; ".join([message, *leftovers]))
 
 
 def downgrade(
@@ -1169,7 +1301,8 @@ def _ruff(path: Path) -> None:
     """Fix and format *path* with ruff, when installed (the dev tools), as the lint wants it."""
     if importlib.util.find_spec("ruff") is None:  # pragma: no cover - installed without dev tools
         return
-    for arguments in (["check", "--fix", "--quiet"], ["format", "--quiet"]):
+    # Format first: `ruff check` would report the long lines that formatting splits.
+    for arguments in (["format", "--quiet"], ["check", "--fix", "--quiet"], ["format", "--quiet"]):
         subprocess.run(  # noqa: S603 - this interpreter's ruff on the file just written
             [sys.executable, "-m", "ruff", *arguments, str(path)], check=False
         )

@@ -7,6 +7,9 @@ mode. Timing appears only as generous liveness bounds; the worst wait seen is pr
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -293,8 +296,16 @@ def test_an_index_revision_builds_concurrently_and_a_failed_build_is_reported(
             )
         """,
     )
-    with pytest.raises(IntegrityError, match="ix_tasks_title_unique"):
+    with pytest.raises(migrate.MigrationError, match="ix_tasks_title_unique") as failed:
         migrate.upgrade(live_url)
+    assert isinstance(failed.value.__cause__, IntegrityError)
+    assert "DROP INDEX CONCURRENTLY ix_tasks_title_unique" in str(failed.value)
+    assert migrate.current_revision(live_url) == HEAD
+    # A rerun: IF NOT EXISTS skips the INVALID index, so the revision must not be recorded.
+    with pytest.raises(migrate.MigrationError, match="is not recorded as applied") as rerun:
+        migrate.upgrade(live_url)
+    assert "index ix_tasks_title_unique on tasks is INVALID" in str(rerun.value)
+    assert "DROP INDEX CONCURRENTLY ix_tasks_title_unique;" in str(rerun.value)
     assert migrate.current_revision(live_url) == HEAD
     problems = migrate.check(live_url).problems
     assert any(
@@ -318,4 +329,86 @@ def test_an_index_revision_builds_concurrently_and_a_failed_build_is_reported(
         ).scalar_one()
         assert migrate.invalid_indexes(conn) == []
     assert valid is True
+    engine.dispose()
+
+
+ROWS = 50_000
+CONCURRENT_INDEX = """
+from todo_backend.migrate import outside_transaction
+
+with outside_transaction():
+    op.create_index(
+        "ix_tasks_title_user_id", "tasks", ["title", "user_id"],
+        postgresql_concurrently=True, if_not_exists=True,
+    )
+"""
+
+
+def _fill(url: str, rows: int) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "insert into tasks (user_id, title, complete, created_at, updated_at) "
+                "select 'u' || (g % 100), 't' || g, false, now(), now() "
+                "from generate_series(1, :rows) g"
+            ),
+            {"rows": rows},
+        )
+    engine.dispose()
+
+
+# Two replicas starting: alembic's proxies are process-wide, so each run is a process.
+_RUN_UPGRADE = (
+    "import sys; from pathlib import Path; from todo_backend import migrate\n"
+    "if sys.argv[1]: migrate.MIGRATIONS_DIR = Path(sys.argv[1])\n"
+    "print(tuple(migrate.upgrade(sys.argv[2])))"
+)
+
+
+@pytest.mark.parametrize("start", ["empty", "0001", "index revision"])
+def test_two_migrations_at_once_take_turns_and_both_succeed(
+    start: str, live_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two upgrades at once (two replicas starting): one applies, the other waits, none fails."""
+    target, scripts, before = HEAD, "", None
+    if start == "0001":
+        before = "0001"
+        migrate.upgrade(live_url, "0001")
+        _fill(live_url, ROWS)
+    elif start == "index revision":
+        migrate.upgrade(live_url)
+        _fill(live_url, ROWS)
+        before = HEAD
+        scripts = str(scripts_with(tmp_path, monkeypatch, CONCURRENT_INDEX))
+        target = SCRATCH
+    env = cli_env(DB_MIGRATION_LOCK_TIMEOUT="0.2", DB_MIGRATION_RETRY_FOR="300")
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RUN_UPGRADE, scripts, live_url],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    output = [run.communicate(timeout=600) for run in runs]
+    outcomes = [(run.returncode, out, err) for run, (out, err) in zip(runs, output, strict=True)]
+    assert [code for code, _, _ in outcomes] == [0, 0], outcomes
+    assert not any("Traceback" in err for _, _, err in outcomes), outcomes
+    results = [ast.literal_eval(out.strip()) for _, out, _ in outcomes]
+    assert [after for _, after in results] == [target, target], outcomes
+    # Each run says from where it applied something itself: never both from the same place.
+    claims = [first for first, after in results if first != after]
+    assert before in claims, outcomes
+    assert len(claims) == len(set(claims)), outcomes
+    assert migrate.current_revision(live_url) == target
+    engine = create_engine(live_url)
+    with engine.connect() as conn:
+        assert migrate.invalid_indexes(conn) == []
+        if start == "index revision":
+            assert "ix_tasks_title_user_id" in {
+                index["name"] for index in inspect(conn).get_indexes("tasks")
+            }
     engine.dispose()

@@ -323,8 +323,9 @@ def test_a_failing_revision_through_pgbouncer_leaves_nothing_behind(
         op.execute("select no_such_function()")
         """,
     )
-    with pytest.raises(ProgrammingError, match="no_such_function"):
+    with pytest.raises(migrate.MigrationError, match="no_such_function") as raised:
         migrate.upgrade(pooled)
+    assert isinstance(raised.value.__cause__, ProgrammingError)
     engine = create_db_engine(own_url)
     assert "half_done" not in inspect(engine).get_table_names()
     assert "not_in_the_models" not in {c["name"] for c in inspect(engine).get_columns("tasks")}

@@ -54,8 +54,9 @@ def test_a_failing_revision_keeps_the_revisions_before_it(
         op.execute("select no_such_function()")
         """,
     )
-    with pytest.raises(OperationalError, match="no_such_function"):
+    with pytest.raises(migrate.MigrationError, match="no_such_function") as raised:
         migrate.upgrade(url)
+    assert isinstance(raised.value.__cause__, OperationalError)
     assert migrate.current_revision(url) == HEAD
     engine = create_db_engine(url)
     assert "half_done" not in inspect(engine).get_table_names()

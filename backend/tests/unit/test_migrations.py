@@ -325,10 +325,35 @@ def test_a_failing_revision_leaves_nothing_behind(
         op.execute("select no_such_function()")
         """,
     )
-    with pytest.raises(OperationalError, match="no_such_function"):
+    with pytest.raises(migrate.MigrationError, match="no_such_function") as raised:
         migrate.upgrade(url)
     assert "half_done" not in inspect(engine).get_table_names()
     assert migrate.current_revision(url) == HEAD
+    assert isinstance(raised.value.__cause__, OperationalError)
+
+
+def test_a_failing_revision_is_a_clean_error_naming_the_revision_and_what_to_do(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A revision's SQL error is MigrationError: the server's first line, no SQL, what to do."""
+    migrate.upgrade(url)
+    scripts_with(
+        tmp_path, monkeypatch, "op.execute(sa.text(\"select no_such_function('secret-ish')\"))"
+    )
+    with pytest.raises(migrate.MigrationError) as raised:
+        migrate.upgrade(url)
+    message = str(raised.value)
+    assert message.startswith(f"revision {SCRATCH} failed: no such function: no_such_function.")
+    assert "run the migration again" in message
+    assert "secret-ish" not in message
+    assert "[SQL" not in message
+    assert isinstance(raised.value.__cause__, OperationalError)
+
+    assert migrate.main(["upgrade", "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert f"error: revision {SCRATCH} failed: no such function" in err
+    assert "Traceback" not in err
+    assert "[SQL" not in err
 
 
 def test_autogenerate_renders_plain_sqlalchemy_types(engine: Engine) -> None:
@@ -387,6 +412,19 @@ def test_a_generated_revision_for_a_new_nullable_column_passes_as_written(
         other.dispose()
         migrate.downgrade(url, "-1")
         assert "added_in_a_test" not in {c["name"] for c in inspect(engine).get_columns("tasks")}
+
+
+def test_revision_prints_no_lint_complaint_about_lines_it_formats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`migrate revision` formats before it lints: a long generated line draws no E501."""
+    scripts_with(tmp_path, monkeypatch, "pass")
+    long_name = "a_rather_long_column_name_added_in_a_test_to_make_the_lines_long"
+    with model_column(Column(long_name, Integer, nullable=True)):
+        assert migrate.main(["revision", "-m", "add a long column"]) == 0
+    out, err = capfd.readouterr()
+    assert "E501" not in out + err
+    assert "wrote " in out
 
 
 def test_check_constraints_the_models_add_are_written_into_new_revisions(

@@ -1169,7 +1169,8 @@ def _ruff(path: Path) -> None:
     """Fix and format *path* with ruff, when installed (the dev tools), as the lint wants it."""
     if importlib.util.find_spec("ruff") is None:  # pragma: no cover - installed without dev tools
         return
-    for arguments in (["check", "--fix", "--quiet"], ["format", "--quiet"]):
+    # Formatted first, so the fixer does not report the long lines the formatter splits.
+    for arguments in (["format", "--quiet"], ["check", "--fix", "--quiet"], ["format", "--quiet"]):
         subprocess.run(  # noqa: S603 - this interpreter's ruff on the file just written
             [sys.executable, "-m", "ruff", *arguments, str(path)], check=False
         )

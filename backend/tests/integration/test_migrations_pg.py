@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import (
+    Boolean,
     CheckConstraint,
     Column,
     Engine,
     Integer,
+    String,
     Table,
     create_engine,
     inspect,
@@ -236,6 +238,40 @@ def test_a_generated_revision_for_a_new_nullable_column_passes_as_written(
         assert migrate.upgrade(url).after == f"{int(HEAD) + 1:04d}"
         result = migrate.check(url)
         assert result.ok, result.problems
+        structure = _structure(engine)
+        migrate.downgrade(url, "base")
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE alembic_version"))
+        init_db(engine)
+        assert _structure(engine) == structure
+
+
+def test_the_recipe_fields_generate_a_revision_that_runs_here_on_a_table_with_rows(
+    url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An int, a bool with a default, a bounded str: added to a table with rows, checked clean."""
+    scripts_with(tmp_path, monkeypatch, "pass")
+    migrate.upgrade(url)
+    raw = text(
+        "insert into tasks (user_id, title, complete, created_at, updated_at) "
+        "values ('a', 't', false, now(), now())"
+    )
+    with engine.begin() as conn:
+        conn.execute(raw)
+    with (
+        model_column(Column("priority", Integer, nullable=True)),
+        model_column(Column("flag", Boolean, nullable=False, default=False)),
+        model_column(Column("tag", String(20), nullable=True)),
+    ):
+        migrate.revision("add the recipe's fields")
+        migrate.upgrade(url)
+        result = migrate.check(url)
+        assert result.ok, result.problems
+        with engine.begin() as conn:  # a writer that predates the columns still inserts
+            conn.execute(raw)
+            conn.execute(text("update tasks set priority = 3000000000"))  # past INTEGER
+            rows = conn.execute(text("select flag, priority from tasks")).all()
+        assert [tuple(row) for row in rows] == [(False, 3000000000)] * 2
         structure = _structure(engine)
         migrate.downgrade(url, "base")
         with engine.begin() as conn:

@@ -11,6 +11,7 @@ from alembic.autogenerate import produce_migrations, render_python_code
 from alembic.runtime.migration import MigrationContext
 from alembic.util.exc import CommandError
 from sqlalchemy import (
+    Boolean,
     CheckConstraint,
     Column,
     Engine,
@@ -26,7 +27,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import SQLModel
 
 from tests.migration_scripts import HEAD, SCRATCH, model_column, probe_checks, scripts_with
-from todo_backend import migrate
+from todo_backend import migrate, migration_lint
 from todo_backend.db import create_db_engine, get_session, init_db
 from todo_backend.errors import ConfigurationError
 from todo_backend.models import TaskCreate
@@ -387,6 +388,41 @@ def test_a_generated_revision_for_a_new_nullable_column_passes_as_written(
         other.dispose()
         migrate.downgrade(url, "-1")
         assert "added_in_a_test" not in {c["name"] for c in inspect(engine).get_columns("tasks")}
+
+
+def test_the_recipe_fields_generate_a_revision_that_passes_the_lint_on_a_table_with_rows(
+    url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An int, a bool with a default, a bounded str: the revision lints clean and runs on rows."""
+    scripts = scripts_with(tmp_path, monkeypatch, "pass")
+    migrate.upgrade(url)
+    with engine.begin() as conn:
+        conn.execute(_RAW_INSERT, {"id": 1, "user_id": "a", "title": "t", "description": None})
+    with (
+        model_column(Column("priority", Integer, nullable=True)),
+        model_column(Column("flag", Boolean, nullable=False, default=False)),
+        model_column(Column("tag", String(20), nullable=True)),
+    ):
+        source = migrate.revision("add the recipe's fields").read_text()
+        assert "sa.BigInteger()" in source
+        assert 'server_default="0"' in source
+        # Added in place on SQLite (no table rebuild), so it renders offline too.
+        assert "ALTER TABLE tasks ADD COLUMN flag BOOLEAN DEFAULT '0' NOT NULL" in (
+            migrate.upgrade_sql("sqlite://")
+        )
+        findings = migration_lint.lint_revisions(scripts)
+        assert findings == [], [str(finding) for finding in findings]
+        migrate.upgrade(url)
+        result = migrate.check(url)
+        assert result.ok, result.problems
+        with engine.begin() as conn:  # a writer that predates the columns still inserts
+            conn.execute(_RAW_INSERT, {"id": 2, "user_id": "a", "title": "u", "description": None})
+            rows = conn.execute(text("select flag from tasks order by id")).scalars().all()
+        assert rows == [False, False]
+        other = create_db_engine("sqlite://")
+        init_db(other)
+        assert _structure(engine) == _structure(other)
+        other.dispose()
 
 
 def test_check_constraints_the_models_add_are_written_into_new_revisions(

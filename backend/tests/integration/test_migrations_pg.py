@@ -306,6 +306,37 @@ def test_check_constraints_are_compared_by_meaning_and_written_into_revisions(
         assert "151" in changed
 
 
+def test_a_generated_check_is_added_not_valid_then_validated_and_a_rerun_resumes(
+    url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored row breaking a new CHECK leaves it NOT VALID; after the fix a rerun validates it."""
+    scripts_with(tmp_path, monkeypatch, "pass")
+    migrate.upgrade(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "insert into tasks (user_id, title, complete, created_at, updated_at) "
+                "values ('a', repeat('x', 160), false, now(), now())"
+            )
+        )
+    validated = text(
+        "select convalidated from pg_constraint where conname = 'ck_tasks_probe_short'"
+    )
+    with probe_checks():
+        migrate.revision("add checks")
+        with pytest.raises(migrate.MigrationError, match="break CHECK ck_tasks_probe_short"):
+            migrate.upgrade(url)
+        assert migrate.current_revision(url) == SCRATCH  # not recorded: a rerun runs it again
+        with engine.begin() as conn:
+            assert conn.execute(validated).scalar_one() is False  # added, NOT VALID
+            conn.execute(text("update tasks set title = 'short'"))
+        migrate.upgrade(url)  # the ADDs are skipped, the VALIDATEs run
+        with engine.begin() as conn:
+            assert conn.execute(validated).scalar_one() is True
+        result = migrate.check(url)
+        assert result.ok, result.problems
+
+
 @pytest.mark.pgbouncer
 def test_migrations_run_through_pgbouncer_in_transaction_mode(
     own_url: str, own_scratch_url: URL, pgbouncer: PgBouncerFactory

@@ -429,16 +429,24 @@ def test_check_constraints_the_models_add_are_written_into_new_revisions(
     url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Autogenerate ignores CHECKs; revision() adds them, one text or one per database."""
-    scripts_with(tmp_path, monkeypatch, "pass")
+    scripts = scripts_with(tmp_path, monkeypatch, "pass")
     migrate.upgrade(url)
     with probe_checks():
         problems = migrate.check(url).problems
         assert any("ck_tasks_probe_short on tasks: declared by the models" in p for p in problems)
         assert any("`python -m todo_backend.migrate revision" in p for p in problems)
         source = migrate.revision("add checks").read_text()
-        assert "batch_op.create_check_constraint(" in source
+        assert "add_check(batch_op, " in source  # NOT VALID on PostgreSQL
+        assert 'validate_checks("tasks", [' in source  # after a commit point
         assert "'length(title) < 150'" in source or '"length(title) < 150"' in source
         assert "[op.get_context().dialect.name]" in source  # the per-database condition
+        findings = migration_lint.lint_revisions(scripts)
+        assert findings == [], [str(finding) for finding in findings]
+        postgresql_sql = migrate.upgrade_sql("postgresql://", f"{SCRATCH}:head")
+        added = postgresql_sql.index("ADD CONSTRAINT ck_tasks_probe_short CHECK")
+        validated = postgresql_sql.index("VALIDATE CONSTRAINT ck_tasks_probe_short")
+        assert "NOT VALID" in postgresql_sql[added:validated]
+        assert "COMMIT" in postgresql_sql[added:validated]
         migrate.upgrade(url)
         result = migrate.check(url)
         assert result.ok, result.problems

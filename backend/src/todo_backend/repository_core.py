@@ -683,14 +683,15 @@ def _fail(session: Session, err: BaseException) -> Generator[Step | Run, Any, No
     raise translated from err
 
 
-def translate(err: Exception) -> Exception:
+def translate(err: Exception) -> Exception:  # noqa: PLR0911 - one return per kind
     """Map a driver error to this package's errors: the one translation boundary.
 
     Returns *err* itself when it is not a database error (a BaseException, a bug's
     own exception). A bound that ran out (pool, statement, lock, idle block) is a
     DatabaseTimeoutError; a lost connection or one that could not be opened, a
     read-only server or one out of resources, a DatabaseUnavailableError; a database
-    without the tasks table, a SchemaMissingError that says to run ``todo-db migrate``;
+    without the tasks table, or without a column the models declare (the code is
+    ahead of the schema), a SchemaMissingError that says to run ``todo-db migrate``;
     a deadlock or serialization failure, a DatabaseConflictError; any other driver
     error, a DatabaseStatementError carrying its SQLSTATE. No DBAPIError is returned
     as is.
@@ -714,6 +715,12 @@ def translate(err: Exception) -> Exception:
         return SchemaMissingError(
             "the database has no tasks table: its schema was never created. Run "
             "`todo-db migrate` against it (with the same DATABASE_URL), then repeat the call."
+        )
+    if _no_such_column(err):
+        return SchemaMissingError(
+            f"the database is behind the code: a column the models declare is missing "
+            f"({error_reason(err)}). Run `todo-db migrate` against it (with the same "
+            "DATABASE_URL) before this code serves it, then repeat the call."
         )
     return _refused(err)
 
@@ -774,6 +781,18 @@ def _no_such_table(err: DBAPIError) -> bool:
     orig = err.orig
     code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
     return code == "42P01" or str(orig).startswith("no such table")
+
+
+def _no_such_column(err: DBAPIError) -> bool:
+    # PostgreSQL's undefined_column; SQLite says it in the message, reading or writing.
+    # The package's statements name only the models' columns, so one missing means a
+    # schema older than the code.
+    message = str(err.orig)
+    return (
+        _sqlstate(err) == "42703"
+        or message.startswith("no such column")
+        or " has no column named " in message
+    )
 
 
 # -- atomic blocks --------------------------------------------------------------------

@@ -939,8 +939,10 @@ class RepositoryContract:
 
     def test_count_checks_its_limit(self, repo: TaskRepository) -> None:
         """count(limit=...) takes an int of at least 1 or None; a bool is refused too."""
-        with pytest.raises(ValueError, match="at least 1"):
-            repo.count(ALICE, limit=0)
+        for refused in (0, -1):
+            with pytest.raises(ValidationError, match="limit") as info:
+                repo.count(ALICE, limit=refused)
+            assert info.value.errors()[0]["type"] == "greater_than_equal"
         with pytest.raises(TypeError, match="limit"):
             repo.count(ALICE, limit=True)
         with pytest.raises(TypeError, match="limit"):

@@ -93,6 +93,8 @@ MAX_PAGE_SIZE: Final = 100
 _PAGE_SIZE: Final = TypeAdapter(
     Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)], config=ConfigDict(title="limit")
 )
+# count's limit: any int from 1 (None counts exactly); refused like list's, titled "limit".
+_COUNT_LIMIT: Final = TypeAdapter(Annotated[int, Field(ge=1)], config=ConfigDict(title="limit"))
 _MAX_ID: Final = 2**63 - 1  # BIGINT; a larger id cannot exist, so it matches nothing
 
 _T = TypeVar("_T")
@@ -462,8 +464,7 @@ def count_call(user_id: str, complete: bool | None, limit: int | None = None) ->
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int):
             raise TypeError(f"limit must be an int or None, got {type(limit).__name__}")
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1 (or None for an exact count), got {limit}")
+        _COUNT_LIMIT.validate_python(limit)  # at least 1, else a ValidationError like list's
         params["limit"] = min(limit, _MAX_ID)
     return Call(_COUNTS[complete is not None, limit is not None], params, _count, write=False)
 

@@ -21,11 +21,11 @@ from typing import Annotated, Any, Final, Self
 from pydantic import (
     AfterValidator,
     AwareDatetime,
+    BaseModel,
     BeforeValidator,
     ConfigDict,
     StrictBool,
     StringConstraints,
-    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -264,13 +264,20 @@ _DescriptionText = Annotated[
 Description = Annotated[_DescriptionText | None, BeforeValidator(_empty_to_none)]
 """An optional description: up to 1000 code points; tab, CR and LF allowed; "" means None."""
 
-# Titled, so that an error names the field: "1 validation error for user_id".
-_user_id_adapter: Final[TypeAdapter[str]] = TypeAdapter(UserId, config=ConfigDict(title="user_id"))
+class _Owner(BaseModel):
+    # Titled, so that an error names the field: "1 validation error for user_id"; and
+    # validated as a field, so that each error's loc is ("user_id",) (an API's 422
+    # tells the client which input was wrong).
+    model_config = ConfigDict(title="user_id")
+    user_id: UserId
 
 
 def validate_user_id(user_id: object) -> str:
-    """Validate *user_id* exactly as the model does; raise ``ValidationError`` if invalid."""
-    return _user_id_adapter.validate_python(user_id)
+    """Validate *user_id* exactly as the model does; raise ``ValidationError`` if invalid.
+
+    Each error's location is ``("user_id",)``.
+    """
+    return _Owner.model_validate({"user_id": user_id}).user_id
 
 
 def _title_field(default: Any = ...) -> Any:

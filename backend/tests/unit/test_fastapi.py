@@ -110,6 +110,7 @@ def test_a_bad_user_id_is_a_422_not_a_500(client: TestClient, user: str | bytes)
     assert response.status_code == 422
     [error] = response.json()["detail"]
     assert set(error) == {"type", "loc", "msg"}
+    assert error["loc"] == ["user_id"]  # the client is told which input was wrong
     assert client.get("/tasks", headers=ALICE).status_code == 200  # the server still serves
 
 

@@ -264,6 +264,7 @@ _DescriptionText = Annotated[
 Description = Annotated[_DescriptionText | None, BeforeValidator(_empty_to_none)]
 """An optional description: up to 1000 code points; tab, CR and LF allowed; "" means None."""
 
+
 class _Owner(BaseModel):
     # Titled, so that an error names the field: "1 validation error for user_id"; and
     # validated as a field, so that each error's loc is ("user_id",) (an API's 422

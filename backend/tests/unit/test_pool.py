@@ -171,6 +171,7 @@ def test_two_checkouts_at_once_never_shed_below_pool_size(
         release.set()
         first.join(10)
     assert len(held) == 2
+    assert len(server.opened) == 5  # no kept connection was closed and opened again
     assert server.open == 2
     checkin(held)
     assert pool.checkedin() == 2

@@ -259,9 +259,9 @@ def test_the_recipe_fields_generate_a_revision_that_runs_here_on_a_table_with_ro
     with engine.begin() as conn:
         conn.execute(raw)
     with (
-        model_column(Column("priority", Integer, nullable=True)),
-        model_column(Column("flag", Boolean, nullable=False, default=False)),
-        model_column(Column("tag", String(20), nullable=True)),
+        model_column(Column("added_int", Integer, nullable=True)),
+        model_column(Column("added_flag", Boolean, nullable=False, default=False)),
+        model_column(Column("added_text", String(20), nullable=True)),
     ):
         migrate.revision("add the recipe's fields")
         migrate.upgrade(url)
@@ -269,8 +269,8 @@ def test_the_recipe_fields_generate_a_revision_that_runs_here_on_a_table_with_ro
         assert result.ok, result.problems
         with engine.begin() as conn:  # a writer that predates the columns still inserts
             conn.execute(raw)
-            conn.execute(text("update tasks set priority = 3000000000"))  # past INTEGER
-            rows = conn.execute(text("select flag, priority from tasks")).all()
+            conn.execute(text("update tasks set added_int = 3000000000"))  # past INTEGER
+            rows = conn.execute(text("select added_flag, added_int from tasks")).all()
         assert [tuple(row) for row in rows] == [(False, 3000000000)] * 2
         structure = _structure(engine)
         migrate.downgrade(url, "base")

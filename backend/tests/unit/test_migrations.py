@@ -399,15 +399,15 @@ def test_the_recipe_fields_generate_a_revision_that_passes_the_lint_on_a_table_w
     with engine.begin() as conn:
         conn.execute(_RAW_INSERT, {"id": 1, "user_id": "a", "title": "t", "description": None})
     with (
-        model_column(Column("priority", Integer, nullable=True)),
-        model_column(Column("flag", Boolean, nullable=False, default=False)),
-        model_column(Column("tag", String(20), nullable=True)),
+        model_column(Column("added_int", Integer, nullable=True)),
+        model_column(Column("added_flag", Boolean, nullable=False, default=False)),
+        model_column(Column("added_text", String(20), nullable=True)),
     ):
         source = migrate.revision("add the recipe's fields").read_text()
         assert "sa.BigInteger()" in source
         assert 'server_default="0"' in source
         # Added in place on SQLite (no table rebuild), so it renders offline too.
-        assert "ALTER TABLE tasks ADD COLUMN flag BOOLEAN DEFAULT '0' NOT NULL" in (
+        assert "ALTER TABLE tasks ADD COLUMN added_flag BOOLEAN DEFAULT '0' NOT NULL" in (
             migrate.upgrade_sql("sqlite://")
         )
         findings = migration_lint.lint_revisions(scripts)
@@ -417,7 +417,7 @@ def test_the_recipe_fields_generate_a_revision_that_passes_the_lint_on_a_table_w
         assert result.ok, result.problems
         with engine.begin() as conn:  # a writer that predates the columns still inserts
             conn.execute(_RAW_INSERT, {"id": 2, "user_id": "a", "title": "u", "description": None})
-            rows = conn.execute(text("select flag from tasks order by id")).scalars().all()
+            rows = conn.execute(text("select added_flag from tasks order by id")).scalars().all()
         assert rows == [False, False]
         other = create_db_engine("sqlite://")
         init_db(other)

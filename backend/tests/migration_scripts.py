@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import CheckConstraint, Column, Table
 
 from todo_backend import migrate
-from todo_backend.models import Task, TextCheck
+from todo_backend.models import Task, TextCheck, _map_column
 
 # Not a number, so never the id of a real revision (those are 0001, 0002, ...).
 SCRATCH = "scratch_test_change"
@@ -63,11 +63,14 @@ def tasks_table() -> Table:
 def model_column(column: Column[object]) -> Iterator[Column[object]]:
     """Declare *column* on the models' ``tasks`` table for the block (a field added in code).
 
-    The column is taken off again afterwards (SQLAlchemy has no public way to remove
-    a column from a Table; its column collection's ``remove`` is used).
+    The column gets the DDL a field declared on the models gets (``int`` as BIGINT, a
+    scalar default of a NOT NULL column in the DDL too). It is taken off again
+    afterwards (SQLAlchemy has no public way to remove a column from a Table; its
+    column collection's ``remove`` is used).
     """
     table = tasks_table()
     table.append_column(column)
+    _map_column(column)
     try:
         yield column
     finally:

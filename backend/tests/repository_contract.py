@@ -24,7 +24,7 @@ from sqlalchemy import Engine, event, orm, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlmodel import Session
 
-from todo_backend.errors import DatabaseStatementError, TodoBackendError
+from todo_backend.errors import DatabaseStatementError, SchemaMissingError, TodoBackendError
 from todo_backend.models import Task, TaskCreate, TaskRead, TaskUpdate
 from todo_backend.repository import MAX_PAGE_SIZE, TaskRepository
 
@@ -910,17 +910,51 @@ class RepositoryContract:
         self, repo: TaskRepository, raw_engine: Engine
     ) -> None:
         """A refused statement is DatabaseStatementError with its cause, never a DBAPIError."""
+        postgresql = raw_engine.dialect.name == "postgresql"
+        refuse = (
+            [
+                "CREATE FUNCTION refuse_tasks() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'refused by a trigger'; END $$",
+                "CREATE TRIGGER refuse BEFORE INSERT ON tasks "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_tasks()",
+            ]
+            if postgresql
+            else [
+                "CREATE TRIGGER refuse BEFORE INSERT ON tasks "
+                "BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
+            ]
+        )
+        undo = ["DROP TRIGGER refuse ON tasks", "DROP FUNCTION refuse_tasks()"]
+        with raw_engine.begin() as conn:
+            for statement in refuse:
+                conn.execute(text(statement))
+        try:
+            with pytest.raises(DatabaseStatementError, match="refused by a trigger") as refused:
+                _new(repo, description="param-sentinel")
+        finally:
+            with raw_engine.begin() as conn:
+                for statement in undo if postgresql else ["DROP TRIGGER refuse"]:
+                    conn.execute(text(statement))
+        assert isinstance(refused.value.__cause__, DBAPIError)
+        assert "param-sentinel" not in str(refused.value)
+        assert refused.value.sqlstate in {"", "P0001"}  # SQLite gives no SQLSTATE
+        assert repo.count(ALICE) == 0
+
+    def test_a_column_the_database_lacks_says_it_is_behind_the_code(
+        self, repo: TaskRepository, raw_engine: Engine
+    ) -> None:
+        """A column of the models missing from the table is SchemaMissingError: migrate."""
         with raw_engine.begin() as conn:
             conn.execute(text("ALTER TABLE tasks RENAME COLUMN description TO notes"))
         try:
-            with pytest.raises(DatabaseStatementError, match="description") as refused:
+            with pytest.raises(SchemaMissingError, match="behind the code") as refused:
                 _new(repo, description="param-sentinel")
         finally:
             with raw_engine.begin() as conn:
                 conn.execute(text("ALTER TABLE tasks RENAME COLUMN notes TO description"))
+        assert "todo-db migrate" in str(refused.value)
         assert isinstance(refused.value.__cause__, DBAPIError)
         assert "param-sentinel" not in str(refused.value)
-        assert refused.value.sqlstate in {"", "42703"}  # SQLite gives no SQLSTATE
         assert repo.count(ALICE) == 0
 
     def test_count_with_a_limit_answers_at_most_the_limit(self, repo: TaskRepository) -> None:
@@ -939,8 +973,10 @@ class RepositoryContract:
 
     def test_count_checks_its_limit(self, repo: TaskRepository) -> None:
         """count(limit=...) takes an int of at least 1 or None; a bool is refused too."""
-        with pytest.raises(ValueError, match="at least 1"):
-            repo.count(ALICE, limit=0)
+        for refused in (0, -1):
+            with pytest.raises(ValidationError, match="limit") as info:
+                repo.count(ALICE, limit=refused)
+            assert info.value.errors()[0]["type"] == "greater_than_equal"
         with pytest.raises(TypeError, match="limit"):
             repo.count(ALICE, limit=True)
         with pytest.raises(TypeError, match="limit"):

@@ -260,11 +260,13 @@ def _fail(code: ExitCode, *lines: str) -> int:
 # -- input -------------------------------------------------------------------------
 
 
-def _validation_lines(err: ValidationError, field: str) -> list[str]:
+def _validation_lines(err: ValidationError, field: str, *, located: bool = True) -> list[str]:
     # pydantic's str(err) repeats input_value=...; build "field: message" lines instead.
+    # Not *located*: every error is about the one option *field* (its loc is the API's).
     lines = []
     for problem in err.errors(include_url=False, include_input=False):
-        where = ".".join(str(part) for part in problem["loc"]) or field
+        where = ".".join(str(part) for part in problem["loc"]) if located else ""
+        where = where or field
         lines.append(f"invalid {where}: {problem['msg']}")
     return lines
 
@@ -273,7 +275,7 @@ def _owner(raw: str) -> str:
     try:
         return validate_user_id(raw)
     except ValidationError as err:
-        raise _InvalidInputError(_validation_lines(err, "user")) from None
+        raise _InvalidInputError(_validation_lines(err, "user", located=False)) from None
 
 
 def _limit(raw: str) -> int:

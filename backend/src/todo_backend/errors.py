@@ -9,7 +9,7 @@ catch the whole family at once::
     ├── DatabaseTimeoutError      a bounded wait ran out (pool, statement, lock, idle block)
     ├── DatabaseConflictError     a deadlock or serialization failure; nothing stored, retry
     ├── DatabaseStatementError    any other database error; carries its SQLSTATE
-    ├── SchemaMissingError        the database has no tasks table; run `todo-db migrate`
+    ├── SchemaMissingError        no tasks table, or one behind the code; run `todo-db migrate`
     └── migrate.MigrationError    a migration cannot run as asked; nothing was changed
 
 No error of the database driver or SQLAlchemy reaches a repository caller: each is
@@ -112,8 +112,10 @@ class DatabaseStatementError(TodoBackendError):
 
 
 class SchemaMissingError(TodoBackendError):
-    """A repository call found no ``tasks`` table: the database's schema was never created.
+    """A repository call found no ``tasks`` table, or one without a column the models declare.
 
-    Nothing was stored. The message says to run ``todo-db migrate`` against the
-    database (``init_db(engine)`` in tests and throwaway databases).
+    The database's schema was never created, or it is behind the code (a release
+    that added a field, deployed before its revision ran). Nothing was stored. The
+    message says to run ``todo-db migrate`` against the database (``init_db(engine)``
+    in tests and throwaway databases).
     """

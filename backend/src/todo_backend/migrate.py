@@ -61,7 +61,7 @@ from alembic import command, op
 from alembic.autogenerate import compare_metadata, renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.config import Config
-from alembic.operations import ops
+from alembic.operations import BatchOperations, ops
 from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
 from alembic.script.revision import RevisionError
@@ -69,7 +69,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import CheckConstraint, Connection, Engine, String, Table, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Dialect
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.schema import SchemaItem
 from sqlmodel import SQLModel
 from sqlmodel.main import default_registry
@@ -87,6 +87,7 @@ __all__ = [
     "MigrationLockTimeoutError",
     "UpgradeResult",
     "UrlOrEngine",
+    "add_check",
     "alembic_config",
     "check",
     "commit_point",
@@ -107,6 +108,7 @@ __all__ = [
     "stamp",
     "upgrade",
     "upgrade_sql",
+    "validate_checks",
 ]
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
@@ -1097,11 +1099,101 @@ def _normalise_sql(sql: str) -> str:
 
 
 class _CreateCheck(ops.MigrateOperation):
-    """Add CHECK *name* in a table's batch: one condition, or one per database by name."""
+    """Add CHECK *name* in a table's batch: one condition, or one per database by name.
 
-    def __init__(self, name: str, condition: str | Mapping[str, str]) -> None:
+    With *online* (the upgrade of a generated revision) it renders as :func:`add_check`,
+    ``NOT VALID`` on PostgreSQL; otherwise (restoring a CHECK on the way down) as a
+    plain ``create_check_constraint``.
+    """
+
+    def __init__(
+        self, name: str, condition: str | Mapping[str, str], table: Table | None = None
+    ) -> None:
         self.name = name
         self.condition = condition
+        self.table = table
+
+
+class _ValidateChecks(ops.MigrateOperation):
+    """Validate the CHECKs a revision added NOT VALID, after a commit point (PostgreSQL)."""
+
+    def __init__(self, table: Table, names: Sequence[str]) -> None:
+        self.table = table
+        self.names = list(names)
+
+
+def _quoted_table(table_name: str, schema: str | None) -> str:
+    preparer = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
+    quoted: str = preparer.quote(table_name)
+    return f"{preparer.quote_schema(schema)}.{quoted}" if schema else quoted
+
+
+def add_check(
+    batch_op: BatchOperations,
+    table_name: str,
+    name: str,
+    condition: str,
+    *,
+    schema: str | None = None,
+) -> None:
+    """Add CHECK *name* to a table without scanning it under an exclusive lock; for revisions.
+
+    Generated revisions call it in the table's batch. On PostgreSQL it runs ``ALTER
+    TABLE ... ADD CONSTRAINT ... NOT VALID`` (new writes are checked from then on; the
+    stored rows are not scanned, so the ACCESS EXCLUSIVE lock the ``ADD`` takes is
+    brief), and only when the table lacks the constraint (a ``DO`` block checks
+    ``pg_constraint`` on the server), so a rerun of the revision or of its offline
+    SQL skips it; :func:`validate_checks` then validates it after a commit point. On
+    SQLite, which cannot add a constraint to a table, the batch rebuilds the table
+    with it, as ``create_check_constraint`` does.
+    """
+    migration = op.get_context()
+    if migration.dialect.name != "postgresql":
+        batch_op.create_check_constraint(name, condition)
+        return
+    target = _quoted_table(table_name, schema)
+    quoted = postgresql.dialect().identifier_preparer.quote(name)  # type: ignore[no-untyped-call]
+    literal = "'" + name.replace("'", "''") + "'"
+    target_literal = "'" + target.replace("'", "''") + "'"
+    # One statement, guarded on the server: a rerun, online or of the offline script, skips it.
+    op.execute(
+        "DO $add_check$ BEGIN IF NOT EXISTS (SELECT FROM pg_constraint WHERE conrelid = "
+        f"to_regclass({target_literal}) AND conname = {literal}) THEN "
+        f"ALTER TABLE {target} ADD CONSTRAINT {quoted} CHECK ({condition}) NOT VALID; "
+        "END IF; END $add_check$"
+    )
+
+
+def validate_checks(table_name: str, names: Sequence[str], *, schema: str | None = None) -> None:
+    """Validate CHECKs that :func:`add_check` added NOT VALID, after a commit point; for revisions.
+
+    On PostgreSQL the work so far is committed first (:func:`commit_point`: the
+    exclusive lock of the ``ADD`` ends), then each ``VALIDATE CONSTRAINT`` scans the
+    stored rows under SHARE UPDATE EXCLUSIVE, while reads and writes go on. Validating
+    a valid constraint does nothing, so a rerun resumes here. A stored row that breaks
+    a rule stops the upgrade with :class:`MigrationError` naming the constraint; the
+    constraint stays, NOT VALID, checking new writes: correct those rows, then migrate
+    again. On SQLite the batch already checked every row: nothing to do.
+    """
+    migration = op.get_context()
+    if migration.dialect.name != "postgresql":
+        return
+    commit_point()
+    target = _quoted_table(table_name, schema)
+    preparer = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
+    for name in names:
+        statement = f"ALTER TABLE {target} VALIDATE CONSTRAINT {preparer.quote(name)}"
+        if migration.as_sql:
+            op.execute(statement)
+            continue
+        try:
+            op.get_bind().exec_driver_sql(statement)
+        except IntegrityError as err:
+            raise MigrationError(
+                f"stored rows of {table_name} break CHECK {name}, which is in place NOT "
+                "VALID (new writes are checked already): correct or delete the rows its "
+                f"condition refuses (psql's \\d {table_name} shows it), then migrate again"
+            ) from err
 
 
 def _literal(sql: str, width: int = 60) -> str:
@@ -1113,13 +1205,24 @@ def _literal(sql: str, width: int = 60) -> str:
 
 
 @renderers.dispatch_for(_CreateCheck)
-def _render_check(_context: AutogenContext, op: _CreateCheck) -> str:
+def _render_check(context: AutogenContext, op: _CreateCheck) -> str:
     if isinstance(op.condition, str):
         condition = _literal(op.condition)
     else:
         per_database = ", ".join(f"{name!r}: {_literal(sql)}" for name, sql in op.condition.items())
         condition = f"{{{per_database}}}[op.get_context().dialect.name]"
-    return f"batch_op.create_check_constraint({op.name!r}, {condition})"
+    if op.table is None:
+        return f"batch_op.create_check_constraint({op.name!r}, {condition})"
+    context.imports.add("from todo_backend.migrate import add_check, validate_checks")
+    schema = "" if op.table.schema is None else f", schema={op.table.schema!r}"
+    return f"add_check(batch_op, {op.table.name!r}, {op.name!r}, {condition}{schema})"
+
+
+@renderers.dispatch_for(_ValidateChecks)
+def _render_validate(context: AutogenContext, op: _ValidateChecks) -> str:
+    context.imports.add("from todo_backend.migrate import add_check, validate_checks")
+    schema = "" if op.table.schema is None else f", schema={op.table.schema!r}"
+    return f"validate_checks({op.table.name!r}, {op.names!r}{schema})"
 
 
 _DIALECTS: Final[dict[str, Dialect]] = {
@@ -1135,8 +1238,8 @@ def _create_check(table: Table, name: str) -> _CreateCheck:
         for dialect_name, dialect in _DIALECTS.items()
     }
     if len(set(conditions.values())) == 1:
-        return _CreateCheck(name, conditions["sqlite"])
-    return _CreateCheck(name, conditions)
+        return _CreateCheck(name, conditions["sqlite"], table)
+    return _CreateCheck(name, conditions, table)
 
 
 def _table_ops(container: ops.OpContainer, table: Table) -> ops.ModifyTableOps:
@@ -1159,11 +1262,15 @@ def _add_check_constraints(context: MigrationContext, _revision: Any, directives
     changes on the way up, before them on the way down, so a new column's CHECK comes
     with it. A condition written per database (``TextCheck``) is rendered per
     database. The database's old condition is restored as that database writes it.
+    The upgrade adds a CHECK with :func:`add_check` (``NOT VALID`` on PostgreSQL)
+    and, after every batch, validates it with :func:`validate_checks` (after a
+    :func:`commit_point`), so no scan runs under the ``ADD``'s exclusive lock.
     """
     connection = context.connection
     if connection is None:  # pragma: no cover - revisions are autogenerated online
         return
     script = directives[0]
+    added: dict[Table, list[str]] = {}
     for table, name, database, models in _check_changes(connection):
         up = _table_ops(script.upgrade_ops, table).ops
         down = _table_ops(script.downgrade_ops, table).ops
@@ -1173,10 +1280,13 @@ def _add_check_constraints(context: MigrationContext, _revision: Any, directives
             undo.append(_CreateCheck(name, database))
         if models is not None:
             up.append(_create_check(table, name))
+            added.setdefault(table, []).append(name)
             undo.insert(
                 0, ops.DropConstraintOp(name, table.name, type_="check", schema=table.schema)
             )
         down[:0] = undo
+    # After every batch: on PostgreSQL a commit point, then the validating scans.
+    script.upgrade_ops.ops.extend(_ValidateChecks(table, names) for table, names in added.items())
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,16 +21,25 @@ from typing import Annotated, Any, Final, Self
 from pydantic import (
     AfterValidator,
     AwareDatetime,
+    BaseModel,
     BeforeValidator,
     ConfigDict,
     StrictBool,
     StringConstraints,
-    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
 )
-from sqlalchemy import BigInteger, CheckConstraint, ColumnElement, Index, Integer
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    ColumnElement,
+    DefaultClause,
+    Index,
+    Integer,
+    Table,
+)
 from sqlalchemy.ext.compiler import compiles
 from sqlmodel import Field, SQLModel
 from sqlmodel._compat import SQLModelConfig, finish_init
@@ -255,13 +264,21 @@ _DescriptionText = Annotated[
 Description = Annotated[_DescriptionText | None, BeforeValidator(_empty_to_none)]
 """An optional description: up to 1000 code points; tab, CR and LF allowed; "" means None."""
 
-# Titled, so that an error names the field: "1 validation error for user_id".
-_user_id_adapter: Final[TypeAdapter[str]] = TypeAdapter(UserId, config=ConfigDict(title="user_id"))
+
+class _Owner(BaseModel):
+    # Titled, so that an error names the field: "1 validation error for user_id"; and
+    # validated as a field, so that each error's loc is ("user_id",) (an API's 422
+    # tells the client which input was wrong).
+    model_config = ConfigDict(title="user_id")
+    user_id: UserId
 
 
 def validate_user_id(user_id: object) -> str:
-    """Validate *user_id* exactly as the model does; raise ``ValidationError`` if invalid."""
-    return _user_id_adapter.validate_python(user_id)
+    """Validate *user_id* exactly as the model does; raise ``ValidationError`` if invalid.
+
+    Each error's location is ``("user_id",)``.
+    """
+    return _Owner.model_validate({"user_id": user_id}).user_id
 
 
 def _title_field(default: Any = ...) -> Any:
@@ -417,6 +434,64 @@ class Task(TaskFields, table=True):
         if name in _FIELD_NAMES and not _BUILDING.get():
             value = _validated_field(name, value)
         super().__setattr__(name, value)
+
+
+# The columns of revision 0001 (data contract v1.0.0), whose DDL is frozen as it is.
+_FIRST_COLUMNS: Final = frozenset(
+    {"id", "user_id", "title", "description", "complete", "created_at", "updated_at"}
+)
+
+
+def _server_default(value: object) -> DefaultClause | None:
+    """Return the DDL default for a scalar Python *value*, or None when it has no literal.
+
+    Always a quoted literal ('0' for False, '5', 'text'): PostgreSQL casts it to the
+    column's type, SQLite's column affinity stores it as a number, and Alembic adds
+    such a column on SQLite without rebuilding the table (an SQL expression default
+    would force the rebuild).
+    """
+    if isinstance(value, bool):  # before int: True is an int too
+        return DefaultClause("1" if value else "0")
+    if isinstance(value, int | float | str):
+        return DefaultClause(str(value))
+    return None
+
+
+def _map_column(column: Column[Any]) -> None:
+    """Give a content column the DDL a live table can take (see :func:`_map_columns`)."""
+    if type(column.type) is Integer and not column.primary_key:
+        column.type = BigInteger()
+    default = column.default
+    if (
+        column.name in _FIRST_COLUMNS
+        or column.nullable
+        or column.server_default is not None
+        or default is None
+        or not default.is_scalar
+    ):
+        return
+    clause = _server_default(getattr(default, "arg", None))
+    if clause is not None:
+        column.server_default = clause
+        clause.column = column
+
+
+def _map_columns(table: Table) -> None:
+    """Map the fields declared on the models to column DDL safe for a live table.
+
+    A Python ``int`` field is a ``BIGINT`` column (an ``INTEGER`` overflows at 2**31
+    and widening it later rewrites the table), and a ``NOT NULL`` field added after
+    the first revision with a scalar default (``flag: bool = False``) gets that
+    default in the DDL too: adding such a column to a table with rows then needs no
+    rewrite (PostgreSQL 11 and later) and no backfill, and a writer that predates the
+    column still inserts. ``init_db`` and the revisions that ``migrate revision``
+    generates both follow from this mapping.
+    """
+    for column in table.columns:
+        _map_column(column)
+
+
+_map_columns(SQLModel.metadata.tables["tasks"])
 
 
 class TaskCreate(TaskContent):

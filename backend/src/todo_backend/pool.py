@@ -75,6 +75,9 @@ class IdleQueuePool(QueuePool):
         # there. With LIFO, a position is only refilled after everything above it left.
         self._put_at = [0.0] * capacity
         self._idle_lock = threading.Lock()
+        # Connections taken to be closed whose overflow count is not yet given back:
+        # reserved under _idle_lock, so concurrent checkouts never shed below pool_size.
+        self._shedding = 0
 
     @property
     def idle_timeout(self) -> float:
@@ -119,12 +122,21 @@ class IdleQueuePool(QueuePool):
             try:
                 record.close()
             finally:
+                # The overflow first, then the reservation: meanwhile another checkout
+                # sees less to shed, never more.
                 self._dec_overflow()
+                with self._idle_lock:
+                    self._shedding -= 1
         return super()._do_get()
 
     def _take_expired(self) -> list[ConnectionPoolEntry]:
-        """Remove from the pool the connections above ``pool_size`` idle too long."""
-        if self._overflow <= 0:
+        """Remove from the pool the connections above ``pool_size`` idle too long.
+
+        What may be shed (the overflow less what other checkouts are closing) is read
+        and reserved under the lock, so two checkouts at once never both shed the same
+        overflow and close connections of the ``pool_size`` kept.
+        """
+        if self._overflow <= 0:  # a hint only: the count that matters is read below
             return []
         cutoff = monotonic() - self._idle_timeout
         taken: list[ConnectionPoolEntry] = []
@@ -135,11 +147,12 @@ class IdleQueuePool(QueuePool):
                 stale += 1
             # Taking from the top leaves the stale ones at the bottom in place; the
             # count is what matters: that many connections were not needed for a while.
-            for _ in range(min(stale, self._overflow)):
+            for _ in range(min(stale, self._overflow - self._shedding)):
                 try:
                     taken.append(self._pool.get(False))
                 except sqla_queue.Empty:  # pragma: no cover - qsize was read under the lock
                     break
+            self._shedding += len(taken)
         return taken
 
 

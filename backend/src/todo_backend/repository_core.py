@@ -93,6 +93,8 @@ MAX_PAGE_SIZE: Final = 100
 _PAGE_SIZE: Final = TypeAdapter(
     Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)], config=ConfigDict(title="limit")
 )
+# count's limit: any int from 1 (None counts exactly); refused like list's, titled "limit".
+_COUNT_LIMIT: Final = TypeAdapter(Annotated[int, Field(ge=1)], config=ConfigDict(title="limit"))
 _MAX_ID: Final = 2**63 - 1  # BIGINT; a larger id cannot exist, so it matches nothing
 
 _T = TypeVar("_T")
@@ -464,8 +466,7 @@ def count_call(user_id: str, complete: bool | None, limit: int | None = None) ->
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int):
             raise TypeError(f"limit must be an int or None, got {type(limit).__name__}")
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1 (or None for an exact count), got {limit}")
+        _COUNT_LIMIT.validate_python(limit)  # at least 1, else a ValidationError like list's
         params["limit"] = min(limit, _MAX_ID)
     return Call(_COUNTS[complete is not None, limit is not None], params, _count, write=False)
 
@@ -685,14 +686,15 @@ def _fail(session: Session, err: BaseException) -> Generator[Step | Run, Any, No
     raise translated from err
 
 
-def translate(err: Exception) -> Exception:
+def translate(err: Exception) -> Exception:  # noqa: PLR0911 - one return per kind
     """Map a driver error to this package's errors: the one translation boundary.
 
     Returns *err* itself when it is not a database error (a BaseException, a bug's
     own exception). A bound that ran out (pool, statement, lock, idle block) is a
     DatabaseTimeoutError; a lost connection or one that could not be opened, a
     read-only server or one out of resources, a DatabaseUnavailableError; a database
-    without the tasks table, a SchemaMissingError that says to run ``todo-db migrate``;
+    without the tasks table, or without a column the models declare (the code is
+    ahead of the schema), a SchemaMissingError that says to run ``todo-db migrate``;
     a deadlock or serialization failure, a DatabaseConflictError; any other driver
     error, a DatabaseStatementError carrying its SQLSTATE; a login role that cannot
     switch to the row-level security role, a ConfigurationError. No DBAPIError is
@@ -717,6 +719,12 @@ def translate(err: Exception) -> Exception:
         return SchemaMissingError(
             "the database has no tasks table: its schema was never created. Run "
             "`todo-db migrate` against it (with the same DATABASE_URL), then repeat the call."
+        )
+    if _no_such_column(err):
+        return SchemaMissingError(
+            f"the database is behind the code: a column the models declare is missing "
+            f"({error_reason(err)}). Run `todo-db migrate` against it (with the same "
+            "DATABASE_URL) before this code serves it, then repeat the call."
         )
     return _refused(err)
 
@@ -777,6 +785,18 @@ def _no_such_table(err: DBAPIError) -> bool:
     orig = err.orig
     code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
     return code == "42P01" or str(orig).startswith("no such table")
+
+
+def _no_such_column(err: DBAPIError) -> bool:
+    # PostgreSQL's undefined_column; SQLite says it in the message, reading or writing.
+    # The package's statements name only the models' columns, so one missing means a
+    # schema older than the code.
+    message = str(err.orig)
+    return (
+        _sqlstate(err) == "42703"
+        or message.startswith("no such column")
+        or " has no column named " in message
+    )
 
 
 # -- atomic blocks --------------------------------------------------------------------

@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import (
+    Boolean,
     CheckConstraint,
     Column,
     Engine,
     Integer,
+    String,
     Table,
     create_engine,
     inspect,
@@ -244,6 +246,40 @@ def test_a_generated_revision_for_a_new_nullable_column_passes_as_written(
         assert _structure(engine) == structure
 
 
+def test_the_recipe_fields_generate_a_revision_that_runs_here_on_a_table_with_rows(
+    url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An int, a bool with a default, a bounded str: added to a table with rows, checked clean."""
+    scripts_with(tmp_path, monkeypatch, "pass")
+    migrate.upgrade(url)
+    raw = text(
+        "insert into tasks (user_id, title, complete, created_at, updated_at) "
+        "values ('a', 't', false, now(), now())"
+    )
+    with engine.begin() as conn:
+        conn.execute(raw)
+    with (
+        model_column(Column("added_int", Integer, nullable=True)),
+        model_column(Column("added_flag", Boolean, nullable=False, default=False)),
+        model_column(Column("added_text", String(20), nullable=True)),
+    ):
+        migrate.revision("add the recipe's fields")
+        migrate.upgrade(url)
+        result = migrate.check(url)
+        assert result.ok, result.problems
+        with engine.begin() as conn:  # a writer that predates the columns still inserts
+            conn.execute(raw)
+            conn.execute(text("update tasks set added_int = 3000000000"))  # past INTEGER
+            rows = conn.execute(text("select added_flag, added_int from tasks")).all()
+        assert [tuple(row) for row in rows] == [(False, 3000000000)] * 2
+        structure = _structure(engine)
+        migrate.downgrade(url, "base")
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE alembic_version"))
+        init_db(engine)
+        assert _structure(engine) == structure
+
+
 def test_check_constraints_are_compared_by_meaning_and_written_into_revisions(
     url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -269,6 +305,37 @@ def test_check_constraints_are_compared_by_meaning_and_written_into_revisions(
         (changed,) = migrate.check(url).problems
         assert "check constraint ck_tasks_probe_short on tasks: database has" in changed
         assert "151" in changed
+
+
+def test_a_generated_check_is_added_not_valid_then_validated_and_a_rerun_resumes(
+    url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored row breaking a new CHECK leaves it NOT VALID; after the fix a rerun validates it."""
+    scripts_with(tmp_path, monkeypatch, "pass")
+    migrate.upgrade(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "insert into tasks (user_id, title, complete, created_at, updated_at) "
+                "values ('a', repeat('x', 160), false, now(), now())"
+            )
+        )
+    validated = text(
+        "select convalidated from pg_constraint where conname = 'ck_tasks_probe_short'"
+    )
+    with probe_checks():
+        migrate.revision("add checks")
+        with pytest.raises(migrate.MigrationError, match="break CHECK ck_tasks_probe_short"):
+            migrate.upgrade(url)
+        assert migrate.current_revision(url) == SCRATCH  # not recorded: a rerun runs it again
+        with engine.begin() as conn:
+            assert conn.execute(validated).scalar_one() is False  # added, NOT VALID
+            conn.execute(text("update tasks set title = 'short'"))
+        migrate.upgrade(url)  # the ADDs are skipped, the VALIDATEs run
+        with engine.begin() as conn:
+            assert conn.execute(validated).scalar_one() is True
+        result = migrate.check(url)
+        assert result.ok, result.problems
 
 
 @pytest.mark.pgbouncer

@@ -229,7 +229,8 @@ def test_a_refused_statement_exits_1(workdir: Path, capsys: pytest.CaptureFixtur
     conn.close()
     code, _, err = cli(capsys, "list", "--user", "a", "--database-url", "sqlite:///odd.db")
     assert code == ExitCode.DATABASE_ERROR
-    assert err.startswith("todo-db: error: the database refused the statement: no such column")
+    assert err.startswith("todo-db: error: the database is behind the code")
+    assert "todo-db migrate" in err
     assert len(err.splitlines()) == 1
     assert "SELECT" not in err
 

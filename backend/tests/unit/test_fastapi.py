@@ -31,6 +31,7 @@ from todo_backend.errors import (
     TodoBackendError,
 )
 from todo_backend.fastapi import add_error_handlers, lifespan, session_dependency
+from todo_backend.models import TaskRead
 
 ALICE = {"X-User": "alice"}
 SECRET = "s3cret-pw"
@@ -69,15 +70,7 @@ def test_the_readme_service_creates_reads_lists_and_updates(client: TestClient) 
     created = client.post("/tasks", json={"title": "Buy milk"}, headers=ALICE)
     assert created.status_code == 201
     task = created.json()
-    assert set(task) == {
-        "id",
-        "user_id",
-        "title",
-        "description",
-        "complete",
-        "created_at",
-        "updated_at",
-    }
+    assert set(task) == set(TaskRead.model_fields)  # every field, whichever the models declare
     assert (task["user_id"], task["title"], task["complete"]) == ("alice", "Buy milk", False)
     assert task["created_at"].endswith("Z") or task["created_at"].endswith("+00:00")
     assert client.get(f"/tasks/{task['id']}", headers=ALICE).json() == task
@@ -110,6 +103,7 @@ def test_a_bad_user_id_is_a_422_not_a_500(client: TestClient, user: str | bytes)
     assert response.status_code == 422
     [error] = response.json()["detail"]
     assert set(error) == {"type", "loc", "msg"}
+    assert error["loc"] == ["user_id"]  # the client is told which input was wrong
     assert client.get("/tasks", headers=ALICE).status_code == 200  # the server still serves
 
 

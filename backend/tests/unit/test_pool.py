@@ -8,6 +8,8 @@ count server sessions on both faces.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -140,6 +142,40 @@ def test_idle_connections_above_the_minimum_close_after_the_timeout(
     assert pool.checkedin() == 2
     assert pool.overflow() == 0
     assert pool.checkedout() == 0
+
+
+def test_two_checkouts_at_once_never_shed_below_pool_size(
+    pool: IdleQueuePool, server: Server, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout while another is still closing idle connections keeps pool_size open."""
+    checkin(checkout(pool, 5))
+    clock.now += 61
+    closing, release = threading.Event(), threading.Event()
+    closes = itertools.count()
+    plain_close = FakeConnection.close
+
+    def slow_close(connection: FakeConnection) -> None:
+        if next(closes) == 0:  # the first close hangs (a TLS shutdown on a slow network)
+            closing.set()
+            release.wait(10)
+        plain_close(connection)
+
+    monkeypatch.setattr(FakeConnection, "close", slow_close)
+    held: list[PoolProxiedConnection] = []
+    first = threading.Thread(target=lambda: held.append(pool.connect()))
+    first.start()
+    assert closing.wait(10)  # the first checkout is closing the overflow it took
+    try:
+        held.append(pool.connect())  # sheds nothing more: takes a kept connection
+    finally:
+        release.set()
+        first.join(10)
+    assert len(held) == 2
+    assert len(server.opened) == 5  # no kept connection was closed and opened again
+    assert server.open == 2
+    checkin(held)
+    assert pool.checkedin() == 2
+    assert pool.overflow() == 0
 
 
 def test_a_steady_low_load_keeps_only_what_it_uses(

@@ -11,7 +11,13 @@ import pytest
 from sqlalchemy import text
 
 from tests.async_face import runner
-from tests.schema_missing import CALLS, check_async, check_sync
+from tests.schema_missing import (
+    BEHIND_CALLS,
+    CALLS,
+    check_async,
+    check_sync,
+    create_behind_table,
+)
 from todo_backend.db import create_db_engine
 
 __all__ = ["runner"]  # fixture
@@ -40,3 +46,27 @@ def test_async_calls_raise_schema_missing(
 ) -> None:
     """AsyncTaskRepository: the same SchemaMissingError."""
     check_async(empty_file, call, runner)
+
+
+@pytest.fixture
+def behind_file(tmp_path: Path) -> str:
+    """The URL of a SQLite file database whose tasks table lacks a column the models have."""
+    url = f"sqlite:///{tmp_path / 'behind.db'}"
+    create_behind_table(url)
+    return url
+
+
+@pytest.mark.parametrize("call", BEHIND_CALLS.values(), ids=BEHIND_CALLS.keys())
+def test_sync_calls_on_a_schema_behind_the_code_say_migrate(
+    behind_file: str, call: Callable[[Any], Any]
+) -> None:
+    """TaskRepository, a column missing: SchemaMissingError saying the database is behind."""
+    check_sync(behind_file, call, says="the database is behind the code")
+
+
+@pytest.mark.parametrize("call", BEHIND_CALLS.values(), ids=BEHIND_CALLS.keys())
+def test_async_calls_on_a_schema_behind_the_code_say_migrate(
+    behind_file: str, call: Callable[[Any], Any], runner: asyncio.Runner
+) -> None:
+    """AsyncTaskRepository, a column missing: the same SchemaMissingError."""
+    check_async(behind_file, call, runner, says="the database is behind the code")

@@ -251,12 +251,14 @@ def test_the_recipe_fields_generate_a_revision_that_runs_here_on_a_table_with_ro
 ) -> None:
     """An int, a bool with a default, a bounded str: added to a table with rows, checked clean."""
     scripts_with(tmp_path, monkeypatch, "pass")
+    # Raw rows as the connecting role: at head, row security hides tasks from the rest.
+    admin = engine.execution_options(**CONNECTING_ROLE)
     migrate.upgrade(url)
     raw = text(
         "insert into tasks (user_id, title, complete, created_at, updated_at) "
         "values ('a', 't', false, now(), now())"
     )
-    with engine.begin() as conn:
+    with admin.begin() as conn:
         conn.execute(raw)
     with (
         model_column(Column("added_int", Integer, nullable=True)),
@@ -267,14 +269,14 @@ def test_the_recipe_fields_generate_a_revision_that_runs_here_on_a_table_with_ro
         migrate.upgrade(url)
         result = migrate.check(url)
         assert result.ok, result.problems
-        with engine.begin() as conn:  # a writer that predates the columns still inserts
+        with admin.begin() as conn:  # a writer that predates the columns still inserts
             conn.execute(raw)
             conn.execute(text("update tasks set added_int = 3000000000"))  # past INTEGER
             rows = conn.execute(text("select added_flag, added_int from tasks")).all()
         assert [tuple(row) for row in rows] == [(False, 3000000000)] * 2
         structure = _structure(engine)
         migrate.downgrade(url, "base")
-        with engine.begin() as conn:
+        with admin.begin() as conn:
             conn.execute(text("DROP TABLE alembic_version"))
         init_db(engine)
         assert _structure(engine) == structure
@@ -312,8 +314,10 @@ def test_a_generated_check_is_added_not_valid_then_validated_and_a_rerun_resumes
 ) -> None:
     """A stored row breaking a new CHECK leaves it NOT VALID; after the fix a rerun validates it."""
     scripts_with(tmp_path, monkeypatch, "pass")
+    # Raw rows as the connecting role: at head, row security hides tasks from the rest.
+    admin = engine.execution_options(**CONNECTING_ROLE)
     migrate.upgrade(url)
-    with engine.begin() as conn:
+    with admin.begin() as conn:
         conn.execute(
             text(
                 "insert into tasks (user_id, title, complete, created_at, updated_at) "
@@ -328,11 +332,11 @@ def test_a_generated_check_is_added_not_valid_then_validated_and_a_rerun_resumes
         with pytest.raises(migrate.MigrationError, match="break CHECK ck_tasks_probe_short"):
             migrate.upgrade(url)
         assert migrate.current_revision(url) == SCRATCH  # not recorded: a rerun runs it again
-        with engine.begin() as conn:
+        with admin.begin() as conn:
             assert conn.execute(validated).scalar_one() is False  # added, NOT VALID
             conn.execute(text("update tasks set title = 'short'"))
         migrate.upgrade(url)  # the ADDs are skipped, the VALIDATEs run
-        with engine.begin() as conn:
+        with admin.begin() as conn:
             assert conn.execute(validated).scalar_one() is True
         result = migrate.check(url)
         assert result.ok, result.problems

@@ -16,11 +16,11 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Final
 
 from sqlalchemy import Engine, create_engine, text
@@ -34,23 +34,17 @@ from todo_backend.db import create_db_engine, init_db
 from todo_backend.models import TaskCreate
 from todo_backend.repository import TaskRepository
 
+# Run as a script, this file's folder is on sys.path but its package is not.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import common
+
 DEFAULT_URL: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
 USER: Final = "burst"
 
 
-@contextmanager
-def scratch_database(server: URL) -> Iterator[URL]:
+def scratch_database(server: URL) -> AbstractContextManager[URL]:
     """Create an empty database on *server* for the run; drop it afterwards."""
-    name = f"todo_burst_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server.set(database=name)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    return common.scratch_database(server, "todo_burst")
 
 
 def server_sessions(admin: Engine, database: str) -> int:

@@ -7,8 +7,14 @@ repository against raw psycopg 3) time the same operations with the same SQL.
 from __future__ import annotations
 
 import statistics
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL
 
 __all__ = [
     "BULK_USER",
@@ -23,6 +29,7 @@ __all__ = [
     "WORK_USER",
     "Samples",
     "check",
+    "scratch_database",
 ]
 
 OPS: Final = ("create", "get", "list", "update", "delete")
@@ -89,3 +96,18 @@ def check(ok: bool, what: str) -> None:
     """Stop the benchmark if a call did not do what it is timed for."""
     if not ok:
         raise RuntimeError(f"benchmark sanity check failed: {what}")
+
+
+@contextmanager
+def scratch_database(server: URL, prefix: str) -> Iterator[URL]:
+    """Create an empty database named *prefix* plus a random suffix on *server*; drop it after."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

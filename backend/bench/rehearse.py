@@ -18,11 +18,11 @@ import argparse
 import json
 import os
 import platform
+import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Final
@@ -35,6 +35,10 @@ from sqlalchemy.exc import DBAPIError
 from todo_backend import migrate
 from todo_backend.config import load_migration_settings
 from todo_backend.db import is_local_host
+
+# Run as a script, this file's folder is on sys.path but its package is not.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import common
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 OUT: Final = ROOT / "docs" / "benchmarks"
@@ -147,19 +151,9 @@ class Watcher:
             self._reads.dispose()
 
 
-@contextmanager
-def scratch_database(server: URL) -> Iterator[URL]:
+def scratch_database(server: URL) -> AbstractContextManager[URL]:
     """Create an empty database on *server* for the rehearsal; drop it afterwards."""
-    name = f"todo_rehearse_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server.set(database=name)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    return common.scratch_database(server, "todo_rehearse")
 
 
 def _one_transaction_0002(engine: Engine, url: URL) -> Watch:

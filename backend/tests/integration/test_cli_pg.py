@@ -130,7 +130,8 @@ def test_check_reports_postgresql_with_the_password_masked(
     # GitHub's service container, cannot be told apart by a search of the text).
     assert report.pop("database") == mask_url(url)
     assert ":***@" in mask_url(url)
-    assert all(secret not in value for value in report.values())
+    if secret != url.username:  # else the role name that `rls:` reports reads the same
+        assert all(secret not in value for value in report.values())
     assert report["reachable"] == "yes"
     assert report["server"].startswith("PostgreSQL ")
     assert report["tls"] == ("on" if _driver_uses_tls(url) else "off")

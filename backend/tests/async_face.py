@@ -193,6 +193,22 @@ class AsyncRepositoryContract(RepositoryContract):
         )
 
 
+class AsyncBoundToTheEngine:
+    """Mixed into an async contract suite: repositories bound to the async engine."""
+
+    @pytest.fixture
+    def repo(self, runner: asyncio.Runner, async_engine: AsyncEngine) -> AwaitedRepository:
+        """An async repository bound to the suite's engine."""
+        return AwaitedRepository(AsyncTaskRepository(async_engine), runner)
+
+    @pytest.fixture
+    def open_repo(
+        self, runner: asyncio.Runner, async_engine: AsyncEngine
+    ) -> Callable[[], AwaitedRepository]:
+        """Make another async repository bound to the suite's engine."""
+        return lambda: AwaitedRepository(AsyncTaskRepository(async_engine), runner)
+
+
 def _cancel_task() -> None:
     task = asyncio.current_task()  # the call's task: the greenlet runs inside it
     assert task is not None

@@ -994,6 +994,24 @@ class RepositoryContract:
             assert repo.count(ALICE) == 2
 
 
+class BoundToTheEngine:
+    """Mixed into a contract suite: its repositories are bound to the engine, not a session.
+
+    ``TaskRepository(engine)``: each call borrows a pooled connection, and an
+    ``atomic()`` block opens a session of its own; the whole contract holds as well.
+    """
+
+    @pytest.fixture
+    def repo(self, engine: Engine) -> TaskRepository:
+        """A repository bound to the suite's engine."""
+        return TaskRepository(engine)
+
+    @pytest.fixture
+    def open_repo(self, engine: Engine) -> Callable[[], TaskRepository]:
+        """Make another repository bound to the suite's engine."""
+        return lambda: TaskRepository(engine)
+
+
 @dataclass(frozen=True)
 class CutShort:
     """How a face cuts a repository call short mid-statement, and what its caller then sees.

@@ -21,9 +21,11 @@ import socket
 import time
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import Any, Final, TypeVar
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import Connection, Engine, create_engine, event, orm, text
 from sqlalchemy.engine import URL, ExceptionContext, ExecutionContext
@@ -44,16 +46,20 @@ from todo_backend.pool import IdleQueuePool
 
 __all__ = [
     "APP_ROLE",
+    "AUTOCOMMIT_CHECKOUT",
     "BOUNDED",
     "CONNECTING_ROLE",
     "UNBOUNDED",
+    "USER_PARAMETER",
     "USER_SETTING",
     "DatabaseHealth",
+    "StatementPrefixes",
     "as_settings",
     "bound_every_statement",
     "bounds_settings",
     "cannot_connect",
     "check_database",
+    "checkout_mode",
     "create_db_engine",
     "enter_scope",
     "error_reason",
@@ -62,6 +68,8 @@ __all__ = [
     "is_in_memory",
     "is_local_host",
     "leave_scope",
+    "own_prefixes",
+    "own_statement",
     "owned_by",
     "postgres_engine_options",
     "reject_dead_connection",
@@ -173,6 +181,7 @@ def as_settings(settings_or_url: Settings | str) -> Settings:
 def _create_postgres_engine(url: URL, settings: Settings) -> Engine:
     engine = create_engine(url, **postgres_engine_options(url, settings))
     event.listen(engine, "checkout", reject_dead_connection)
+    event.listen(engine, "checkout", checkout_mode)
     _switch_isolation_without_round_trips(engine)
     bound_every_statement(engine, settings)
     return engine
@@ -248,6 +257,8 @@ _ROLE_CALL: Final = (
     f"THEN '{APP_ROLE}' ELSE 'none' END, true)"
 )
 _NO_USER_CALL: Final = f"set_config('{USER_SETTING}', '', true)"
+# The parameter that carries the owner in owned_autocommitted's statements.
+USER_PARAMETER: Final = "todo_backend_user"
 # Caller's statements that refuse a transaction block: sent as they are (as the
 # connecting role) on an autocommit connection; they read and write no rows.
 _REFUSES_BLOCK: Final = re.compile(
@@ -508,7 +519,7 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
     engine, or an async engine's ``sync_engine``.
     """
     bounds = set_local_sql(bounds_settings(settings))
-    prefixes = _Prefixes(bounds)
+    prefixes = StatementPrefixes(bounds)
 
     def before(
         conn: Connection,
@@ -586,6 +597,56 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
         ("handle_error", _explain_closed),
     ):
         event.listen(engine, name, hook)
+    # Every listener of the engine is now the package's own: remember how many there
+    # are, so that own_prefixes() can tell when someone else listens as well.
+    _OWN_PREFIXES[engine] = (prefixes, _listener_counts(engine))
+
+
+# The events that observe or alter the statements SQLAlchemy runs on a connection
+# (ConnectionEvents on the engine, DialectEvents on its dialect). The repository's hot
+# path (todo_backend.direct) sends its statements beside them, so it is used only
+# while an engine has no listener on them but the package's own.
+_STATEMENT_EVENTS: Final = (
+    "engine_connect",
+    "before_execute",
+    "after_execute",
+    "before_cursor_execute",
+    "after_cursor_execute",
+    "begin",
+    "commit",
+    "rollback",
+    "set_connection_execution_options",
+)
+_DIALECT_EVENTS: Final = ("handle_error", "do_execute", "do_setinputsizes")
+_OWN_PREFIXES: WeakKeyDictionary[Engine, tuple[StatementPrefixes, tuple[int, ...]]] = (
+    WeakKeyDictionary()
+)
+
+
+def _listener_counts(engine: Engine) -> tuple[int, ...]:
+    # An engine's listeners of an event include those added to the Engine class itself.
+    engine_events, dialect_events = engine.dispatch, engine.dialect.dispatch
+    return tuple(len(getattr(engine_events, name)) for name in _STATEMENT_EVENTS) + tuple(
+        len(getattr(dialect_events, name)) for name in _DIALECT_EVENTS
+    )
+
+
+def own_prefixes(engine: Engine) -> StatementPrefixes | None:
+    """Return the prefixes *engine*'s hooks add, if nothing else watches its statements.
+
+    None unless *engine* is a PostgreSQL engine of this package
+    (:func:`bound_every_statement` ran on it) whose statement events (``before_execute``,
+    ``before_cursor_execute``, ``handle_error``, ``begin``... on the engine or on the
+    Engine class) have no listener but the package's own, and which logs no SQL
+    (``echo`` off, the ``sqlalchemy.engine`` logger below INFO). Only then may a
+    statement go to the driver without passing through SQLAlchemy's execution: a
+    caller's instrumentation, logging or error hooks see every statement otherwise.
+    """
+    own = _OWN_PREFIXES.get(engine)
+    if own is None or engine.echo or engine.logger.isEnabledFor(logging.INFO):
+        return None
+    prefixes, counts = own
+    return prefixes if _listener_counts(engine) == counts else None
 
 
 # Connection.info key: the server had closed the connection before the message now
@@ -679,7 +740,7 @@ def _closed_by_server(conn: Connection) -> bytes | None:
     return None
 
 
-class _Prefixes:
+class StatementPrefixes:
     """The settings an engine's hooks send in front of statements, built once per engine.
 
     A transaction starts with the bounds, the switch to :data:`APP_ROLE` (where tasks
@@ -699,6 +760,19 @@ class _Prefixes:
         if not as_app:
             return self.bounds
         return self.unscoped_start if user is None else self.head + user_call(user)
+
+    def owned_autocommitted(self, statement: str, as_app: bool) -> str:
+        """Return the package's own *statement*, autocommitted, its owner a bound parameter.
+
+        Like :meth:`autocommitted`, but the owner is not written into the text: it is
+        the pyformat parameter :data:`USER_PARAMETER`, quoted by the driver like every
+        other value. The text is then the same on every call, so a driver that caches
+        the parsing of a query's text (psycopg 3) parses it once. Only for a statement
+        whose parameters are a mapping without that key.
+        """
+        if not as_app:
+            return self.bounds + "; " + statement
+        return f"{self.head}set_config('{USER_SETTING}', %({USER_PARAMETER})s, true); {statement}"
 
     def autocommitted(self, statement: str, own: bool, owner: str | None, as_app: bool) -> str:
         """Return *statement* as an autocommit connection sends it.
@@ -740,6 +814,19 @@ def _marks(options: Any, parameters: Any) -> tuple[bool, str | None, bool]:
         return own, None, as_app
     value = parameters.get(name)
     return own, (value if isinstance(value, str) else None), as_app
+
+
+def own_statement(options: Any) -> tuple[str | None, bool] | None:
+    """Return how a statement with execution *options* is sent, if it is the package's own.
+
+    ``(owner, as_app)``: the name of the parameter holding its owner (None if it has
+    none) and whether it runs as :data:`APP_ROLE`; None for any other statement.
+    """
+    own, _, as_app = _marks(options, None)
+    if not own:
+        return None
+    owner = options.get(_OWNER_KEY)
+    return (owner if isinstance(owner, str) else None), as_app
 
 
 def _send_alone(conn: Connection, bounds: str) -> None:
@@ -973,6 +1060,31 @@ def reject_dead_connection(
     poller.register(connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
     if poller.poll(0):
         raise DisconnectionError("server closed the connection while it was idle in the pool")
+
+
+# Set by the repository's hot path (todo_backend.direct) around its checkout: the
+# connection is handed out in autocommit. Every other checkout gets a transactional one.
+AUTOCOMMIT_CHECKOUT: Final[ContextVar[bool]] = ContextVar(
+    "todo_backend_autocommit_checkout", default=False
+)
+
+
+def checkout_mode(dbapi_connection: Any, _record: ConnectionPoolEntry, _proxy: Any) -> None:
+    """Hand out a pooled connection in the mode its user expects (a ``checkout`` listener).
+
+    The repository's hot path returns its connections to the pool still in autocommit:
+    the next hot-path call then needs no switch, and the pool's check-in has nothing to
+    roll back (``skip_autocommit_rollback``). Any other user, a session or a caller's
+    ``engine.connect()``, gets the connection switched back first, as SQLAlchemy expects
+    it. The switch is made on the client (psycopg2 and psycopg 3 send nothing); a
+    connection that cannot take it is replaced, like a dead one.
+    """
+    wanted = AUTOCOMMIT_CHECKOUT.get()
+    if dbapi_connection.autocommit != wanted:
+        try:
+            dbapi_connection.autocommit = wanted
+        except Exception as err:
+            raise DisconnectionError(f"cannot switch autocommit ({type(err).__name__})") from err
 
 
 def init_db(engine: Engine) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Annotated, Any, Final, Self
 
 from pydantic import (
@@ -276,8 +277,17 @@ class _Owner(BaseModel):
 def validate_user_id(user_id: object) -> str:
     """Validate *user_id* exactly as the model does; raise ``ValidationError`` if invalid.
 
-    Each error's location is ``("user_id",)``.
+    Each error's location is ``("user_id",)``. Every repository call validates its
+    owner, and an API sees the same few users again and again: the answers for the
+    last few thousand valid strings are kept (a refused one is checked every time).
     """
+    if type(user_id) is str:
+        return _valid_user_id(user_id)
+    return _Owner.model_validate({"user_id": user_id}).user_id
+
+
+@lru_cache(maxsize=4096)
+def _valid_user_id(user_id: str) -> str:
     return _Owner.model_validate({"user_id": user_id}).user_id
 
 

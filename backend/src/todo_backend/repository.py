@@ -24,10 +24,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, orm
+from sqlalchemy import CursorResult, Dialect, Engine, orm
 from sqlmodel import Session
 
 from todo_backend import repository_core as core
+from todo_backend.direct import direct_statement
 from todo_backend.models import Task, TaskCreate, TaskUpdate
 from todo_backend.repository_core import MAX_PAGE_SIZE
 
@@ -38,25 +39,34 @@ _P = ParamSpec("_P")
 
 
 class TaskRepository:
-    """Create, read, update and delete one user's tasks through a :class:`Session`.
+    """Create, read, update and delete one user's tasks, on an engine or a :class:`Session`.
 
     Every method takes the owner's ``user_id`` (validated like ``Task.user_id``),
     scopes its statement by it, and commits its own work, unless called inside
     :meth:`atomic`, where the block commits or rolls back as a whole. Tasks returned
     are detached snapshots: change them through :meth:`update`, not the session.
 
-    A call made while the session has no transaction open runs on a connection of
-    the session's engine and leaves the session itself untouched. If the caller has a
-    session transaction open, calls join it: a write commits it (with the caller's
-    own pending work), a read leaves it open.
+    Bound to an :class:`~sqlalchemy.Engine` (``TaskRepository(engine)``), a call
+    borrows a pooled connection for its one statement, and an :meth:`atomic` block
+    opens a session of its own for the block's duration: nothing to open or close
+    around it, which is what an API request wants. Bound to a session, a call made
+    while the session has no transaction open runs on a connection of the session's
+    engine and leaves the session itself untouched; if the caller has a session
+    transaction open, calls join it: a write commits it (with the caller's own
+    pending work), a read leaves it open.
     """
 
-    def __init__(self, session: Session) -> None:
-        self._session = session
-        # Single statements borrow a pooled connection from the engine directly; a
-        # session bound to a Connection is always used through the session.
-        bind = session.bind
-        self._engine = bind if isinstance(bind, Engine) else None
+    def __init__(self, session_or_engine: Session | Engine) -> None:
+        self._session: Session | None
+        if isinstance(session_or_engine, Engine):
+            self._session = None
+            self._engine: Engine | None = session_or_engine
+        else:
+            self._session = session_or_engine
+            # Single statements borrow a pooled connection from the engine directly; a
+            # session bound to a Connection is always used through the session.
+            bind = session_or_engine.bind
+            self._engine = bind if isinstance(bind, Engine) else None
         self._pooled = self._engine is not None
 
     @contextmanager
@@ -65,7 +75,8 @@ class TaskRepository:
 
         Single calls outside a block autocommit and cost one round trip; inside, the
         connection opens a real transaction (BEGIN ... COMMIT). Nested blocks, and
-        other repositories on the same session, join the outer block.
+        other repositories on the same session, join the outer block. A repository
+        bound to an engine opens a session for its outermost block and closes it after.
 
         The block fails as a whole, never in part: when a call in it failed, whatever
         its error (a refused argument as much as a database error), when a call was
@@ -83,9 +94,23 @@ class TaskRepository:
         committed either way. A block interrupted during its COMMIT re-raises the
         interruption and may or may not have been committed; the session stays usable.
         """
-        block = core.Block(self._session)
+        if self._session is not None:
+            with self._block(self._session):
+                yield self
+            return
+        with Session(self._engine, expire_on_commit=False) as session:
+            self._session = session
+            try:
+                with self._block(session):
+                    yield self
+            finally:
+                self._session = None
+
+    @contextmanager
+    def _block(self, session: Session) -> Iterator[None]:
+        block = core.Block(session)
         try:
-            yield self
+            yield
         except BaseException as err:
             self._drive(block.end(err))
             raise
@@ -104,8 +129,8 @@ class TaskRepository:
         round trip; more run in one transaction. Elsewhere SQLAlchemy's batched
         multi-row ``INSERT ... RETURNING`` (insertmanyvalues) runs in a transaction.
         """
-        dialect = self._session.get_bind().dialect
-        plan = core.checked(self._session, core.create_many_calls, user_id, items, dialect)
+        dialect = self._dialect()
+        plan = core.checked(self._state(), core.create_many_calls, user_id, items, dialect)
         batches = self._drive(plan)
         numbers = range(len(batches))
         if not batches.atomic:
@@ -154,8 +179,21 @@ class TaskRepository:
 
     # -- execution: the I/O of repository_core's policy -------------------------------
 
+    def _state(self) -> core.SessionState:
+        return core.NO_SESSION if self._session is None else self._session
+
+    def _dialect(self) -> Dialect:
+        if self._engine is not None:
+            return self._engine.dialect
+        return self._state_session().get_bind().dialect
+
+    def _state_session(self) -> Session:
+        if self._session is None:  # pragma: no cover - an engine-bound repository has an engine
+            raise RuntimeError("a repository without an engine has a session")
+        return self._session
+
     def _execute(self, plan: core.Plan[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return self._drive(core.execute(self._session, self._pooled, plan, *args, **kwargs))
+        return self._drive(core.execute(self._state(), self._pooled, plan, *args, **kwargs))
 
     def _drive(self, steps: core.Steps[_T]) -> _T:
         driver = core.Driver(steps)
@@ -167,25 +205,36 @@ class TaskRepository:
         return driver.result
 
     def _perform(self, step: core.Step | core.Run) -> Any:
-        session = self._session
         if step is core.Step.COMMIT:
-            return session.commit()
+            return self._state_session().commit()
         if step is core.Step.ROLLBACK:
-            return session.rollback()
-        return run_statement(session, step, self._engine)
+            return self._state_session().rollback()
+        return run_statement(self._session, step, self._engine)
 
 
-def run_statement(session: orm.Session, step: core.Run, engine: Engine | None) -> Any:
+def run_statement(session: orm.Session | None, step: core.Run, engine: Engine | None) -> Any:
     """Send a call's statement and return what the call makes of the result.
 
     On a pooled autocommit connection of *engine* when the policy asks for one (and
-    the session is bound to an engine), else on the session's connection. The async
-    repository runs this same function inside SQLAlchemy's greenlet bridge
-    (``AsyncSession.run_sync``): one switch per statement.
+    the session is bound to an engine), else on the session's connection. A pooled
+    call takes the engine's hot path (:mod:`todo_backend.direct`) where it is
+    invisible, else SQLAlchemy's execution. The async repository runs this same
+    function inside SQLAlchemy's greenlet bridge (``AsyncSession.run_sync``): one
+    switch per statement.
     """
     call = step.call
     if step.pooled and engine is not None:
+        direct = direct_statement(engine, call.stmt)
+        if direct is not None and isinstance(call.params, dict):
+            return call.consume(*direct.run(call.params))
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
-            return call.consume(conn.execute(call.stmt, call.params))
-    return call.consume(session.connection().execute(call.stmt, call.params))
+            return _consumed(call, conn.execute(call.stmt, call.params))
+    if session is None:  # pragma: no cover - the policy pools every call made without a session
+        raise RuntimeError("a call outside a pooled connection needs a session")
+    return _consumed(call, session.connection().execute(call.stmt, call.params))
+
+
+def _consumed(call: core.Call[_T], result: CursorResult[Any]) -> _T:
+    rows = result.all() if result.returns_rows else ()
+    return call.consume(rows, result.rowcount)

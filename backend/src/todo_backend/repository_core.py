@@ -24,16 +24,24 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
 from operator import itemgetter
-from typing import Annotated, Any, Final, Generic, NoReturn, ParamSpec, TypeAlias, TypeVar
+from typing import (
+    Annotated,
+    Any,
+    Final,
+    Generic,
+    NoReturn,
+    ParamSpec,
+    Protocol,
+    TypeAlias,
+    TypeVar,
+)
 
 from pydantic import ConfigDict, Field, TypeAdapter
 from sqlalchemy import (
     ARRAY,
     BindParameter,
-    CursorResult,
     Dialect,
     Executable,
-    Row,
     Select,
     String,
     Update,
@@ -68,6 +76,7 @@ from todo_backend.models import Task, TaskCreate, TaskUpdate, utc_now, validate_
 
 __all__ = [
     "MAX_PAGE_SIZE",
+    "NO_SESSION",
     "Batches",
     "Block",
     "Call",
@@ -75,6 +84,7 @@ __all__ = [
     "Known",
     "Plan",
     "Run",
+    "SessionState",
     "Step",
     "Steps",
     "checked",
@@ -128,8 +138,11 @@ _OWNED = (_c.user_id == bindparam("owner"), _c.id == bindparam("task_id"))
 # owner: the engine bounds it even when it autocommits, and runs it as that user under
 # row-level security (todo_backend.db.bound_every_statement).
 _BY_OWNER: Final = owned_by("owner")
+# The columns create writes: the owner, the content fields and both timestamps.
+_INSERTED: Final = ("user_id", *_CONTENT, "created_at", "updated_at")
 _INSERT: Final = (
     insert(_table)
+    .values({key: bindparam(key) for key in _INSERTED})
     .returning(*_ALL_COLUMNS, sort_by_parameter_order=True)
     .execution_options(**owned_by("user_id"))
 )
@@ -310,33 +323,39 @@ def _to_task(row: Sequence[Any]) -> Task:
     return task
 
 
-def _all_tasks(result: CursorResult[Any]) -> builtins.list[Task]:
-    return [_to_task(row) for row in result.all()]
+# What a call makes of its statement's result: its rows and the driver's row count.
+# The rows come from SQLAlchemy's result or from the hot path (todo_backend.direct).
 
 
-def _one_task(result: CursorResult[Any]) -> Task | None:
-    row = result.one_or_none()
-    return None if row is None else _to_task(row)
+def _all_tasks(rows: Sequence[Sequence[Any]], _rowcount: int) -> builtins.list[Task]:
+    return [_to_task(row) for row in rows]
 
 
-def _new_row(result: CursorResult[Any]) -> Task:
-    return _to_task(result.one())  # INSERT ... RETURNING returns exactly the new row
+def _one_task(rows: Sequence[Sequence[Any]], _rowcount: int) -> Task | None:
+    # The owner and id select at most one row (the primary key).
+    return _to_task(rows[0]) if rows else None
 
 
-def _all_rows(result: CursorResult[Any]) -> Sequence[Row[Any]]:
-    return result.all()
+def _new_row(rows: Sequence[Sequence[Any]], _rowcount: int) -> Task:
+    (row,) = rows  # INSERT ... RETURNING returns exactly the new row
+    return _to_task(row)
 
 
-def _rows_by_id(result: CursorResult[Any]) -> Sequence[Row[Any]]:
-    return sorted(result.all(), key=_by_id)
+def _all_rows(rows: Sequence[Sequence[Any]], _rowcount: int) -> Sequence[Sequence[Any]]:
+    return rows
 
 
-def _count(result: CursorResult[Any]) -> int:
-    return int(result.scalar_one())
+def _rows_by_id(rows: Sequence[Sequence[Any]], _rowcount: int) -> Sequence[Sequence[Any]]:
+    return sorted(rows, key=_by_id)
 
 
-def _deleted(result: CursorResult[Any]) -> bool:
-    return bool(result.rowcount)
+def _count(rows: Sequence[Sequence[Any]], _rowcount: int) -> int:
+    ((value,),) = rows
+    return int(value)
+
+
+def _deleted(_rows: Sequence[Sequence[Any]], rowcount: int) -> bool:
+    return bool(rowcount)
 
 
 def _checked_content(data: TaskCreate) -> dict[str, Any]:
@@ -387,7 +406,8 @@ class Call(Generic[_T]):
 
     stmt: Executable
     params: Any
-    consume: Callable[[CursorResult[Any]], _T]
+    # Makes the call's answer from the statement's rows and row count.
+    consume: Callable[[Sequence[Sequence[Any]], int], _T]
     write: bool
 
 
@@ -475,18 +495,18 @@ def count_call(user_id: str, complete: bool | None, limit: int | None = None) ->
 class Batches:
     """The statements of ``create_many`` and whether they must share one transaction."""
 
-    calls: Sequence[Call[Sequence[Row[Any]]]]
+    calls: Sequence[Call[Sequence[Sequence[Any]]]]
     atomic: bool
 
     def __len__(self) -> int:
         return len(self.calls)
 
-    def call(self, number: int) -> Call[Sequence[Row[Any]]]:
+    def call(self, number: int) -> Call[Sequence[Sequence[Any]]]:
         """Return the statement of batch *number*."""
         return self.calls[number]
 
     @staticmethod
-    def tasks(results: Sequence[Sequence[Row[Any]]]) -> builtins.list[Task]:
+    def tasks(results: Sequence[Sequence[Sequence[Any]]]) -> builtins.list[Task]:
         """Build the created tasks, in input order, from the rows each call returned."""
         return [_to_task(row) for rows in results for row in rows]
 
@@ -588,12 +608,47 @@ class Driver(Generic[_T]):
         self._failure = err
 
 
+class SessionState(Protocol):
+    """What the execution policy reads of a session: its ``info`` and its transaction state."""
+
+    @property
+    def info(self) -> dict[Any, Any]:
+        """The session's ``info`` dict: an open atomic() block is recorded there."""
+        ...
+
+    def in_transaction(self) -> bool:
+        """Whether the session has a transaction open."""
+        ...
+
+
+class _NoSession:
+    """The state of a repository bound to an engine, outside an atomic() block.
+
+    There is no session: no block, no transaction, so every call goes to a pooled
+    connection, and the policy never writes to ``info`` (a new empty dict each time).
+    """
+
+    __slots__ = ()
+
+    @property
+    def info(self) -> dict[Any, Any]:
+        """Nothing recorded: no atomic() block is open."""
+        return {}
+
+    def in_transaction(self) -> bool:
+        """No transaction: there is no session."""
+        return False
+
+
+NO_SESSION: Final[SessionState] = _NoSession()
+
+
 # What builds one call from a public method's arguments: create_call, get_call, ...
 Plan: TypeAlias = Callable[_P, Call[_T] | Known[_T]]
 
 
 def checked(
-    session: Session, plan: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs
+    session: SessionState, plan: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs
 ) -> Generator[Step | Run, Any, _R]:
     """Check a call's arguments with *plan*; a failure there is a failed call like any other."""
     try:
@@ -603,7 +658,7 @@ def checked(
 
 
 def execute(
-    session: Session,
+    session: SessionState,
     pooled: bool,
     plan: Plan[_P, _T],
     /,
@@ -638,7 +693,7 @@ def execute(
                 yield Step.ROLLBACK
 
 
-def _attempt(call: Call[_T], session: Session, *, pooled: bool) -> Steps[_T]:
+def _attempt(call: Call[_T], session: SessionState, *, pooled: bool) -> Steps[_T]:
     info = session.info
     if _ATOMIC in info:
         if info[_ATOMIC]:
@@ -661,7 +716,7 @@ def _connection_lost(err: BaseException) -> bool:
     return isinstance(err, DBAPIError) and err.connection_invalidated
 
 
-def _fail(session: Session, err: BaseException) -> Generator[Step | Run, Any, NoReturn]:
+def _fail(session: SessionState, err: BaseException) -> Generator[Step | Run, Any, NoReturn]:
     """Settle the session after a failed call, then raise the call's error, translated.
 
     The one place where a failed call marks the session, in both faces: whatever a

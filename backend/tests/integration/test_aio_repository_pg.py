@@ -18,7 +18,13 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests import neon_standin
-from tests.async_face import AsyncRepositoryContract, create_schema, open_session, runner
+from tests.async_face import (
+    AsyncBoundToTheEngine,
+    AsyncRepositoryContract,
+    create_schema,
+    open_session,
+    runner,
+)
 from tests.fix_servers import PgBouncerFactory, PgTemplate
 from tests.integration.test_round_trips_pg import wire
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
@@ -47,6 +53,12 @@ class TestAsyncRepositoryOnPostgreSQL(AsyncRepositoryContract):
         """The module's scratch database, tasks emptied."""
         _emptied(module_engine)
         return _url_text(scratch_url)
+
+
+class TestAsyncRepositoryBoundToTheEngineOnPostgreSQL(
+    AsyncBoundToTheEngine, TestAsyncRepositoryOnPostgreSQL
+):
+    """The shared contract on PostgreSQL, the async repositories bound to the engine."""
 
 
 @pytest.mark.pgbouncer

@@ -9,7 +9,7 @@ from sqlalchemy.engine import URL
 from sqlmodel import Session
 
 from tests.integration.databases import engine_with_schema, fresh_database
-from tests.repository_contract import RepositoryContract
+from tests.repository_contract import BoundToTheEngine, RepositoryContract
 from todo_backend.db import get_session
 from todo_backend.models import Task, TaskCreate
 from todo_backend.repository import TaskRepository
@@ -17,6 +17,10 @@ from todo_backend.repository import TaskRepository
 
 class TestRepositoryOnPostgreSQL(RepositoryContract):
     """The shared repository contract, on PostgreSQL."""
+
+
+class TestRepositoryBoundToTheEngineOnPostgreSQL(BoundToTheEngine, RepositoryContract):
+    """The shared contract on PostgreSQL, the repositories bound to the engine."""
 
 
 def test_timestamps_are_utc_whatever_the_session_timezone(admin_url: URL) -> None:

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from tests.async_face import AsyncRepositoryContract, create_schema, open_session, runner
+from tests.async_face import (
+    AsyncBoundToTheEngine,
+    AsyncRepositoryContract,
+    create_schema,
+    open_session,
+    runner,
+)
 from tests.repository_contract import _next_statement_fails
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine, get_async_session
 from todo_backend.errors import TodoBackendError
@@ -26,6 +32,12 @@ class TestAsyncRepositoryOnSQLite(AsyncRepositoryContract):
     def async_url(self, tmp_path: Path) -> str:
         """A fresh database file per test (a sync engine reaches it too, unlike memory)."""
         return f"sqlite:///{tmp_path / 'tasks.db'}"
+
+
+class TestAsyncRepositoryBoundToTheEngineOnSQLite(
+    AsyncBoundToTheEngine, TestAsyncRepositoryOnSQLite
+):
+    """The shared contract on aiosqlite, the async repositories bound to the engine."""
 
 
 @pytest.fixture
@@ -118,4 +130,4 @@ def test_concurrent_coroutines_with_their_own_sessions(
 
 
 def _engine(repo: AsyncTaskRepository) -> Engine:
-    return repo._session.sync_session.get_bind()  # type: ignore[return-value]
+    return repo._session.sync_session.get_bind()  # type: ignore[return-value,union-attr]

@@ -10,13 +10,17 @@ from pathlib import Path
 import pytest
 
 import todo_backend
-from tests.repository_contract import CONTENT_FIELDS, RepositoryContract
+from tests.repository_contract import CONTENT_FIELDS, BoundToTheEngine, RepositoryContract
 from todo_backend.models import TaskUpdate
 from todo_backend.repository import TaskRepository
 
 
 class TestRepositoryOnSQLite(RepositoryContract):
     """The shared repository contract, on SQLite."""
+
+
+class TestRepositoryBoundToTheEngineOnSQLite(BoundToTheEngine, RepositoryContract):
+    """The shared repository contract, on SQLite, the repositories bound to the engine."""
 
 
 def test_non_integer_ids_are_type_errors(repo: TaskRepository) -> None:

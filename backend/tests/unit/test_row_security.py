@@ -11,8 +11,8 @@ from todo_backend.db import (
     BOUNDED,
     CONNECTING_ROLE,
     UNBOUNDED,
+    StatementPrefixes,
     _marks,
-    _Prefixes,
     _rls_warnings,
     _Transaction,
     owned_by,
@@ -26,7 +26,7 @@ BOUNDS = "SELECT set_config('statement_timeout', '1', true)"
 
 def test_a_transaction_starts_with_bounds_role_and_user() -> None:
     """The first statement carries bounds, role switch and user; the same user sends nothing."""
-    prefixes, tx = _Prefixes(BOUNDS), _Transaction()
+    prefixes, tx = StatementPrefixes(BOUNDS), _Transaction()
     first = prefixes.in_transaction(tx, "alice", as_app=True)
     assert first is not None
     assert first.startswith(BOUNDS + ", set_config('role', CASE WHEN ")
@@ -38,7 +38,7 @@ def test_a_transaction_starts_with_bounds_role_and_user() -> None:
 
 def test_rollback_to_a_savepoint_makes_the_user_unknown() -> None:
     """After ROLLBACK TO SAVEPOINT the user is sent again, even an unchanged one."""
-    prefixes, tx = _Prefixes(BOUNDS), _Transaction()
+    prefixes, tx = StatementPrefixes(BOUNDS), _Transaction()
     prefixes.in_transaction(tx, "alice", as_app=True)
     tx.follow("SAVEPOINT sa_1")
     assert prefixes.in_transaction(tx, "alice", as_app=True) is None
@@ -48,7 +48,7 @@ def test_rollback_to_a_savepoint_makes_the_user_unknown() -> None:
 
 def test_the_connecting_role_gets_the_bounds_only() -> None:
     """CONNECTING_ROLE transactions and autocommit statements never switch role."""
-    prefixes = _Prefixes(BOUNDS)
+    prefixes = StatementPrefixes(BOUNDS)
     assert prefixes.in_transaction(_Transaction(), None, as_app=False) == BOUNDS
     assert prefixes.autocommitted("SELECT 1", True, "a", as_app=False) == BOUNDS + "; SELECT 1"
     assert prefixes.autocommitted("SELECT 1", False, None, as_app=False) == "SELECT 1"
@@ -60,16 +60,16 @@ def test_the_connecting_role_gets_the_bounds_only() -> None:
 )
 def test_statements_refusing_a_block_go_as_written(statement: str) -> None:
     """VACUUM, CONCURRENTLY and transaction control get no prefix in autocommit."""
-    assert _Prefixes(BOUNDS).autocommitted(statement, False, None, as_app=True) == statement
+    assert StatementPrefixes(BOUNDS).autocommitted(statement, False, None, as_app=True) == statement
 
 
 def test_a_callers_autocommit_statement_runs_unscoped_as_the_app_role() -> None:
     """A caller's autocommitted SELECT gets the role switch and no user, but no bounds."""
-    sent = _Prefixes(BOUNDS).autocommitted("SELECT 1", False, None, as_app=True)
+    sent = StatementPrefixes(BOUNDS).autocommitted("SELECT 1", False, None, as_app=True)
     assert sent.startswith("SELECT set_config('role', ")
     assert sent.endswith(user_call(None) + "; SELECT 1")
     assert "statement_timeout" not in sent
-    own = _Prefixes(BOUNDS).autocommitted("SELECT 1", True, "bob", as_app=True)
+    own = StatementPrefixes(BOUNDS).autocommitted("SELECT 1", True, "bob", as_app=True)
     assert own.startswith(BOUNDS)
     assert own.endswith(user_call("bob") + "; SELECT 1")
 

@@ -29,6 +29,7 @@ from todo_backend.config import Settings
 from todo_backend.db import (
     as_settings,
     bound_every_statement,
+    checkout_mode,
     enter_scope,
     is_in_memory,
     leave_scope,
@@ -99,6 +100,7 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
     # psycopg 3 switches autocommit and isolation on the client, without a round trip
     # (unlike psycopg2, see db._switch_isolation_without_round_trips): nothing to patch.
     event.listen(engine.sync_engine, "checkout", reject_dead_connection)
+    event.listen(engine.sync_engine, "checkout", checkout_mode)
     bound_every_statement(engine.sync_engine, settings)
     return engine
 

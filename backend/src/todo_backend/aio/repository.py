@@ -4,8 +4,8 @@ The same calls, arguments, results, errors and round trips: every rule, statemen
 and decision comes from :mod:`todo_backend.repository_core`; this module only
 awaits the I/O it asks for on an :class:`~sqlalchemy.ext.asyncio.AsyncSession`. A
 statement is sent by the sync repository's own :func:`run_statement`, run in
-SQLAlchemy's greenlet bridge (``AsyncSession.run_sync``) in one switch, the way
-SQLAlchemy's asyncio layer runs all of its sync core.
+SQLAlchemy's greenlet bridge (``greenlet_spawn``, as ``AsyncSession.run_sync`` runs
+it) in one switch, the way SQLAlchemy's asyncio layer runs all of its sync core.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
+from sqlalchemy import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.util import greenlet_spawn
 
 from todo_backend import repository_core as core
 from todo_backend.models import Task, TaskCreate, TaskUpdate
@@ -28,23 +30,29 @@ _P = ParamSpec("_P")
 
 
 class AsyncTaskRepository:
-    """Create, read, update and delete one user's tasks through an ``AsyncSession``.
+    """Create, read, update and delete one user's tasks, on an async engine or session.
 
     The contract of :class:`~todo_backend.TaskRepository`, each method awaited and
     :meth:`atomic` used as ``async with``: user scoping, validation before any SQL,
     one statement and one round trip per single-task call, a read retried once on a
-    dropped connection, a write never retried, the same errors. One repository (and
-    its session) serves one task at a time, like an ``AsyncSession``; concurrent
-    coroutines each use their own, e.g. one per request through
-    :func:`~todo_backend.aio.get_async_session`.
+    dropped connection, a write never retried, the same errors. Bound to an
+    :class:`~sqlalchemy.ext.asyncio.AsyncEngine`, a call borrows a pooled connection
+    for its statement and an :meth:`atomic` block opens a session of its own for its
+    duration (what :func:`~todo_backend.fastapi.repository_dependency` gives each
+    request). One repository serves one task at a time, like an ``AsyncSession``;
+    concurrent coroutines each use their own.
     """
 
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
-        # The policy inspects the session's state through its sync face; I/O is awaited.
-        self._state = session.sync_session
-        bind = session.bind
-        self._engine = bind if isinstance(bind, AsyncEngine) else None
+    def __init__(self, session_or_engine: AsyncSession | AsyncEngine) -> None:
+        self._session: AsyncSession | None
+        if isinstance(session_or_engine, AsyncEngine):
+            self._session = None
+            self._engine: AsyncEngine | None = session_or_engine
+        else:
+            self._session = session_or_engine
+            bind = session_or_engine.bind
+            self._engine = bind if isinstance(bind, AsyncEngine) else None
+        self._sync_engine = None if self._engine is None else self._engine.sync_engine
         self._pooled = self._engine is not None
 
     @asynccontextmanager
@@ -54,7 +62,8 @@ class AsyncTaskRepository:
         All apply, or none; nested blocks and other repositories on the same session
         join the outer block, and the block fails as a whole (a failed call or a
         nested block that raised, even if caught; no savepoints), exactly as
-        :meth:`TaskRepository.atomic`. A call cancelled inside the block
+        :meth:`TaskRepository.atomic`. A repository bound to an engine opens a session
+        for its outermost block and closes it after. A call cancelled inside the block
         (``asyncio.wait_for``, ``Task.cancel``, a request whose client went away)
         fails it the same way: the caller sees the ``CancelledError`` (or
         ``wait_for``'s ``TimeoutError``), later calls in the block and its end raise
@@ -62,9 +71,23 @@ class AsyncTaskRepository:
         ROLLBACK is added as a note to the caller's own exception, never raised in
         its place. A block cancelled during its COMMIT may have been committed.
         """
-        block = core.Block(self._state)
+        if self._session is not None:
+            async with self._block(self._session):
+                yield self
+            return
+        async with AsyncSession(self._engine, expire_on_commit=False) as session:
+            self._session = session
+            try:
+                async with self._block(session):
+                    yield self
+            finally:
+                self._session = None
+
+    @asynccontextmanager
+    async def _block(self, session: AsyncSession) -> AsyncIterator[None]:
+        block = core.Block(session.sync_session)
         try:
-            yield self
+            yield
         except BaseException as err:
             await self._drive(block.end(err))
             raise
@@ -76,8 +99,8 @@ class AsyncTaskRepository:
 
     async def create_many(self, user_id: str, items: Sequence[TaskCreate]) -> builtins.list[Task]:
         """Insert all *items* for *user_id* atomically, in batches; return them in order."""
-        dialect = self._state.get_bind().dialect
-        plan = core.checked(self._state, core.create_many_calls, user_id, items, dialect)
+        dialect = self._dialect()
+        plan = core.checked(self._state(), core.create_many_calls, user_id, items, dialect)
         batches = await self._drive(plan)
         numbers = range(len(batches))
         if not batches.atomic:
@@ -120,8 +143,22 @@ class AsyncTaskRepository:
 
     # -- execution: the awaited I/O of repository_core's policy -----------------------
 
+    def _state(self) -> core.SessionState:
+        # The policy inspects the session's state through its sync face; I/O is awaited.
+        return core.NO_SESSION if self._session is None else self._session.sync_session
+
+    def _dialect(self) -> Dialect:
+        if self._sync_engine is not None:
+            return self._sync_engine.dialect
+        return self._open_session().sync_session.get_bind().dialect
+
+    def _open_session(self) -> AsyncSession:
+        if self._session is None:  # pragma: no cover - an engine-bound repository has an engine
+            raise RuntimeError("a repository without an engine has a session")
+        return self._session
+
     async def _execute(self, plan: core.Plan[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return await self._drive(core.execute(self._state, self._pooled, plan, *args, **kwargs))
+        return await self._drive(core.execute(self._state(), self._pooled, plan, *args, **kwargs))
 
     async def _drive(self, steps: core.Steps[_T]) -> _T:
         driver = core.Driver(steps)
@@ -133,11 +170,11 @@ class AsyncTaskRepository:
         return driver.result
 
     async def _perform(self, step: core.Step | core.Run) -> Any:
-        session = self._session
         if step is core.Step.COMMIT:
-            return await session.commit()
+            return await self._open_session().commit()
         if step is core.Step.ROLLBACK:
-            return await session.rollback()
-        # The whole statement (checkout, execute, check-in) in one greenlet switch.
-        engine = None if self._engine is None else self._engine.sync_engine
-        return await session.run_sync(run_statement, step, engine)
+            return await self._open_session().rollback()
+        # The whole statement (checkout, execute, check-in) in one greenlet, as
+        # AsyncSession.run_sync runs it; a pooled call needs no session at all.
+        session = None if self._session is None else self._session.sync_session
+        return await greenlet_spawn(run_statement, session, step, self._sync_engine)

@@ -1,0 +1,277 @@
+"""The repository's hot path: a statement sent straight on a pooled driver connection.
+
+A repository call outside any transaction is one autocommitted statement. Sent through
+SQLAlchemy (a ``Connection``, an execution context, a ``CursorResult``), it costs
+several times the driver's own CPU per call, about as much as the driver and server
+together at zero network latency (``docs/benchmarks/profile-async.md``). Here the same
+statement goes out with less work around it:
+
+* it is compiled once per engine and statement shape by SQLAlchemy itself, so the SQL
+  is exactly what SQLAlchemy would send (still derived from the models);
+* the bounds, the row-security role and the owner ride in front of it in the same
+  message, built by the engine's own :class:`~todo_backend.db.StatementPrefixes`
+  (one round trip, pooler-safe);
+* it runs on a cursor of a connection checked out of the engine's own pool (its size,
+  timeout, dead-connection check and idle shedding all apply), switched to
+  autocommit on the client for the call and back before check-in;
+* parameters and rows pass through the columns' own bind and result processors;
+* a driver error comes out as SQLAlchemy would raise it (a ``DBAPIError``, the
+  connection invalidated when the driver's error says it was lost), so the
+  repository's retry policy and error translation (:func:`repository_core.translate`)
+  are unchanged.
+
+It is used only where it is invisible (:func:`direct_path`): on a PostgreSQL engine of
+this package while nothing but the package listens to its statement events and no SQL
+is logged. Otherwise, and for anything else (a transaction, an executemany, SQLite),
+statements go through SQLAlchemy as before. The async engine runs the same code
+inside SQLAlchemy's greenlet bridge: its driver adapter awaits psycopg 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, cast
+from weakref import WeakKeyDictionary
+
+from sqlalchemy import Engine, Executable
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.util import await_only
+
+from todo_backend.db import (
+    AUTOCOMMIT_CHECKOUT,
+    USER_PARAMETER,
+    StatementPrefixes,
+    own_prefixes,
+    own_statement,
+)
+
+__all__ = ["DirectStatement", "Rows", "direct_statement"]
+
+Rows = tuple[Sequence[Sequence[Any]], int]
+"""What a statement returned: its rows (empty for a statement without a result), and
+the driver's row count."""
+
+_Processor = Callable[[Any], Any]
+
+
+class DirectStatement:
+    """One of the package's statements, compiled for one engine, sent on its hot path.
+
+    Built once per engine and statement (:func:`direct_statement`); :meth:`run` sends
+    it with a call's parameters on a pooled connection, autocommitted.
+    """
+
+    __slots__ = (
+        "_binds",
+        "_engine",
+        "_is_async",
+        "_owned_sql",
+        "_owner",
+        "_results",
+        "_types",
+        "_unscoped_sql",
+        "sql",
+    )
+
+    def __init__(
+        self,
+        engine: Engine,
+        prefixes: StatementPrefixes,
+        compiled: SQLCompiler,
+        own: tuple[str | None, bool],
+    ) -> None:
+        dialect = engine.dialect
+        self._engine = engine
+        # An async engine's pooled connection wraps psycopg 3's AsyncConnection.
+        self._is_async = dialect.is_async
+        self._owner, as_app = own
+        self.sql: str = compiled.string
+        # What is sent: the bounds, the role and the owner (a parameter), then the statement.
+        self._owned_sql = prefixes.owned_autocommitted(self.sql, as_app)
+        self._unscoped_sql = prefixes.autocommitted(self.sql, True, None, as_app)
+        binds = []
+        for bind, name in compiled.bind_names.items():
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                binds.append((name, processor))
+        self._binds: tuple[tuple[str, _Processor], ...] = tuple(binds)
+        columns = getattr(compiled.statement, "exported_columns", ())
+        self._types = tuple(column.type for column in columns)
+        # Per result column, its result processor, found from the first result's driver
+        # type codes as SQLAlchemy finds it; only the columns that have one.
+        self._results: tuple[tuple[int, _Processor], ...] | None = None
+
+    def run(self, params: Mapping[str, Any]) -> Rows:
+        """Send the statement with *params* in one message; return its rows and row count.
+
+        Errors come out as SQLAlchemy raises them: a driver error as a ``DBAPIError``
+        whose ``connection_invalidated`` says the connection was lost (it is then
+        discarded), the pool's errors as they are. A call cut short by a BaseException
+        (cancelled, interrupted) discards the connection, whose state is unknown.
+        """
+        sql, params = self._message(params)
+        engine = self._engine
+        dialect = engine.dialect
+        error = dialect.loaded_dbapi.Error
+        # Checked out in autocommit (db.checkout_mode), returned as it is: no switch and
+        # no rollback at check-in, while the connection serves hot-path calls.
+        hot = AUTOCOMMIT_CHECKOUT.set(True)
+        try:
+            fairy = engine.raw_connection()
+        except error as err:
+            # Opening a connection failed: nothing was sent.
+            lost = dialect.is_disconnect(err, None, None)
+            raise _wrapped(None, None, err, dialect=dialect, lost=lost) from err
+        finally:
+            AUTOCOMMIT_CHECKOUT.reset(hot)
+        cursor = None
+        try:
+            if self._is_async:
+                # psycopg 3, awaited in one go: one greenlet switch, not one per step.
+                rows, count, description = await_only(
+                    _send_async(fairy.driver_connection, sql, params, self._results is None)
+                )
+            else:
+                cursor = fairy.dbapi_connection.cursor()  # type: ignore[union-attr]
+                cursor.execute(sql, params)
+                description = cursor.description
+                rows = cursor.fetchall() if description is not None else ()
+                count = cursor.rowcount
+                cursor.close()
+        except error as err:
+            lost = dialect.is_disconnect(err, fairy, cursor)
+            if lost:
+                fairy.invalidate(err)
+            raise _wrapped(sql, params, err, dialect=dialect, lost=lost) from err
+        except BaseException:
+            fairy.invalidate()  # cut short mid-statement: the connection's state is unknown
+            raise
+        finally:
+            fairy.close()
+        if rows:
+            rows = self._processed(rows, description)
+        return rows, count
+
+    def _message(self, params: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+        """Return the text to send and its parameters, processed by their types."""
+        if self._binds:
+            params = dict(params)
+            for name, processor in self._binds:
+                params[name] = processor(params[name])
+        owner = params.get(self._owner) if self._owner is not None else None
+        if isinstance(owner, str):
+            return self._owned_sql, {**params, USER_PARAMETER: owner}
+        return self._unscoped_sql, params
+
+    def _processed(
+        self, rows: Sequence[Sequence[Any]], description: Any
+    ) -> Sequence[Sequence[Any]]:
+        results = self._results
+        if results is None:
+            dialect = self._engine.dialect
+            found = (
+                type_.dialect_impl(dialect).result_processor(dialect, column[1])
+                for type_, column in zip(self._types, description, strict=True)
+            )
+            results = self._results = tuple(
+                (position, processor)
+                for position, processor in enumerate(found)
+                if processor is not None
+            )
+        if not results:
+            return rows
+        processed = []
+        for row in rows:
+            values = list(row)
+            for position, processor in results:
+                values[position] = processor(values[position])
+            processed.append(values)
+        return processed
+
+
+async def _send_async(
+    connection: Any, sql: str, params: Any, describe: bool
+) -> tuple[Any, int, Any]:
+    """Run *sql* on psycopg 3's async *connection* (in autocommit), as the sync path does.
+
+    The result's description is read only when *describe* asks for it: psycopg builds
+    it anew on each read, and the rows need it only once, for their processors.
+    """
+    # The engine's cursor factory: client-side binding, positioned on the last result.
+    cursor = connection.cursor()
+    await cursor.execute(sql, params)
+    returned = cursor.pgresult is not None and cursor.pgresult.status == _TUPLES_OK
+    rows = await cursor.fetchall() if returned else ()
+    description = cursor.description if returned and describe else None
+    count = cursor.rowcount
+    await cursor.close()
+    return rows, count, description
+
+
+# psycopg 3's ExecStatus.TUPLES_OK: the statement returned rows.
+_TUPLES_OK: Final = 2
+
+
+def _wrapped(
+    sql: str | None, params: Any, err: Exception, *, dialect: Any, lost: bool
+) -> DBAPIError:
+    """Wrap the driver's *err* as SQLAlchemy's execution does (the parameters hidden)."""
+    # A driver error (every caller catches only those) comes back as a DBAPIError.
+    wrapped = DBAPIError.instance(
+        sql,
+        params,
+        err,
+        dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        connection_invalidated=lost,
+        dialect=dialect,
+    )
+    return cast(DBAPIError, wrapped)
+
+
+_STATEMENTS: Final[WeakKeyDictionary[Engine, dict[Executable, DirectStatement | None]]] = (
+    WeakKeyDictionary()
+)
+
+
+def direct_statement(engine: Engine, stmt: Executable) -> DirectStatement | None:
+    """Return *stmt* ready for *engine*'s hot path, or None where it must go through SQLAlchemy.
+
+    None when the hot path would not be invisible (not a PostgreSQL engine of this
+    package, a caller's listener on its statement events, SQL logging on:
+    :func:`todo_backend.db.own_prefixes`), or when *stmt* is not one of the package's
+    own statements or cannot be rendered once for every call (an expanding or
+    literal-rendered parameter).
+    """
+    prefixes = own_prefixes(engine)
+    if prefixes is None:
+        return None
+    statements = _STATEMENTS.get(engine)
+    if statements is None:
+        statements = _STATEMENTS[engine] = {}
+    try:
+        return statements[stmt]
+    except KeyError:
+        prepared = statements[stmt] = _prepare(engine, prefixes, stmt)
+        return prepared
+
+
+def _prepare(
+    engine: Engine, prefixes: StatementPrefixes, stmt: Executable
+) -> DirectStatement | None:
+    own = own_statement(stmt.get_execution_options())
+    dialect = engine.dialect
+    if own is None or dialect.paramstyle != "pyformat":
+        return None
+    compiled = stmt.compile(dialect=dialect)  # type: ignore[attr-defined]
+    if not isinstance(compiled, SQLCompiler):
+        return None
+    pre_rendered = not (
+        compiled.literal_execute_params
+        or compiled.post_compile_params
+        or compiled.escaped_bind_names
+        or any(b.value is not None or b.callable is not None for b in compiled.binds.values())
+        or USER_PARAMETER in compiled.binds
+    )
+    return DirectStatement(engine, prefixes, compiled, own) if pre_rendered else None

@@ -1,0 +1,388 @@
+"""The repository's hot path (todo_backend.direct): the same answers, invisible to others.
+
+A repository call outside a transaction goes straight to a pooled driver connection
+instead of through SQLAlchemy's execution. These tests hold it to what users rely on:
+
+* every call shape answers exactly as the SQLAlchemy path does, field by field
+  (derived from the models: each updatable field alone and all together), both ways
+  round: what one path writes, the other reads back equal;
+* it is taken only while nothing but the package watches the engine: a caller's
+  statement listener (on the engine, or the Engine class), an error hook, ``echo`` or
+  INFO logging of ``sqlalchemy.engine`` all see every repository statement again;
+* the connections it leaves in the pool in autocommit serve sessions and
+  ``engine.connect()`` transactionally: a rolled-back transaction stores nothing;
+* rows pass through the column types' own result processors: timestamps come back
+  as UTC whatever the server's time zone;
+* a statement the server refuses or cuts short leaves a usable connection.
+
+Sync and async faces, directly and through PgBouncer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import UTC
+from itertools import combinations
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import Session
+
+from tests.integration.test_bounds_pg import ALICE, Target, made, target
+from todo_backend import repository_core as core
+from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
+from todo_backend.config import Settings
+from todo_backend.db import create_db_engine
+from todo_backend.direct import direct_statement
+from todo_backend.errors import DatabaseTimeoutError
+from todo_backend.models import Task, TaskCreate, TaskUpdate
+from todo_backend.repository import TaskRepository
+
+__all__ = ["made", "target"]  # fixtures
+
+BOB = "bob"
+# Every shape a call can take: list and count filters, keyset pages, bounded counts.
+_LIST_SHAPES: list[dict[str, Any]] = [
+    {},
+    {"complete": True},
+    {"complete": False, "limit": 3},
+    {"before_id": 4},
+    {"complete": False, "before_id": 5, "limit": 2},
+]
+_COUNT_SHAPES: list[dict[str, Any]] = [
+    {},
+    {"complete": True},
+    {"limit": 2},
+    {"complete": False, "limit": 1},
+]
+# A value per updatable field, different from the create below.
+_CHANGED: dict[str, Any] = {
+    "title": "changed title",
+    "description": "changed notes",
+    "complete": True,
+}
+
+
+def _update_shapes() -> list[dict[str, Any]]:
+    fields = sorted(TaskUpdate.model_fields)
+    assert set(fields) <= set(_CHANGED), "give every updatable field a changed value"
+    return [
+        {name: _CHANGED[name] for name in subset}
+        for size in range(len(fields) + 1)
+        for subset in combinations(fields, size)
+    ]
+
+
+def _fields(task: Task | None) -> dict[str, Any] | None:
+    return None if task is None else task.model_dump()
+
+
+@contextmanager
+def through_sqlalchemy(engine: Engine) -> Iterator[list[str]]:
+    """Send the repository's statements through SQLAlchemy's execution for the block.
+
+    A caller's own statement listener is exactly what switches the hot path off; the
+    list it fills shows the statements SQLAlchemy ran.
+    """
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.fixture
+def hot(target: Target, made: list[Engine]) -> Engine:
+    """The package's sync engine on the target, with its hot path in use."""
+    engine = target.engine()
+    made.append(engine)
+    with engine.connect() as conn:  # an empty table, as the connecting role
+        conn.execute(text("DELETE FROM tasks"))
+        conn.commit()
+    assert direct_statement(engine, core._GET) is not None
+    return engine
+
+
+def _seed(repo: TaskRepository) -> list[Task]:
+    return [
+        repo.create(user, TaskCreate(title=f"task {n}", description=None, complete=n % 2 == 0))
+        for n in range(8)
+        for user in (ALICE, BOB)
+    ]
+
+
+def test_every_read_answers_as_through_sqlalchemy(hot: Engine) -> None:
+    repo = TaskRepository(hot)
+    tasks = _seed(repo)
+    ids = [task.id or 0 for task in tasks] + [10**9]
+
+    def reads() -> list[Any]:
+        return [
+            *[_fields(repo.get(user, task_id)) for user in (ALICE, BOB) for task_id in ids],
+            *[[_fields(t) for t in repo.list(ALICE, **shape)] for shape in _LIST_SHAPES],
+            *[repo.count(ALICE, **shape) for shape in _COUNT_SHAPES],
+        ]
+
+    fast = reads()
+    with through_sqlalchemy(hot) as seen:
+        slow = reads()
+    assert seen, "the listener must switch the hot path off"
+    assert fast == slow
+    assert any(row for row in fast[: len(ids) * 2])  # the reads found something to compare
+
+
+@pytest.mark.parametrize("hot_writes", [True, False], ids=["hot-writes", "sqlalchemy-writes"])
+def test_every_write_reads_back_equal_through_the_other_path(hot: Engine, hot_writes: bool) -> None:
+    repo = TaskRepository(hot)
+
+    @contextmanager
+    def writing() -> Iterator[None]:
+        if hot_writes:
+            yield
+        else:
+            with through_sqlalchemy(hot):
+                yield
+
+    @contextmanager
+    def reading() -> Iterator[None]:
+        if hot_writes:
+            with through_sqlalchemy(hot):
+                yield
+        else:
+            yield
+
+    for changes in _update_shapes():
+        with writing():
+            created = repo.create(ALICE, TaskCreate(title="before", description="notes"))
+            assert created.id is not None
+            updated = repo.update(ALICE, created.id, TaskUpdate(**changes))
+            not_owned = repo.update(BOB, created.id, TaskUpdate(**changes))
+        with reading():
+            read = repo.get(ALICE, created.id)
+        assert not_owned is None
+        assert _fields(read) == _fields(updated), changes
+        assert updated is not None
+        assert updated.model_dump(include=set(changes)) == changes
+        with writing():
+            assert repo.delete(BOB, created.id) is False
+            assert repo.delete(ALICE, created.id) is True
+        with reading():
+            assert repo.get(ALICE, created.id) is None
+    with writing():
+        many = repo.create_many(ALICE, [TaskCreate(title=f"bulk {n}") for n in range(5)])
+    with reading():
+        assert [_fields(repo.get(ALICE, t.id or 0)) for t in many] == [_fields(t) for t in many]
+
+
+def _never(*_args: Any) -> None:
+    """A listener that does nothing: only its presence matters."""
+
+
+@pytest.mark.parametrize(
+    "watch",
+    [
+        "before_cursor_execute",
+        "after_cursor_execute",
+        "before_execute",
+        "handle_error",
+        "engine_class",
+        "echo",
+        "logging",
+    ],
+)
+def test_anything_watching_the_engine_switches_the_hot_path_off(
+    hot: Engine, watch: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    stmt = core._GET
+    with ExitStack() as watching:
+        if watch == "engine_class":
+            event.listen(Engine, "before_cursor_execute", _never)
+            watching.callback(event.remove, Engine, "before_cursor_execute", _never)
+        elif watch == "echo":
+            hot.echo = True
+            watching.callback(setattr, hot, "echo", False)
+        elif watch == "logging":
+            watching.enter_context(caplog.at_level(logging.INFO, logger="sqlalchemy.engine"))
+        else:
+            event.listen(hot, watch, _never)
+            watching.callback(event.remove, hot, watch, _never)
+        assert direct_statement(hot, stmt) is None
+        created = TaskRepository(hot).create(ALICE, TaskCreate(title="seen by the watcher"))
+        assert TaskRepository(hot).get(ALICE, created.id or 0) == created
+        if watch == "logging":
+            assert any("INSERT INTO tasks" in record.getMessage() for record in caplog.records)
+    assert direct_statement(hot, stmt) is not None
+
+
+def test_a_callers_listener_sees_every_repository_statement(hot: Engine) -> None:
+    repo = TaskRepository(hot)
+    with through_sqlalchemy(hot) as seen:
+        created = repo.create(ALICE, TaskCreate(title="traced"))
+        repo.get(ALICE, created.id or 0)
+        repo.list(ALICE)
+        repo.delete(ALICE, created.id or 0)
+    verbs = [statement.split("; ", 1)[1].split(" ", 1)[0] for statement in seen]
+    assert verbs == ["INSERT", "SELECT", "SELECT", "DELETE"]
+
+
+def _engine(target: Target, made: list[Engine], **options: Any) -> Engine:
+    """The package's sync engine on the target, with Settings *options*."""
+    settings = Settings(database_url=target.url.render_as_string(hide_password=False), **options)
+    engine = create_db_engine(settings)
+    made.append(engine)
+    return engine
+
+
+def _pool_of_one(target: Target, made: list[Engine], **options: Any) -> Engine:
+    return _engine(target, made, pool_size=1, max_overflow=0, **options)
+
+
+def _titles(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT title FROM tasks ORDER BY id")).scalars())
+
+
+def test_connections_the_hot_path_returns_serve_transactions(
+    target: Target, made: list[Engine]
+) -> None:
+    engine = _pool_of_one(target, made)
+    repo = TaskRepository(engine)
+    repo.create(ALICE, TaskCreate(title="autocommitted"))  # the one connection, in autocommit
+    with Session(engine) as session:
+        session.add(Task(user_id=ALICE, title="rolled back, session"))
+        session.flush()
+        session.rollback()
+    repo.get(ALICE, 1)
+    with engine.connect() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO tasks (user_id, title, complete, created_at, updated_at) "
+                "VALUES ('alice', 'rolled back, connection', false, now(), now())"
+            )
+        )
+        conn.rollback()
+    repo.count(ALICE)
+
+    def failing_block() -> None:
+        with repo.atomic():
+            repo.create(ALICE, TaskCreate(title="rolled back, block"))
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        failing_block()
+    assert _titles(engine) == ["autocommitted"]
+    # ...and after the transactions, the hot path autocommits again.
+    repo.create(ALICE, TaskCreate(title="autocommitted again"))
+    other = create_engine(target.direct)
+    made.append(other)
+    assert _titles(other) == ["autocommitted", "autocommitted again"]
+
+
+def test_an_async_connection_the_hot_path_returns_serves_transactions(
+    target: Target, made: list[Engine]
+) -> None:
+    settings = Settings(
+        database_url=target.url.render_as_string(hide_password=False), pool_size=1, max_overflow=0
+    )
+
+    async def scenario() -> None:
+        engine = create_async_db_engine(settings)
+        try:
+            repo = AsyncTaskRepository(engine)
+            await repo.create(ALICE, TaskCreate(title="autocommitted"))
+            async with engine.connect() as conn:
+                await conn.execute(
+                    text(
+                        "INSERT INTO tasks (user_id, title, complete, created_at, updated_at) "
+                        "VALUES ('alice', 'rolled back', false, now(), now())"
+                    )
+                )
+                await conn.rollback()
+            await repo.get(ALICE, 1)
+
+            async def failing_block() -> None:
+                async with repo.atomic():
+                    await repo.create(ALICE, TaskCreate(title="rolled back, block"))
+                    raise ZeroDivisionError
+
+            with pytest.raises(ZeroDivisionError):
+                await failing_block()
+            await repo.create(ALICE, TaskCreate(title="autocommitted again"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
+    other = create_engine(target.direct)
+    made.append(other)
+    assert _titles(other) == ["autocommitted", "autocommitted again"]
+
+
+@pytest.fixture
+def tokyo(target: Target, made: list[Engine]) -> Iterator[URL]:
+    """The target's database with the server's time zone set far from UTC."""
+    admin = create_engine(target.direct, isolation_level="AUTOCOMMIT")
+    made.append(admin)
+    name = target.direct.database
+    with admin.connect() as conn:
+        conn.execute(text(f"ALTER DATABASE \"{name}\" SET timezone TO 'Asia/Tokyo'"))
+    try:
+        yield target.url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" RESET timezone'))
+
+
+def test_timestamps_come_back_in_utc_whatever_the_server_time_zone(
+    tokyo: URL, made: list[Engine]
+) -> None:
+    engine = create_db_engine(tokyo.render_as_string(hide_password=False))
+    made.append(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW timezone")).scalar_one() == "Asia/Tokyo"
+    repo = TaskRepository(engine)
+    created = repo.create(ALICE, TaskCreate(title="when"))
+    for task in (created, repo.get(ALICE, created.id or 0), *repo.list(ALICE)):
+        assert task is not None
+        assert task.created_at.tzinfo is UTC
+        assert task.updated_at.tzinfo is UTC
+
+    async def read_async() -> Task | None:
+        aengine: AsyncEngine = create_async_db_engine(tokyo.render_as_string(hide_password=False))
+        try:
+            return await AsyncTaskRepository(aengine).get(ALICE, created.id or 0)
+        finally:
+            await aengine.dispose()
+
+    read = asyncio.run(read_async())
+    assert read is not None
+    assert read.created_at.tzinfo is UTC
+    assert read.created_at == created.created_at
+
+
+def test_a_statement_the_server_cuts_short_leaves_a_usable_connection(
+    target: Target, made: list[Engine]
+) -> None:
+    engine = _pool_of_one(target, made)
+    repo = TaskRepository(engine)
+    created = repo.create(ALICE, TaskCreate(title="locked"))
+    other = create_engine(target.direct)
+    made.append(other)
+    with other.connect() as conn, conn.begin():
+        conn.execute(text("SELECT 1 FROM tasks WHERE id = :id FOR UPDATE"), {"id": created.id})
+        quick = TaskRepository(_pool_of_one(target, made, lock_timeout=0.05))
+        with pytest.raises(DatabaseTimeoutError) as caught:
+            quick.update(ALICE, created.id or 0, TaskUpdate(title="never"))
+        assert caught.value.bound == "DB_LOCK_TIMEOUT"
+        assert quick.get(ALICE, created.id or 0) == created  # the same, only connection
+    assert repo.update(ALICE, created.id or 0, TaskUpdate(title="after")) is not None

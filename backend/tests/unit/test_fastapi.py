@@ -7,6 +7,9 @@ routes raise each of the package's errors. PostgreSQL: tests/integration/test_fa
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import inspect
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +33,13 @@ from todo_backend.errors import (
     SchemaMissingError,
     TodoBackendError,
 )
-from todo_backend.fastapi import add_error_handlers, lifespan, session_dependency
-from todo_backend.models import TaskRead
+from todo_backend.fastapi import (
+    add_error_handlers,
+    lifespan,
+    repository_dependency,
+    session_dependency,
+)
+from todo_backend.models import TaskCreate, TaskRead
 
 ALICE = {"X-User": "alice"}
 SECRET = "s3cret-pw"
@@ -124,6 +132,52 @@ def test_the_lifespan_disposes_of_the_engine(service: tuple[TestClient, AsyncEng
     assert pool.checkedin() == 1  # type: ignore[attr-defined]
     client.__exit__(None, None, None)
     assert engine.sync_engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+def test_a_request_holds_no_connection_or_session_after_it(
+    service: tuple[TestClient, AsyncEngine],
+) -> None:
+    """The repository a request gets is bound to the engine: nothing stays checked out."""
+    client, engine = service
+    created = client.post("/tasks", json={"title": "t"}, headers=ALICE).json()
+    assert client.get(f"/tasks/{created['id']}", headers=ALICE).status_code == 200
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_repository_dependency_is_a_plain_coroutine_giving_an_engine_bound_repository(
+    tmp_path: Path,
+) -> None:
+    """No generator, so FastAPI needs no exit stack; atomic() still works on what it gives."""
+    engine = create_async_db_engine(_sqlite_file(tmp_path, schema=True))
+    dependency = repository_dependency(engine)
+    assert inspect.iscoroutinefunction(dependency)
+    assert not inspect.isasyncgenfunction(dependency)
+
+    async def scenario() -> list[str]:
+        repo = await dependency()
+        async with repo.atomic():
+            await repo.create("alice", TaskCreate(title="one"))
+            await repo.create("alice", TaskCreate(title="two"))
+        titles = [task.title for task in await (await dependency()).list("alice")]
+        await engine.dispose()
+        return titles
+
+    assert asyncio.run(scenario()) == ["two", "one"]
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_lifespan_freezes_the_startup_objects_while_the_app_runs(
+    tmp_path: Path, freeze: bool
+) -> None:
+    """gc.freeze() at startup (unless freeze_gc=False), gc.unfreeze() at shutdown."""
+    engine = create_async_db_engine(_sqlite_file(tmp_path, schema=True))
+    app = FastAPI(lifespan=lifespan(engine, freeze_gc=freeze))
+    app.get("/frozen")(gc.get_freeze_count)
+    before = gc.get_freeze_count()
+    with TestClient(app) as client:
+        frozen = client.get("/frozen").json()
+    assert (frozen > before) is freeze
+    assert gc.get_freeze_count() == (0 if freeze else before)
 
 
 def test_a_missing_schema_is_a_500_that_logs_todo_db_migrate(

@@ -13,8 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
+
+from todo_backend import migrate
+from todo_backend.db import init_db
 
 __all__ = [
     "BULK_USER",
@@ -29,6 +32,7 @@ __all__ = [
     "WORK_USER",
     "Samples",
     "check",
+    "make_schema",
     "scratch_database",
 ]
 
@@ -111,3 +115,17 @@ def scratch_database(server: URL, prefix: str) -> Iterator[URL]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def make_schema(engine: Engine, row_security: str) -> None:
+    """Create the schema: migrated to head (row-level security on), or by init_db (off).
+
+    Off is the same code with the policy absent: the engine's per-transaction role
+    switch then falls back to the connecting role, as on a database made by init_db.
+    The raw driver side connects as the connecting role either way (a superuser or
+    BYPASSRLS role for its seeding and bulk loads).
+    """
+    if row_security == "on":
+        migrate.upgrade(engine)
+    else:
+        init_db(engine)

@@ -7,8 +7,9 @@
   ``psycopg_pool.AsyncConnectionPool`` (5 to 20 connections, autocommit,
   ``prepare_threshold=None``: no server-side prepared statements, so it is as
   PgBouncer-safe as the package), the same request models (``TaskCreate``,
-  ``TaskUpdate``) and the same ``response_model=TaskRead``. It is the floor: what a
-  careful hand-written service costs, framework included.
+  ``TaskUpdate``), the same ``response_model=TaskRead`` and the same collector
+  setting as the package's lifespan (``gc.freeze()`` after startup). It is the floor:
+  what a careful hand-written service costs, framework included.
 
 Both read ``DATABASE_URL`` from the environment (``postgresql://`` form) and expect
 the schema to exist.
@@ -16,6 +17,7 @@ the schema to exist.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from collections.abc import AsyncIterator
@@ -90,11 +92,16 @@ def floor_app() -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # The collector set up as the package's lifespan sets it (gc.freeze() after
+        # startup), so that the two sides differ only in their data layer.
+        gc.collect()
+        gc.freeze()
         await pool.open(wait=True)
         try:
             yield
         finally:
             await pool.close()
+            gc.unfreeze()
 
     app = FastAPI(lifespan=lifespan)
 

@@ -43,8 +43,9 @@ from sqlalchemy.engine import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.burst import scratch_database, server_sessions
+from bench.common import make_schema
 from todo_backend.config import normalize_database_url
-from todo_backend.db import create_db_engine, init_db, is_local_host
+from todo_backend.db import CONNECTING_ROLE, create_db_engine, is_local_host
 
 DEFAULT_URL: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
 OUT_DIR: Final = Path(__file__).resolve().parents[2] / "docs" / "benchmarks"
@@ -217,8 +218,11 @@ def run_once(
         "warning",
     ]
     process = subprocess.Popen(command, env=env, cwd=BACKEND.parent)  # noqa: S603 - our own app
+    profiler = None
     try:
         _wait_until_serving(port, process)
+        if args.profile is not None:
+            profiler = _profile(process.pid, args.profile / f"{scenario}-{side}.txt", args)
         traffic = Traffic(args.users, args.tasks_per_user)
         cpu_at: list[float] = []
 
@@ -245,16 +249,34 @@ def run_once(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if profiler is not None:
+            profiler.wait(timeout=30)
     result["new_server_connections"] = server_sessions(admin, database) - before
     return result
 
 
-def seed(url: URL, users: int, tasks_per_user: int) -> None:
-    """Create the schema and users x tasks_per_user tasks; task g belongs to user g % users."""
+def _profile(pid: int, out: Path, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    """Sample the server *pid* with py-spy for the whole run; folded stacks go to *out*.
+
+    The samples cost the server some CPU, so a profiled run's figures are not results.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "200"]
+    command += ["--duration", str(int(args.warmup + args.seconds + 1)), "--output", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL)  # noqa: S603 - a fixed tool
+
+
+def seed(url: URL, users: int, tasks_per_user: int, row_security: str) -> None:
+    """Create the schema (*row_security*: on or off) and users x tasks_per_user tasks.
+
+    Task g belongs to user g % users.
+    """
     engine = create_db_engine(url.render_as_string(hide_password=False))
     try:
-        init_db(engine)
+        make_schema(engine, row_security)
+        # Seeded as the connecting role: rows of every user, past the row-level policy.
         with engine.begin() as conn:
+            conn.execution_options(**CONNECTING_ROLE)
             conn.execute(
                 text(
                     "INSERT INTO tasks (user_id, title, description, complete, created_at, "
@@ -325,6 +347,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--sides", default=",".join(SIDES), help="package, floor, queuepool")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="report folder")
+    parser.add_argument(
+        "--row-security",
+        choices=("on", "off"),
+        default="on",
+        help="on: the database migrated to head, the policy in force (default); off: init_db",
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="also write py-spy folded stacks of each server run here"
+    )
     return parser.parse_args(argv)
 
 
@@ -354,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
     try:
         with scratch_database(server) as url:
-            seed(url, args.users, args.tasks_per_user)
+            seed(url, args.users, args.tasks_per_user, args.row_security)
             text_url = url.render_as_string(hide_password=False)
             for scenario in scenarios:
                 runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}

@@ -1,7 +1,8 @@
 """Benchmark TaskRepository against raw psycopg2 over a simulated Neon link.
 
 Run with ``nox -s bench`` or ``python backend/bench/run.py [--delay-ms 2.5]``;
-``nox -s bench -- --http`` runs the HTTP benchmark (``http_bench.py``) instead. It needs
+``nox -s bench -- --http`` runs the HTTP benchmark (``http_bench.py``) instead, and
+``-- --cpu`` the per-call cost at 0 ms RTT of both faces (``cpu.py``). It needs
 the PostgreSQL server named by ``TEST_DATABASE_URL`` (default: the local one) and only
 ever connects to this machine. The benchmark creates a scratch database, drops it at
 the end, and writes ``results.md``, ``results.json`` and ``results.png`` to
@@ -48,9 +49,8 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 from sqlmodel import Session
 
-from todo_backend import migrate
 from todo_backend.config import normalize_database_url
-from todo_backend.db import create_db_engine, get_session, init_db, is_local_host
+from todo_backend.db import create_db_engine, get_session, is_local_host
 from todo_backend.models import TaskCreate, TaskUpdate
 from todo_backend.repository import TaskRepository
 
@@ -69,6 +69,7 @@ from bench.common import (
     SQL_UPDATE,
     WORK_USER,
     Samples,
+    make_schema,
 )
 from bench.common import check as _check
 from bench.proxy import ProxyHandle, start_proxy
@@ -458,20 +459,6 @@ def _compare(
             row["met"] = row["ratio"] <= targets[op]
         out[op] = row
     return out
-
-
-def make_schema(engine: Engine, row_security: str) -> None:
-    """Create the schema: migrated to head (row-level security on), or by init_db (off).
-
-    Off is the same code with the policy absent: the engine's per-transaction role
-    switch then falls back to the connecting role, as on a database made by init_db.
-    The raw driver side connects as the connecting role either way (a superuser or
-    BYPASSRLS role for its seeding and bulk loads).
-    """
-    if row_security == "on":
-        migrate.upgrade(engine)
-    else:
-        init_db(engine)
 
 
 def run_all(args: argparse.Namespace, target: Target, proxy: ProxyHandle) -> dict[str, Any]:
@@ -924,13 +911,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the report and write it to the output folder.
 
-    ``--http`` runs the HTTP benchmark instead (``http_bench.py``; its own options).
+    ``--http`` runs the HTTP benchmark instead (``http_bench.py``; its own options), and
+    ``--cpu`` the per-call cost at 0 ms RTT on both faces (``cpu.py``).
     """
     argv = sys.argv[1:] if argv is None else argv
     if "--http" in argv:
         from bench.http_bench import main as http_main  # noqa: PLC0415 - its own dependencies
 
         return http_main([arg for arg in argv if arg != "--http"])
+    if "--cpu" in argv:
+        from bench.cpu import main as cpu_main  # noqa: PLC0415 - a part of its own
+
+        return cpu_main([arg for arg in argv if arg != "--cpu"])
     args = parse_args(argv)
     url = _resolve_target(os.environ.get("TEST_DATABASE_URL") or DEFAULT_URL)
     started = time.time()

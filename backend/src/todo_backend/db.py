@@ -54,6 +54,7 @@ __all__ = [
     "USER_SETTING",
     "DatabaseHealth",
     "StatementPrefixes",
+    "allow_direct",
     "as_settings",
     "bound_every_statement",
     "bounds_settings",
@@ -78,6 +79,7 @@ __all__ = [
     "set_local_sql",
     "sqlite_engine_options",
     "sqlite_on_connect",
+    "statement_listeners",
     "timeout_error",
     "url_host",
     "user_call",
@@ -180,10 +182,12 @@ def as_settings(settings_or_url: Settings | str) -> Settings:
 
 def _create_postgres_engine(url: URL, settings: Settings) -> Engine:
     engine = create_engine(url, **postgres_engine_options(url, settings))
+    foreign = statement_listeners(engine)
     event.listen(engine, "checkout", reject_dead_connection)
     event.listen(engine, "checkout", checkout_mode)
     _switch_isolation_without_round_trips(engine)
     bound_every_statement(engine, settings)
+    allow_direct(engine, foreign)
     return engine
 
 
@@ -597,9 +601,7 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
         ("handle_error", _explain_closed),
     ):
         event.listen(engine, name, hook)
-    # Every listener of the engine is now the package's own: remember how many there
-    # are, so that own_prefixes() can tell when someone else listens as well.
-    _OWN_PREFIXES[engine] = (prefixes, _listener_counts(engine))
+    _ENGINE_PREFIXES[engine] = prefixes
 
 
 # The events that observe or alter the statements SQLAlchemy runs on a connection
@@ -618,35 +620,64 @@ _STATEMENT_EVENTS: Final = (
     "set_connection_execution_options",
 )
 _DIALECT_EVENTS: Final = ("handle_error", "do_execute", "do_setinputsizes")
+# The prefixes of each engine bound_every_statement ran on, and of those the hot path
+# may use, with the listener counts that are the package's own.
+_ENGINE_PREFIXES: WeakKeyDictionary[Engine, StatementPrefixes] = WeakKeyDictionary()
 _OWN_PREFIXES: WeakKeyDictionary[Engine, tuple[StatementPrefixes, tuple[int, ...]]] = (
     WeakKeyDictionary()
 )
 
 
-def _listener_counts(engine: Engine) -> tuple[int, ...]:
-    # An engine's listeners of an event include those added to the Engine class itself.
+def statement_listeners(engine: Engine) -> tuple[int, ...]:
+    """Return how many listeners *engine*'s statement events have, event by event.
+
+    The events that observe or alter the statements SQLAlchemy runs (on the engine,
+    the ``Engine`` class or the engine's dialect); see :func:`allow_direct`.
+    """
     engine_events, dialect_events = engine.dispatch, engine.dialect.dispatch
     return tuple(len(getattr(engine_events, name)) for name in _STATEMENT_EVENTS) + tuple(
         len(getattr(dialect_events, name)) for name in _DIALECT_EVENTS
     )
 
 
+def allow_direct(engine: Engine, foreign: Sequence[int]) -> None:
+    """Let the repository's hot path use *engine* while only the package watches it.
+
+    *foreign* is :func:`statement_listeners` taken right after ``create_engine``,
+    before the package added its hooks: any listener there is someone else's (one on
+    the ``Engine`` class, or added by an instrumented ``create_engine`` such as
+    OpenTelemetry's), and then the hot path is never used on this engine. Otherwise
+    it is used while the counts stay those of the package's own hooks
+    (:func:`own_prefixes`).
+    """
+    prefixes = _ENGINE_PREFIXES.get(engine)
+    if prefixes is not None and not any(foreign):
+        _OWN_PREFIXES[engine] = (prefixes, statement_listeners(engine))
+
+
 def own_prefixes(engine: Engine) -> StatementPrefixes | None:
     """Return the prefixes *engine*'s hooks add, if nothing else watches its statements.
 
-    None unless *engine* is a PostgreSQL engine of this package
-    (:func:`bound_every_statement` ran on it) whose statement events (``before_execute``,
-    ``before_cursor_execute``, ``handle_error``, ``begin``... on the engine or on the
-    Engine class) have no listener but the package's own, and which logs no SQL
-    (``echo`` off, the ``sqlalchemy.engine`` logger below INFO). Only then may a
-    statement go to the driver without passing through SQLAlchemy's execution: a
-    caller's instrumentation, logging or error hooks see every statement otherwise.
+    None unless *engine* is a PostgreSQL engine of this package (:func:`allow_direct`)
+    whose statement events (``before_execute``, ``before_cursor_execute``,
+    ``handle_error``, ``begin``... on the engine or on the Engine class) have no
+    listener but the package's own, which has no execution options of its own
+    (``schema_translate_map``...), and which logs no SQL (``echo`` off, the
+    ``sqlalchemy.engine`` logger below INFO). Only then may a statement go to the
+    driver without passing through SQLAlchemy's execution: a caller's instrumentation,
+    logging or error hooks see every statement otherwise.
     """
     own = _OWN_PREFIXES.get(engine)
-    if own is None or engine.echo or engine.logger.isEnabledFor(logging.INFO):
+    if (
+        own is None
+        or engine.echo
+        or engine.logger.isEnabledFor(logging.INFO)
+        # Options that change how a statement compiles or runs (schema_translate_map...).
+        or engine.get_execution_options()
+    ):
         return None
     prefixes, counts = own
-    return prefixes if _listener_counts(engine) == counts else None
+    return prefixes if statement_listeners(engine) == counts else None
 
 
 # Connection.info key: the server had closed the connection before the message now
@@ -1069,6 +1100,10 @@ AUTOCOMMIT_CHECKOUT: Final[ContextVar[bool]] = ContextVar(
 )
 
 
+# libpq's PQTRANS_IDLE, as psycopg2's and psycopg 3's connection.info report it.
+_IDLE: Final = 0
+
+
 def checkout_mode(dbapi_connection: Any, _record: ConnectionPoolEntry, _proxy: Any) -> None:
     """Hand out a pooled connection in the mode its user expects (a ``checkout`` listener).
 
@@ -1077,14 +1112,26 @@ def checkout_mode(dbapi_connection: Any, _record: ConnectionPoolEntry, _proxy: A
     roll back (``skip_autocommit_rollback``). Any other user, a session or a caller's
     ``engine.connect()``, gets the connection switched back first, as SQLAlchemy expects
     it. The switch is made on the client (psycopg2 and psycopg 3 send nothing); a
-    connection that cannot take it is replaced, like a dead one.
+    connection that cannot take it is replaced, like a dead one, and one left inside a
+    transaction by the application's own pool listener is a :class:`ConfigurationError`.
     """
     wanted = AUTOCOMMIT_CHECKOUT.get()
-    if dbapi_connection.autocommit != wanted:
-        try:
-            dbapi_connection.autocommit = wanted
-        except Exception as err:
-            raise DisconnectionError(f"cannot switch autocommit ({type(err).__name__})") from err
+    if dbapi_connection.autocommit == wanted:
+        return
+    if getattr(dbapi_connection.info, "transaction_status", _IDLE) != _IDLE:
+        # psycopg2 and psycopg 3 refuse the switch inside a transaction: a pool
+        # "connect" or "checkout" listener of the application's left one open.
+        raise ConfigurationError(
+            "a pooled connection was handed out inside an open transaction, so it cannot "
+            "be switched to autocommit: a pool 'connect' or 'checkout' listener of the "
+            "application ran SQL without ending its transaction. Commit in that listener, "
+            "or run its SQL with the connection in autocommit."
+        )
+    try:
+        dbapi_connection.autocommit = wanted
+    except Exception as err:
+        # Not a transaction left open: the connection is unusable; the pool replaces it.
+        raise DisconnectionError(f"cannot switch autocommit ({type(err).__name__})") from err
 
 
 def init_db(engine: Engine) -> None:

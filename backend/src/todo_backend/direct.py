@@ -64,7 +64,7 @@ class DirectStatement:
 
     __slots__ = (
         "_binds",
-        "_engine",
+        "_dialect",
         "_is_async",
         "_owned_sql",
         "_owner",
@@ -81,8 +81,9 @@ class DirectStatement:
         compiled: SQLCompiler,
         own: tuple[str | None, bool],
     ) -> None:
-        dialect = engine.dialect
-        self._engine = engine
+        # Only the dialect is kept: the cache of statements must not keep the engine
+        # (and its pool) alive.
+        dialect = self._dialect = engine.dialect
         # An async engine's pooled connection wraps psycopg 3's AsyncConnection.
         self._is_async = dialect.is_async
         self._owner, as_app = own
@@ -102,17 +103,19 @@ class DirectStatement:
         # type codes as SQLAlchemy finds it; only the columns that have one.
         self._results: tuple[tuple[int, _Processor], ...] | None = None
 
-    def run(self, params: Mapping[str, Any]) -> Rows:
-        """Send the statement with *params* in one message; return its rows and row count.
+    def run(self, engine: Engine, params: Mapping[str, Any]) -> Rows:
+        """Send the statement with *params* on *engine* in one message; return its rows and count.
 
         Errors come out as SQLAlchemy raises them: a driver error as a ``DBAPIError``
-        whose ``connection_invalidated`` says the connection was lost (it is then
-        discarded), the pool's errors as they are. A call cut short by a BaseException
-        (cancelled, interrupted) discards the connection, whose state is unknown.
+        whose ``connection_invalidated`` says the connection was lost (then, as
+        SQLAlchemy does, the connection is discarded and every connection the pool
+        opened before it is replaced at its next checkout: a server that dropped one
+        has usually dropped them all), the pool's errors as they are. A call cut short
+        by a BaseException (cancelled, interrupted) discards the connection, whose
+        state is unknown.
         """
         sql, params = self._message(params)
-        engine = self._engine
-        dialect = engine.dialect
+        dialect = self._dialect
         error = dialect.loaded_dbapi.Error
         # Checked out in autocommit (db.checkout_mode), returned as it is: no switch and
         # no rollback at check-in, while the connection serves hot-path calls.
@@ -142,7 +145,9 @@ class DirectStatement:
         except error as err:
             lost = dialect.is_disconnect(err, fairy, cursor)
             if lost:
-                fairy.invalidate(err)
+                # SQLAlchemy's own reaction to a disconnect (Connection's error handling):
+                # the pool-wide invalidation is private API, pinned by test_direct_pg.py.
+                engine.pool._invalidate(fairy, err)
             raise _wrapped(sql, params, err, dialect=dialect, lost=lost) from err
         except BaseException:
             fairy.invalidate()  # cut short mid-statement: the connection's state is unknown
@@ -169,7 +174,7 @@ class DirectStatement:
     ) -> Sequence[Sequence[Any]]:
         results = self._results
         if results is None:
-            dialect = self._engine.dialect
+            dialect = self._dialect
             found = (
                 type_.dialect_impl(dialect).result_processor(dialect, column[1])
                 for type_, column in zip(self._types, description, strict=True)

@@ -49,7 +49,9 @@ class TaskRepository:
     Bound to an :class:`~sqlalchemy.Engine` (``TaskRepository(engine)``), a call
     borrows a pooled connection for its one statement, and an :meth:`atomic` block
     opens a session of its own for the block's duration: nothing to open or close
-    around it, which is what an API request wants. Bound to a session, a call made
+    around it, which is what an API request wants, and one such repository may be
+    shared by threads (each block belongs to the thread that opened it). Bound to a
+    session, it serves one thread at a time, like the session; a call made
     while the session has no transaction open runs on a connection of the session's
     engine and leaves the session itself untouched; if the caller has a session
     transaction open, calls join it: a write commits it (with the caller's own
@@ -76,7 +78,9 @@ class TaskRepository:
         Single calls outside a block autocommit and cost one round trip; inside, the
         connection opens a real transaction (BEGIN ... COMMIT). Nested blocks, and
         other repositories on the same session, join the outer block. A repository
-        bound to an engine opens a session for its outermost block and closes it after.
+        bound to an engine opens a session for its outermost block and closes it after;
+        the block belongs to the thread (or asyncio task) that opened it, so a
+        repository shared by threads keeps their calls apart.
 
         The block fails as a whole, never in part: when a call in it failed, whatever
         its error (a refused argument as much as a database error), when a call was
@@ -94,17 +98,17 @@ class TaskRepository:
         committed either way. A block interrupted during its COMMIT re-raises the
         interruption and may or may not have been committed; the session stays usable.
         """
-        if self._session is not None:
-            with self._block(self._session):
+        session = self._current()
+        if session is not None:
+            with self._block(session):
                 yield self
             return
-        with Session(self._engine, expire_on_commit=False) as session:
-            self._session = session
-            try:
-                with self._block(session):
-                    yield self
-            finally:
-                self._session = None
+        with (
+            Session(self._engine, expire_on_commit=False) as session,
+            core.in_block(self, session),
+            self._block(session),
+        ):
+            yield self
 
     @contextmanager
     def _block(self, session: Session) -> Iterator[None]:
@@ -179,8 +183,16 @@ class TaskRepository:
 
     # -- execution: the I/O of repository_core's policy -------------------------------
 
+    def _current(self) -> Session | None:
+        """Return the session calls use now: the bound one, or this context's open block's."""
+        session: Session | None = (
+            self._session if self._session is not None else core.block_session(self)
+        )
+        return session
+
     def _state(self) -> core.SessionState:
-        return core.NO_SESSION if self._session is None else self._session
+        session = self._current()
+        return core.NO_SESSION if session is None else session
 
     def _dialect(self) -> Dialect:
         if self._engine is not None:
@@ -188,9 +200,10 @@ class TaskRepository:
         return self._state_session().get_bind().dialect
 
     def _state_session(self) -> Session:
-        if self._session is None:  # pragma: no cover - an engine-bound repository has an engine
-            raise RuntimeError("a repository without an engine has a session")
-        return self._session
+        session = self._current()
+        if session is None:  # pragma: no cover - the policy commits only in a session
+            raise RuntimeError("a commit or rollback needs a session")
+        return session
 
     def _execute(self, plan: core.Plan[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         return self._drive(core.execute(self._state(), self._pooled, plan, *args, **kwargs))
@@ -209,7 +222,7 @@ class TaskRepository:
             return self._state_session().commit()
         if step is core.Step.ROLLBACK:
             return self._state_session().rollback()
-        return run_statement(self._session, step, self._engine)
+        return run_statement(self._current(), step, self._engine)
 
 
 def run_statement(session: orm.Session | None, step: core.Run, engine: Engine | None) -> Any:
@@ -226,7 +239,7 @@ def run_statement(session: orm.Session | None, step: core.Run, engine: Engine | 
     if step.pooled and engine is not None:
         direct = direct_statement(engine, call.stmt)
         if direct is not None and isinstance(call.params, dict):
-            return call.consume(*direct.run(call.params))
+            return call.consume(*direct.run(engine, call.params))
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
             return _consumed(call, conn.execute(call.stmt, call.params))

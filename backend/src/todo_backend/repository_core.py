@@ -20,10 +20,13 @@ here names one; only ``complete``, the filter of ``list`` and ``count``, is name
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum, auto
 from operator import itemgetter
+from types import MappingProxyType
 from typing import (
     Annotated,
     Any,
@@ -87,6 +90,7 @@ __all__ = [
     "SessionState",
     "Step",
     "Steps",
+    "block_session",
     "checked",
     "count_call",
     "create_call",
@@ -94,6 +98,7 @@ __all__ = [
     "delete_call",
     "execute",
     "get_call",
+    "in_block",
     "list_call",
     "translate",
     "update_call",
@@ -641,6 +646,29 @@ class _NoSession:
 
 
 NO_SESSION: Final[SessionState] = _NoSession()
+
+# The sessions of the atomic() blocks that engine-bound repositories opened in the
+# current context (thread, or asyncio task), by repository: a block belongs to the
+# thread or task that opened it, so calls elsewhere on a shared repository stay
+# single autocommitted statements, never part of another caller's block.
+_BLOCK_SESSIONS: Final[ContextVar[Mapping[object, Any]]] = ContextVar(
+    "todo_backend_block_sessions", default=MappingProxyType({})
+)
+
+
+def block_session(repository: object) -> Any:
+    """Return the session of *repository*'s atomic() block open in this context, or None."""
+    return _BLOCK_SESSIONS.get().get(repository)
+
+
+@contextmanager
+def in_block(repository: object, session: object) -> Iterator[None]:
+    """Record *session* as *repository*'s open atomic() block for this context, for the block."""
+    token = _BLOCK_SESSIONS.set({**_BLOCK_SESSIONS.get(), repository: session})
+    try:
+        yield
+    finally:
+        _BLOCK_SESSIONS.reset(token)
 
 
 # What builds one call from a public method's arguments: create_call, get_call, ...

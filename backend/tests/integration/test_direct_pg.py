@@ -21,7 +21,13 @@ Sync and async faces, directly and through PgBouncer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
+import selectors
+import socket
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC
@@ -35,12 +41,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Session
 
 from tests.integration.test_bounds_pg import ALICE, Target, made, target
+from todo_backend import db
 from todo_backend import repository_core as core
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.config import Settings
 from todo_backend.db import create_db_engine
 from todo_backend.direct import direct_statement
-from todo_backend.errors import DatabaseTimeoutError
+from todo_backend.errors import (
+    ConfigurationError,
+    DatabaseTimeoutError,
+    DatabaseUnavailableError,
+)
 from todo_backend.models import Task, TaskCreate, TaskUpdate
 from todo_backend.repository import TaskRepository
 
@@ -386,3 +397,264 @@ def test_a_statement_the_server_cuts_short_leaves_a_usable_connection(
         assert caught.value.bound == "DB_LOCK_TIMEOUT"
         assert quick.get(ALICE, created.id or 0) == created  # the same, only connection
     assert repo.update(ALICE, created.id or 0, TaskUpdate(title="after")) is not None
+
+
+# -- from the adversarial review of the first hot path --------------------------------
+
+
+def _url_of(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_an_engine_used_on_the_hot_path_can_be_freed(engine: Engine, face: str) -> None:
+    """The statement cache must not keep an engine (its pool, its connections) alive."""
+
+    def used() -> weakref.ref[Engine]:
+        if face == "sync":
+            fresh = create_db_engine(_url_of(engine))
+            TaskRepository(fresh).count(ALICE)
+            return weakref.ref(fresh)
+        fresh_async = create_async_db_engine(_url_of(engine))
+
+        async def count() -> None:
+            await AsyncTaskRepository(fresh_async).count(ALICE)
+            await fresh_async.dispose()
+
+        asyncio.run(count())
+        return weakref.ref(fresh_async.sync_engine)
+
+    ref = used()
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_listener_on_the_engine_class_from_before_the_engine_sees_its_statements(
+    engine: Engine,
+) -> None:
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        fresh = create_db_engine(_url_of(engine))
+        try:
+            TaskRepository(fresh).create(ALICE, TaskCreate(title="traced"))
+        finally:
+            fresh.dispose()
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    assert any("INSERT INTO tasks" in statement for statement in seen)
+
+
+def test_an_instrumented_create_engine_sees_every_statement(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tracing that listens as soon as the engine exists (as OpenTelemetry's does)."""
+    seen: list[str] = []
+    real = db.create_engine  # type: ignore[attr-defined]
+
+    def instrumented(*args: Any, **kwargs: Any) -> Engine:
+        made = real(*args, **kwargs)
+        event.listen(made, "before_cursor_execute", lambda _c, _k, sql, *_r: seen.append(sql))
+        return made
+
+    monkeypatch.setattr(db, "create_engine", instrumented)
+    fresh = create_db_engine(_url_of(engine))
+    try:
+        TaskRepository(fresh).count(ALICE)
+    finally:
+        fresh.dispose()
+    assert any("count" in statement for statement in seen)
+
+
+@pytest.mark.parametrize("listened", [False, True], ids=["hot", "sqlalchemy"])
+def test_the_engines_schema_translate_map_holds(engine: Engine, listened: bool) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("DROP SCHEMA IF EXISTS tenant CASCADE"))
+        conn.execute(text("CREATE SCHEMA tenant"))
+        conn.execute(text("CREATE TABLE tenant.tasks (LIKE public.tasks INCLUDING ALL)"))
+        conn.commit()
+    fresh = create_db_engine(_url_of(engine))
+    try:
+        fresh.update_execution_options(schema_translate_map={None: "tenant"})
+        if listened:
+            event.listen(fresh, "before_cursor_execute", _never)
+        TaskRepository(fresh).create(ALICE, TaskCreate(title="for the tenant"))
+        with engine.connect() as conn:
+            in_tenant = conn.execute(text("SELECT count(*) FROM tenant.tasks")).scalar_one()
+            in_public = conn.execute(text("SELECT count(*) FROM public.tasks")).scalar_one()
+    finally:
+        fresh.dispose()
+        with engine.connect() as conn:
+            conn.execute(text("DROP SCHEMA tenant CASCADE"))
+            conn.commit()
+    assert (in_tenant, in_public) == (1, 0)
+
+
+def test_a_shared_engine_bound_repository_keeps_each_threads_block_its_own(
+    engine: Engine,
+) -> None:
+    repo = TaskRepository(engine)
+    inside, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def block() -> None:
+        try:
+            with repo.atomic():
+                repo.create(ALICE, TaskCreate(title="in the block"))
+                inside.set()
+                release.wait(10)
+                raise ZeroDivisionError
+        except ZeroDivisionError:
+            pass
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=block)
+    thread.start()
+    assert inside.wait(10)
+    try:
+        repo.create(BOB, TaskCreate(title="alone"))
+    finally:
+        release.set()
+        thread.join()
+    assert not errors
+    assert [task.title for task in repo.list(BOB)] == ["alone"]
+    assert repo.list(ALICE) == []
+
+
+def test_a_shared_async_engine_bound_repository_keeps_each_tasks_block_its_own(
+    engine: Engine,
+) -> None:
+    async def scenario() -> tuple[list[str], list[Task]]:
+        aengine = create_async_db_engine(_url_of(engine))
+        repo = AsyncTaskRepository(aengine)
+        inside, release = asyncio.Event(), asyncio.Event()
+
+        async def block() -> None:
+            async with repo.atomic():
+                await repo.create(ALICE, TaskCreate(title="in the block"))
+                inside.set()
+                await release.wait()
+                raise ZeroDivisionError
+
+        task = asyncio.create_task(block())
+        await inside.wait()
+        try:
+            await repo.create(BOB, TaskCreate(title="alone"))
+        finally:
+            release.set()
+            with contextlib.suppress(ZeroDivisionError):
+                await task
+        try:
+            return [t.title for t in await repo.list(BOB)], await repo.list(ALICE)
+        finally:
+            await aengine.dispose()
+
+    assert asyncio.run(scenario()) == (["alone"], [])
+
+
+class StaleRelay:
+    """A loopback relay to the server whose old connections die when :meth:`go_stale` says.
+
+    After it, every connection opened before closes as soon as the client sends on it:
+    pooled connections that look alive at checkout but are not (a server gone behind
+    a load balancer).
+    """
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.generation = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def go_stale(self) -> None:
+        self.generation += 1
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(
+                target=self._pump, args=(client, upstream, self.generation), daemon=True
+            ).start()
+
+    def _pump(self, client: socket.socket, upstream: socket.socket, generation: int) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(client, selectors.EVENT_READ, upstream)
+        selector.register(upstream, selectors.EVENT_READ, client)
+        try:
+            while True:
+                for key, _ in selector.select(0.5):
+                    source: socket.socket = key.fileobj  # type: ignore[assignment]
+                    if source is client and self.generation != generation:
+                        return
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    key.data.sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            upstream.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("listened", [False, True], ids=["hot", "sqlalchemy"])
+def test_after_one_lost_connection_the_older_pooled_ones_are_replaced(
+    engine: Engine, listened: bool
+) -> None:
+    """As SQLAlchemy does on a disconnect: the first call's retry finds the rest replaced."""
+    relay = StaleRelay(engine.url.port or 5432)
+    url = engine.url.set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False)
+    fresh = create_db_engine(Settings(database_url=url, pool_size=3, max_overflow=0))
+    if listened:
+        event.listen(fresh, "before_cursor_execute", _never)
+    repo = TaskRepository(fresh)
+    outcomes = []
+    try:
+        for conn in [fresh.connect() for _ in range(3)]:
+            conn.close()
+        relay.go_stale()
+        assert repo.count(ALICE) == 0  # met a dead connection, retried on a new one
+        held = fresh.raw_connection()  # another request holds that new connection
+        for n in range(2):
+            try:
+                repo.create(ALICE, TaskCreate(title=f"write {n}"))
+                outcomes.append("stored")
+            except DatabaseUnavailableError:
+                outcomes.append("lost")
+        held.close()
+    finally:
+        fresh.dispose()
+        relay.close()
+    assert outcomes == ["stored", "stored"]
+
+
+def test_a_pool_listener_that_leaves_a_transaction_open_is_named(engine: Engine) -> None:
+    fresh = create_db_engine(_url_of(engine))
+
+    @event.listens_for(fresh, "connect")
+    def name_it(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET application_name = 'mine'")  # no commit: a transaction stays open
+        cursor.close()
+
+    try:
+        with pytest.raises(ConfigurationError, match="listener"):
+            TaskRepository(fresh).count(ALICE)
+        with Session(fresh) as session:  # a session does not need the switch
+            assert session.execute(text("SELECT 1")).scalar_one() == 1
+        assert fresh.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        fresh.dispose()

@@ -27,6 +27,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from todo_backend.config import Settings
 from todo_backend.db import (
+    allow_direct,
     as_settings,
     bound_every_statement,
     checkout_mode,
@@ -38,6 +39,7 @@ from todo_backend.db import (
     scope_transaction,
     sqlite_engine_options,
     sqlite_on_connect,
+    statement_listeners,
 )
 from todo_backend.pool import AsyncIdleQueuePool
 
@@ -97,11 +99,13 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
     # kind ever be used.
     options["connect_args"]["prepare_threshold"] = None
     engine = create_async_engine(url.set(drivername=_POSTGRES_DRIVER), **options)
+    foreign = statement_listeners(engine.sync_engine)
     # psycopg 3 switches autocommit and isolation on the client, without a round trip
     # (unlike psycopg2, see db._switch_isolation_without_round_trips): nothing to patch.
     event.listen(engine.sync_engine, "checkout", reject_dead_connection)
     event.listen(engine.sync_engine, "checkout", checkout_mode)
     bound_every_statement(engine.sync_engine, settings)
+    allow_direct(engine.sync_engine, foreign)
     return engine
 
 

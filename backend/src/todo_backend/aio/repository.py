@@ -39,8 +39,9 @@ class AsyncTaskRepository:
     :class:`~sqlalchemy.ext.asyncio.AsyncEngine`, a call borrows a pooled connection
     for its statement and an :meth:`atomic` block opens a session of its own for its
     duration (what :func:`~todo_backend.fastapi.repository_dependency` gives each
-    request). One repository serves one task at a time, like an ``AsyncSession``;
-    concurrent coroutines each use their own.
+    request); such a repository may be shared by concurrent tasks, each ``atomic()``
+    block belonging to the task that opened it. A repository bound to a session
+    serves one task at a time, like the ``AsyncSession``.
     """
 
     def __init__(self, session_or_engine: AsyncSession | AsyncEngine) -> None:
@@ -63,7 +64,9 @@ class AsyncTaskRepository:
         join the outer block, and the block fails as a whole (a failed call or a
         nested block that raised, even if caught; no savepoints), exactly as
         :meth:`TaskRepository.atomic`. A repository bound to an engine opens a session
-        for its outermost block and closes it after. A call cancelled inside the block
+        for its outermost block and closes it after; the block belongs to the task that
+        opened it, so other tasks sharing the repository stay out of it. A call
+        cancelled inside the block
         (``asyncio.wait_for``, ``Task.cancel``, a request whose client went away)
         fails it the same way: the caller sees the ``CancelledError`` (or
         ``wait_for``'s ``TimeoutError``), later calls in the block and its end raise
@@ -71,17 +74,15 @@ class AsyncTaskRepository:
         ROLLBACK is added as a note to the caller's own exception, never raised in
         its place. A block cancelled during its COMMIT may have been committed.
         """
-        if self._session is not None:
-            async with self._block(self._session):
+        session = self._current()
+        if session is not None:
+            async with self._block(session):
                 yield self
             return
         async with AsyncSession(self._engine, expire_on_commit=False) as session:
-            self._session = session
-            try:
+            with core.in_block(self, session):
                 async with self._block(session):
                     yield self
-            finally:
-                self._session = None
 
     @asynccontextmanager
     async def _block(self, session: AsyncSession) -> AsyncIterator[None]:
@@ -143,9 +144,17 @@ class AsyncTaskRepository:
 
     # -- execution: the awaited I/O of repository_core's policy -----------------------
 
+    def _current(self) -> AsyncSession | None:
+        """Return the session calls use now: the bound one, or this task's open block's."""
+        session: AsyncSession | None = (
+            self._session if self._session is not None else core.block_session(self)
+        )
+        return session
+
     def _state(self) -> core.SessionState:
         # The policy inspects the session's state through its sync face; I/O is awaited.
-        return core.NO_SESSION if self._session is None else self._session.sync_session
+        session = self._current()
+        return core.NO_SESSION if session is None else session.sync_session
 
     def _dialect(self) -> Dialect:
         if self._sync_engine is not None:
@@ -153,9 +162,10 @@ class AsyncTaskRepository:
         return self._open_session().sync_session.get_bind().dialect
 
     def _open_session(self) -> AsyncSession:
-        if self._session is None:  # pragma: no cover - an engine-bound repository has an engine
-            raise RuntimeError("a repository without an engine has a session")
-        return self._session
+        session = self._current()
+        if session is None:  # pragma: no cover - the policy commits only in a session
+            raise RuntimeError("a commit or rollback needs a session")
+        return session
 
     async def _execute(self, plan: core.Plan[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         return await self._drive(core.execute(self._state(), self._pooled, plan, *args, **kwargs))
@@ -176,5 +186,6 @@ class AsyncTaskRepository:
             return await self._open_session().rollback()
         # The whole statement (checkout, execute, check-in) in one greenlet, as
         # AsyncSession.run_sync runs it; a pooled call needs no session at all.
-        session = None if self._session is None else self._session.sync_session
+        current = self._current()
+        session = None if current is None else current.sync_session
         return await greenlet_spawn(run_statement, session, step, self._sync_engine)

@@ -79,18 +79,19 @@ class DirectStatement:
         engine: Engine,
         prefixes: StatementPrefixes,
         compiled: SQLCompiler,
-        own: tuple[str | None, bool],
+        own: tuple[str | None, bool, str | None],
     ) -> None:
         # Only the dialect is kept: the cache of statements must not keep the engine
         # (and its pool) alive.
         dialect = self._dialect = engine.dialect
         # An async engine's pooled connection wraps psycopg 3's AsyncConnection.
         self._is_async = dialect.is_async
-        self._owner, as_app = own
+        self._owner, as_app, plan = own
         self.sql: str = compiled.string
-        # What is sent: the bounds, the role and the owner (a parameter), then the statement.
-        self._owned_sql = prefixes.owned_autocommitted(self.sql, as_app)
-        self._unscoped_sql = prefixes.autocommitted(self.sql, True, None, as_app)
+        # What is sent: the bounds, the role, the owner (a parameter) and the statement's
+        # planner settings, then the statement.
+        self._owned_sql = prefixes.owned_autocommitted(self.sql, as_app, plan)
+        self._unscoped_sql = prefixes.autocommitted(self.sql, True, None, as_app, plan)
         binds = []
         for bind, name in compiled.bind_names.items():
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)

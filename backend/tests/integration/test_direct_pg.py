@@ -658,3 +658,28 @@ def test_a_pool_listener_that_leaves_a_transaction_open_is_named(engine: Engine)
         assert fresh.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         fresh.dispose()
+
+
+def test_a_page_is_sent_with_sorting_off_for_itself_alone(
+    target: Target, made: list[Engine]
+) -> None:
+    """The list statement's planner setting rides in its message and ends with it."""
+    engine = _pool_of_one(target, made)
+    repo = TaskRepository(engine)
+    repo.create(ALICE, TaskCreate(title="listed"))
+    assert len(repo.list(ALICE)) == 1
+    other = create_engine(target.direct)
+    made.append(other)
+    with other.connect() as conn:
+        # The last query of each server connection of this database (PgBouncer's too).
+        last = conn.execute(
+            text("SELECT query FROM pg_stat_activity WHERE datname = current_database()")
+        ).scalars()
+        pages = [query for query in last if "ORDER BY tasks.user_id DESC" in query]
+    assert pages
+    assert all("set_config('enable_sort', 'off', true)" in query for query in pages)
+    with engine.connect() as conn:  # the same, only connection of the pool
+        assert conn.execute(text("SHOW enable_sort")).scalar_one() == "on"
+    with through_sqlalchemy(engine) as seen:
+        repo.list(ALICE)
+    assert "set_config('enable_sort', 'off', true)" in seen[0]

@@ -312,7 +312,8 @@ _UPDATES: Final = _Updates()
 configure_mappers()
 _mapper = sa_inspect(Task)
 _manager = _mapper.class_manager
-_identity_key = _mapper.identity_key_from_primary_key
+# The identity key the mapper gives a row: (class, (id,), identity token None).
+_IDENTITY_CLASS: Final = _mapper.identity_key_from_primary_key((0,))[0]
 _STATE_ATTR: Final = _manager.STATE_ATTR
 _by_id = itemgetter(_ID_POSITION)
 _object_new = object.__new__
@@ -332,7 +333,7 @@ def _to_task(row: Sequence[Any]) -> Task:
     values = task.__dict__
     values.update(zip(_KEYS, row, strict=True))
     state = InstanceState(task, _manager)
-    state.key = _identity_key((row[_ID_POSITION],))
+    state.key = (_IDENTITY_CLASS, (row[_ID_POSITION],), None)
     values[_STATE_ATTR] = state
     return task
 

@@ -217,24 +217,36 @@ def wired_engine(wired_url: str) -> Iterator[Engine]:
     wired.dispose()
 
 
-@pytest.fixture(params=["sync", "async"])
+@pytest.fixture(params=["sync", "async", "sync-engine", "async-engine"])
 def wired_repo(
     request: pytest.FixtureRequest, wired_engine: Engine, wired_url: str
 ) -> Iterator[TaskRepository]:
-    """A repository of each face on a proxied session, its connection already open.
+    """A repository of each face on a proxied session or engine, its connection open.
 
     The async one is AsyncTaskRepository on psycopg 3, each call awaited to its end
-    (tests/async_face.py): the same calls must cost the same round trips.
+    (tests/async_face.py): the same calls must cost the same round trips, whether the
+    repository is bound to a session or to the engine.
     """
+    if request.param == "sync-engine":
+        repo = TaskRepository(wired_engine)
+        repo.count(ALICE)  # connect (startup messages) before anything is recorded
+        yield repo
+        return
     if request.param == "sync":
         sessions = get_session(wired_engine)
         repo = TaskRepository(next(sessions))
-        repo.count(ALICE)  # connect (startup messages) before anything is recorded
+        repo.count(ALICE)
         yield repo
         sessions.close()
         return
     with asyncio.Runner() as runner:
         engine = create_async_db_engine(wired_url)
+        if request.param == "async-engine":
+            awaited = AwaitedRepository(AsyncTaskRepository(engine), runner)
+            awaited.count(ALICE)
+            yield awaited  # type: ignore[misc]
+            runner.run(engine.dispose())
+            return
         session, _ = runner.run(open_session(engine))
         awaited = AwaitedRepository(AsyncTaskRepository(session), runner)
         awaited.count(ALICE)

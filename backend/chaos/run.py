@@ -177,6 +177,10 @@ class Worker:
                 return
             op = self.rng.choices(kinds, weights)[0]
             user = self.rng.choice(USERS)
+            if self.rng.random() < 0.5:
+                # Bound to the engine, as an API request's repository is.
+                self.calls.append(op(TaskRepository(self.engine), user))
+                continue
             with Session(self.engine, expire_on_commit=False) as session:
                 self.calls.append(op(TaskRepository(session), user))
 

@@ -1,8 +1,9 @@
 """Where the CPU of one async ``get`` and one ``list`` of 50 goes, at 0 ms RTT.
 
 ``python backend/bench/profile_async.py [--calls 2000] [--top 25]``: on a scratch
-database of the local server (``TEST_DATABASE_URL``), times ``AsyncTaskRepository.get``
-and ``.list(limit=50)`` against the same statements on one raw psycopg 3
+database of the local server (``TEST_DATABASE_URL``), migrated to head (row-level
+security on; ``--row-security off``: ``init_db``), times ``AsyncTaskRepository.get``
+and ``.list(limit=50)`` of a repository bound to the engine against the same statements on one raw psycopg 3
 ``AsyncConnection`` (autocommit, ``prepare_threshold=None``) in CPU time of this
 process per call, then profiles the repository calls with cProfile on the CPU clock
 (waiting for the server costs nothing there) and prints the functions with the most own time and
@@ -24,14 +25,13 @@ from pathlib import Path
 from typing import Any, Final
 
 import psycopg
-from sqlmodel.ext.asyncio.session import AsyncSession
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.burst import scratch_database
-from bench.common import SQL_GET, SQL_LIST
+from bench.common import SQL_GET, SQL_LIST, make_schema
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.config import normalize_database_url
-from todo_backend.db import create_db_engine, init_db
+from todo_backend.db import create_db_engine
 from todo_backend.models import TaskCreate
 
 DEFAULT_URL: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -85,8 +85,7 @@ async def measure(url: str, calls: int, top: int, sort: str) -> None:
         autocommit=True,
         prepare_threshold=None,
     )
-    session = AsyncSession(engine, expire_on_commit=False)
-    repo = AsyncTaskRepository(session)
+    repo = AsyncTaskRepository(engine)  # bound to the engine, as an API request's is
     tasks = await repo.create_many(USER, [TaskCreate(title=f"t{i}") for i in range(200)])
     task_id = tasks[100].id or 0
 
@@ -116,7 +115,6 @@ async def measure(url: str, calls: int, top: int, sort: str) -> None:
             await ours()
         profiler.disable()
         _print_profile(name, profiler, calls, top, sort)
-    await session.close()
     await raw.close()
     await engine.dispose()
 
@@ -127,12 +125,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--sort", default="tottime", help="pstats order: tottime, cumulative")
+    parser.add_argument("--row-security", choices=("on", "off"), default="on")
     args = parser.parse_args()
     server = normalize_database_url(os.environ.get("TEST_DATABASE_URL") or DEFAULT_URL)
     with scratch_database(server) as url:
         text_url = url.render_as_string(hide_password=False)
         schema = create_db_engine(text_url)
-        init_db(schema)
+        make_schema(schema, args.row_security)
         schema.dispose()
         asyncio.run(measure(text_url, args.calls, args.top, args.sort))
 

@@ -6,11 +6,13 @@ repository against raw psycopg 3) time the same operations with the same SQL.
 
 from __future__ import annotations
 
+import json
 import statistics
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from sqlalchemy import Engine, create_engine, text
@@ -34,6 +36,7 @@ __all__ = [
     "check",
     "make_schema",
     "scratch_database",
+    "write_report",
 ]
 
 OPS: Final = ("create", "get", "list", "update", "delete")
@@ -129,3 +132,11 @@ def make_schema(engine: Engine, row_security: str) -> None:
         migrate.upgrade(engine)
     else:
         init_db(engine)
+
+
+def write_report(out: Path, name: str, markdown: str, results: dict[str, Any]) -> None:
+    """Print *markdown* and write it and *results* to *out*/NAME.md and NAME.json."""
+    print(markdown)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(markdown, encoding="utf-8")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -52,6 +51,7 @@ from bench.common import (
     check,
     make_schema,
     scratch_database,
+    write_report,
 )
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.config import normalize_database_url
@@ -158,6 +158,19 @@ def run_sync(engine: Engine, connect: dict[str, Any], rounds: int, out: Timings)
         raw.close()
 
 
+def _schedule(rounds: int) -> Iterator[tuple[bool, str, str]]:
+    """Yield (kept, operation, side) in the order the calls are made.
+
+    A warm-up first (not kept), then *rounds* rounds: each operation on every side,
+    the sides' order alternating from one round to the next.
+    """
+    warmup = max(20, rounds // 20)
+    for i in range(warmup + rounds):
+        for op in OPS:
+            for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+                yield i >= warmup, op, side
+
+
 def _interleave(
     rounds: int,
     out: Timings,
@@ -165,20 +178,14 @@ def _interleave(
     repository: Callable[[str], None],
     floor: Callable[[str, str], None],
 ) -> None:
-    warmup = max(20, rounds // 20)
-    for i in range(warmup + rounds):
-        order = SIDES if i % 2 == 0 else SIDES[::-1]
-        for op in OPS:
-            for side in order:
-                wall, cpu = time.perf_counter(), time.thread_time()
-                if side == "repository":
-                    repository(op)
-                else:
-                    floor(side, op)
-                if i >= warmup:
-                    out.add(
-                        f"{face}/{op}/{side}", time.perf_counter() - wall, time.thread_time() - cpu
-                    )
+    for kept, op, side in _schedule(rounds):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        if side == "repository":
+            repository(op)
+        else:
+            floor(side, op)
+        if kept:
+            out.add(f"{face}/{op}/{side}", time.perf_counter() - wall, time.thread_time() - cpu)
 
 
 async def run_async(url: URL, connect: dict[str, Any], rounds: int, out: Timings) -> None:
@@ -223,22 +230,14 @@ async def run_async(url: URL, connect: dict[str, Any], rounds: int, out: Timings
             check(bool(await used.fetchall()), f"raw async {op}")
 
     try:
-        warmup = max(20, rounds // 20)
-        for i in range(warmup + rounds):
-            order = SIDES if i % 2 == 0 else SIDES[::-1]
-            for op in OPS:
-                for side in order:
-                    wall, cpu = time.perf_counter(), time.thread_time()
-                    if side == "repository":
-                        await repository(op)
-                    else:
-                        await floor(side, op)
-                    if i >= warmup:
-                        out.add(
-                            f"async/{op}/{side}",
-                            time.perf_counter() - wall,
-                            time.thread_time() - cpu,
-                        )
+        for kept, op, side in _schedule(rounds):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            if side == "repository":
+                await repository(op)
+            else:
+                await floor(side, op)
+            if kept:
+                out.add(f"async/{op}/{side}", time.perf_counter() - wall, time.thread_time() - cpu)
     finally:
         await conn.close()
         await engine.dispose()
@@ -323,11 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         results[face] = {
             op: {side: timings.summary(f"{face}/{op}/{side}") for side in SIDES} for op in OPS
         }
-    markdown = report(results)
-    print(markdown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu.md").write_text(markdown, encoding="utf-8")
-    (args.out / "cpu.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_report(args.out, "cpu", report(results), results)
     return 0
 
 

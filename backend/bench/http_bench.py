@@ -43,7 +43,7 @@ from sqlalchemy.engine import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.burst import scratch_database, server_sessions
-from bench.common import make_schema
+from bench.common import make_schema, write_report
 from todo_backend.config import normalize_database_url
 from todo_backend.db import CONNECTING_ROLE, create_db_engine, is_local_host
 
@@ -400,11 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[scenario] = {side: summarise(runs[side]) for side in sides}
     finally:
         admin.dispose()
-    markdown = report(results)
-    print(markdown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "http.md").write_text(markdown, encoding="utf-8")
-    (args.out / "http.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_report(args.out, "http", report(results), results)
     return 0
 
 

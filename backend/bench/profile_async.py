@@ -3,11 +3,12 @@
 ``python backend/bench/profile_async.py [--calls 2000] [--top 25]``: on a scratch
 database of the local server (``TEST_DATABASE_URL``), migrated to head (row-level
 security on; ``--row-security off``: ``init_db``), times ``AsyncTaskRepository.get``
-and ``.list(limit=50)`` of a repository bound to the engine against the same statements on one raw psycopg 3
-``AsyncConnection`` (autocommit, ``prepare_threshold=None``) in CPU time of this
-process per call, then profiles the repository calls with cProfile on the CPU clock
-(waiting for the server costs nothing there) and prints the functions with the most own time and
-the share of each library (by file path) in the profile.
+and ``.list(limit=50)`` of a repository bound to the engine against the same
+statements on one raw psycopg 3 ``AsyncConnection`` (autocommit,
+``prepare_threshold=None``) in CPU time of this process per call, then profiles the
+repository calls with cProfile on the CPU clock (waiting for the server costs nothing
+there) and prints the functions with the most own time and the share of each library
+(by file path) in the profile.
 """
 
 from __future__ import annotations

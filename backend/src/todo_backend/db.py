@@ -560,6 +560,8 @@ def bound_every_statement(engine: Engine, settings: Settings) -> None:
         if _autocommit(conn):
             if not (unbounded or alone):
                 plan = options.get(_PLAN_KEY) if own else None
+                if plan is not None and not _server_idle(conn.connection.dbapi_connection):
+                    plan = None  # the caller began a transaction itself: it would outlive us
                 statement = prefixes.autocommitted(statement, own, owner, as_app, plan)
             return statement, parameters
         info = conn.info
@@ -1134,7 +1136,12 @@ AUTOCOMMIT_CHECKOUT: Final[ContextVar[bool]] = ContextVar(
 _IDLE: Final = 0
 
 
-def checkout_mode(dbapi_connection: Any, _record: ConnectionPoolEntry, _proxy: Any) -> None:
+def _server_idle(dbapi_connection: Any) -> bool:
+    """Tell whether the server has no transaction open on *dbapi_connection* (no round trip)."""
+    return getattr(dbapi_connection.info, "transaction_status", _IDLE) == _IDLE
+
+
+def checkout_mode(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
     """Hand out a pooled connection in the mode its user expects (a ``checkout`` listener).
 
     The repository's hot path returns its connections to the pool still in autocommit:
@@ -1142,26 +1149,41 @@ def checkout_mode(dbapi_connection: Any, _record: ConnectionPoolEntry, _proxy: A
     roll back (``skip_autocommit_rollback``). Any other user, a session or a caller's
     ``engine.connect()``, gets the connection switched back first, as SQLAlchemy expects
     it. The switch is made on the client (psycopg2 and psycopg 3 send nothing); a
-    connection that cannot take it is replaced, like a dead one, and one left inside a
-    transaction by the application's own pool listener is a :class:`ConfigurationError`.
+    connection that cannot take it is replaced, like a dead one.
+
+    A connection given back inside a transaction on the server (its user sent
+    ``BEGIN`` itself, which neither the driver nor the pool's reset knows of) is
+    replaced too: the next user would work inside that transaction; closing it ends the
+    transaction, nothing of it stored. A new connection already inside a transaction
+    was left so by the application's own pool ``connect`` listener: a
+    :class:`ConfigurationError` that says so.
     """
+    served = record.info.get(_SERVED, False)
+    record.info[_SERVED] = True
+    if not _server_idle(dbapi_connection):
+        if served:
+            raise DisconnectionError("given back inside a transaction its user began itself")
+        if dbapi_connection.autocommit != AUTOCOMMIT_CHECKOUT.get():
+            # psycopg2 and psycopg 3 refuse the switch inside a transaction.
+            raise ConfigurationError(
+                "a new pooled connection was inside an open transaction, so it cannot be "
+                "switched to autocommit: a pool 'connect' listener of the application ran "
+                "SQL without ending its transaction. Commit in that listener, or run its "
+                "SQL with the connection in autocommit."
+            )
+        return
     wanted = AUTOCOMMIT_CHECKOUT.get()
     if dbapi_connection.autocommit == wanted:
         return
-    if getattr(dbapi_connection.info, "transaction_status", _IDLE) != _IDLE:
-        # psycopg2 and psycopg 3 refuse the switch inside a transaction: a pool
-        # "connect" or "checkout" listener of the application's left one open.
-        raise ConfigurationError(
-            "a pooled connection was handed out inside an open transaction, so it cannot "
-            "be switched to autocommit: a pool 'connect' or 'checkout' listener of the "
-            "application ran SQL without ending its transaction. Commit in that listener, "
-            "or run its SQL with the connection in autocommit."
-        )
     try:
         dbapi_connection.autocommit = wanted
     except Exception as err:
         # Not a transaction left open: the connection is unusable; the pool replaces it.
         raise DisconnectionError(f"cannot switch autocommit ({type(err).__name__})") from err
+
+
+# ConnectionPoolEntry.info key: the connection has been handed out before.
+_SERVED: Final = "todo_backend.served"
 
 
 def init_db(engine: Engine) -> None:

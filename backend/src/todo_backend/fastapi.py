@@ -39,6 +39,7 @@ except ImportError as _missing:
 
 import gc
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Final
@@ -127,15 +128,16 @@ def lifespan(
     of long-lived objects: measured under load, they had taken 65-85 ms about once a
     second, every request waiting meanwhile (the p99 of a simple GET fell from
     88-99 ms to 31 ms; ``docs/benchmarks/http.md``). Garbage made after startup is
-    collected as before. Pass ``freeze_gc=False`` if the process manages its
-    collector itself.
+    collected as before. Several apps in one process share the freeze: the last to
+    stop unfreezes, unless the heap was frozen before the first started (a pre-fork
+    server's own ``gc.freeze()``). Pass ``freeze_gc=False`` if the process manages
+    its collector itself.
     """
 
     @asynccontextmanager
     async def run(_app: FastAPI) -> AsyncIterator[None]:
         if freeze_gc:
-            gc.collect()
-            gc.freeze()
+            _freeze()
         try:
             yield
         finally:
@@ -143,9 +145,35 @@ def lifespan(
                 await engine.dispose()
             finally:
                 if freeze_gc:
-                    gc.unfreeze()
+                    _unfreeze()
 
     return run
+
+
+# Lifespans running in this process that froze the heap: the last one to stop
+# unfreezes it, so that an app stopping never undoes another's freeze. A heap the
+# process froze itself before any of them (a pre-fork server) stays frozen.
+_freezes = 0
+_frozen_before = False
+_freeze_lock = threading.Lock()
+
+
+def _freeze() -> None:
+    global _freezes, _frozen_before  # noqa: PLW0603 - one count per process, as the heap is
+    with _freeze_lock:
+        if _freezes == 0:
+            _frozen_before = gc.get_freeze_count() > 0
+            gc.collect()
+            gc.freeze()
+        _freezes += 1
+
+
+def _unfreeze() -> None:
+    global _freezes  # noqa: PLW0603
+    with _freeze_lock:
+        _freezes -= 1
+        if _freezes == 0 and not _frozen_before:
+            gc.unfreeze()
 
 
 def add_error_handlers(app: FastAPI, *, retry_after: int = RETRY_AFTER_SECONDS) -> None:

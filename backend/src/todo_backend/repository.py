@@ -206,7 +206,8 @@ class TaskRepository:
         return session
 
     def _execute(self, plan: core.Plan[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return self._drive(core.execute(self._state(), self._pooled, plan, *args, **kwargs))
+        with core.one_call_at_a_time(self):
+            return self._drive(core.execute(self._state(), self._pooled, plan, *args, **kwargs))
 
     def _drive(self, steps: core.Steps[_T]) -> _T:
         driver = core.Driver(steps)

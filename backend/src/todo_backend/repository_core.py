@@ -107,6 +107,7 @@ __all__ = [
     "get_call",
     "in_block",
     "list_call",
+    "one_call_at_a_time",
     "translate",
     "update_call",
 ]
@@ -657,28 +658,78 @@ class _NoSession:
 
 NO_SESSION: Final[SessionState] = _NoSession()
 
-# The sessions of the atomic() blocks that engine-bound repositories opened in the
-# current context (thread, or asyncio task), by repository: a block belongs to the
-# thread or task that opened it, so calls elsewhere on a shared repository stay
-# single autocommitted statements, never part of another caller's block.
-_BLOCK_SESSIONS: Final[ContextVar[Mapping[object, Any]]] = ContextVar(
+# The atomic() blocks that engine-bound repositories opened in the current context
+# (thread, or asyncio task and what it starts), by repository: a block belongs to the
+# context that opened it, so calls from elsewhere on a shared repository stay single
+# autocommitted statements, never part of another's block.
+_BLOCK_SESSIONS: Final[ContextVar[Mapping[object, _OpenBlock]]] = ContextVar(
     "todo_backend_block_sessions", default=MappingProxyType({})
 )
+_CONCURRENT: Final = (
+    "a call was made while another call of the same atomic() block was still running "
+    "(tasks that asyncio.gather or a TaskGroup starts inside a block inherit it): a "
+    "block's calls share one session and must run one at a time. Await them in turn "
+    "inside the block, or give each concurrent task its own block."
+)
+
+
+class _OpenBlock:
+    """An engine-bound repository's open atomic() block: its session, and a call in flight."""
+
+    __slots__ = ("busy", "session")
+
+    def __init__(self, session: object) -> None:
+        self.session = session
+        self.busy = False
 
 
 def block_session(repository: object) -> Any:
     """Return the session of *repository*'s atomic() block open in this context, or None."""
-    return _BLOCK_SESSIONS.get().get(repository)
+    block = _BLOCK_SESSIONS.get().get(repository)
+    return None if block is None else block.session
 
 
 @contextmanager
 def in_block(repository: object, session: object) -> Iterator[None]:
     """Record *session* as *repository*'s open atomic() block for this context, for the block."""
-    token = _BLOCK_SESSIONS.set({**_BLOCK_SESSIONS.get(), repository: session})
+    before = _BLOCK_SESSIONS.get()
+    token = _BLOCK_SESSIONS.set({**before, repository: _OpenBlock(session)})
     try:
         yield
     finally:
-        _BLOCK_SESSIONS.reset(token)
+        try:
+            _BLOCK_SESSIONS.reset(token)
+        except ValueError:
+            # Left in another context than it was entered (a block handed between
+            # tasks): whatever the block's outcome, it must not be reported as an error.
+            _BLOCK_SESSIONS.set(before)
+
+
+@contextmanager
+def one_call_at_a_time(repository: object) -> Iterator[None]:
+    """Run one call of *repository*'s open block, refusing one that overlaps another.
+
+    Tasks started inside a block (``asyncio.gather``) inherit it; their calls would
+    share its one session at once, which SQLAlchemy refuses with an error of its own.
+    The overlapping call is refused first with :class:`TodoBackendError`, and, like
+    any failed call inside a block, fails the whole block. Outside a block this does
+    nothing.
+    """
+    block = _BLOCK_SESSIONS.get().get(repository)
+    if block is None:
+        yield
+        return
+    if block.busy:
+        # A failed call of the block, like any other: the whole block fails.
+        info = block.session.info  # type: ignore[attr-defined]
+        if _ATOMIC in info:
+            info[_ATOMIC] = True
+        raise TodoBackendError(_CONCURRENT)
+    block.busy = True
+    try:
+        yield
+    finally:
+        block.busy = False
 
 
 # What builds one call from a public method's arguments: create_call, get_call, ...

@@ -683,3 +683,34 @@ def test_a_page_is_sent_with_sorting_off_for_itself_alone(
     with through_sqlalchemy(engine) as seen:
         repo.list(ALICE)
     assert "set_config('enable_sort', 'off', true)" in seen[0]
+
+
+def test_a_connection_given_back_inside_its_users_own_begin_is_replaced(
+    target: Target, made: list[Engine]
+) -> None:
+    """A caller's raw BEGIN on an autocommit connection never captures the next user."""
+    engine = _pool_of_one(target, made)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("BEGIN")
+        conn.execute(
+            text(
+                "INSERT INTO tasks (user_id, title, complete, created_at, updated_at) "
+                "VALUES ('alice', 'never committed', false, now(), now())"
+            )
+        )
+    # The pool has nothing to roll back on an autocommit connection; the hot path's
+    # next checkout wants one in autocommit and would have run inside that BEGIN.
+    created = TaskRepository(engine).create(ALICE, TaskCreate(title="committed"))
+    other = create_engine(target.direct)
+    made.append(other)
+    assert _titles(other) == ["committed"]
+    assert created.title == "committed"
+
+
+def test_a_page_inside_a_callers_own_begin_leaves_the_planner_alone(engine: Engine) -> None:
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("BEGIN")
+        with Session(bind=conn) as session:
+            TaskRepository(session).list(ALICE)
+        assert conn.execute(text("SHOW enable_sort")).scalar_one() == "on"
+        conn.exec_driver_sql("ROLLBACK")

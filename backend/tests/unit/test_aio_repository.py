@@ -131,3 +131,28 @@ def test_concurrent_coroutines_with_their_own_sessions(
 
 def _engine(repo: AsyncTaskRepository) -> Engine:
     return repo._session.sync_session.get_bind()  # type: ignore[return-value,union-attr]
+
+
+def test_tasks_started_inside_an_engine_bound_block_are_refused_clearly(
+    runner: asyncio.Runner,
+) -> None:
+    """gather() inside a block: an overlapping call is refused, and the block fails whole."""
+    engine = create_async_db_engine("sqlite://")
+    runner.run(create_schema(engine))
+    repo = AsyncTaskRepository(engine)
+    results: list[object] = []
+
+    async def gathered() -> None:
+        async with repo.atomic():
+            children = (repo.create("alice", TaskCreate(title="child")) for _ in "ab")
+            results.extend(await asyncio.gather(*children, return_exceptions=True))
+
+    try:
+        with pytest.raises(TodoBackendError, match="rolled back"):
+            runner.run(gathered())
+        refused = [r for r in results if isinstance(r, TodoBackendError)]
+        assert len(refused) == 1
+        assert "one at a time" in str(refused[0])
+        assert runner.run(repo.list("alice")) == []
+    finally:
+        runner.run(engine.dispose())

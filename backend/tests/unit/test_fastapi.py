@@ -274,3 +274,23 @@ def test_other_package_errors_are_a_500_that_leaks_nothing(raising: TestClient, 
     assert response.status_code == 500
     assert response.json() == {"detail": "internal server error"}
     assert SECRET not in response.text
+
+
+def test_apps_in_one_process_share_the_freeze(tmp_path: Path) -> None:
+    """An app stopping never unfreezes what another running app (or the process) froze."""
+    engine = create_async_db_engine(_sqlite_file(tmp_path, schema=True))
+    first = FastAPI(lifespan=lifespan(engine))
+    second = FastAPI(lifespan=lifespan(engine))
+    assert gc.get_freeze_count() == 0
+    with TestClient(first):
+        with TestClient(second):
+            pass
+        assert gc.get_freeze_count() > 0  # the second app's stop left the first's freeze
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a pre-fork server's own freeze
+    try:
+        with TestClient(second):
+            pass
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

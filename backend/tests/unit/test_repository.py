@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextvars
 import io
 import re
+import threading
 import tokenize
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 import todo_backend
 from tests.repository_contract import CONTENT_FIELDS, BoundToTheEngine, RepositoryContract
+from todo_backend import repository_core as core
+from todo_backend.db import create_db_engine, init_db
 from todo_backend.models import TaskUpdate
 from todo_backend.repository import TaskRepository
 
@@ -67,3 +72,33 @@ def test_the_repository_names_no_content_field() -> None:
             and not (token.type == tokenize.NAME and following and following.string == "=")
         ]
     assert found == []
+
+
+def test_a_block_left_in_another_context_than_it_was_entered_is_no_error(
+    sqlite_engine: Engine,
+) -> None:
+    """Handing a block between tasks must not turn its end into a ValueError."""
+    repo = TaskRepository(sqlite_engine)
+    block = core.in_block(repo, object())
+    contextvars.copy_context().run(block.__enter__)
+    block.__exit__(None, None, None)  # here, not in the context it was entered in
+    assert core.block_session(repo) is None
+
+
+def test_a_thread_sharing_an_engine_bound_repository_stays_out_of_anothers_block(
+    tmp_path: Path,
+) -> None:
+    """A call from another thread while a block is open autocommits on its own."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'tasks.db'}")
+    init_db(engine)
+    repo = TaskRepository(engine)
+    seen: list[object] = []
+    try:
+        with repo.atomic():
+            worker = threading.Thread(target=lambda: seen.append(core.block_session(repo)))
+            worker.start()
+            worker.join()
+            assert core.block_session(repo) is not None
+        assert seen == [None]
+    finally:
+        engine.dispose()

@@ -65,8 +65,9 @@ class AsyncTaskRepository:
         nested block that raised, even if caught; no savepoints), exactly as
         :meth:`TaskRepository.atomic`. A repository bound to an engine opens a session
         for its outermost block and closes it after; the block belongs to the task that
-        opened it, so other tasks sharing the repository stay out of it. A call
-        cancelled inside the block
+        opened it (and to tasks it starts inside the block, whose calls must not
+        overlap: an overlapping one raises :class:`TodoBackendError`), so other tasks
+        sharing the repository stay out of it. A call cancelled inside the block
         (``asyncio.wait_for``, ``Task.cancel``, a request whose client went away)
         fails it the same way: the caller sees the ``CancelledError`` (or
         ``wait_for``'s ``TimeoutError``), later calls in the block and its end raise
@@ -168,7 +169,10 @@ class AsyncTaskRepository:
         return session
 
     async def _execute(self, plan: core.Plan[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        return await self._drive(core.execute(self._state(), self._pooled, plan, *args, **kwargs))
+        with core.one_call_at_a_time(self):
+            return await self._drive(
+                core.execute(self._state(), self._pooled, plan, *args, **kwargs)
+            )
 
     async def _drive(self, steps: core.Steps[_T]) -> _T:
         driver = core.Driver(steps)

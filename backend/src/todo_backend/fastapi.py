@@ -129,9 +129,10 @@ def lifespan(
     second, every request waiting meanwhile (the p99 of a simple GET fell from
     88-99 ms to 31 ms; ``docs/benchmarks/http.md``). Garbage made after startup is
     collected as before. Several apps in one process share the freeze: the last to
-    stop unfreezes, unless the heap was frozen before the first started (a pre-fork
-    server's own ``gc.freeze()``). Pass ``freeze_gc=False`` if the process manages
-    its collector itself.
+    stop unfreezes, unless the heap held frozen objects before the first started (a
+    pre-fork server's own ``gc.freeze()``; Python 3.12 itself starts with a few),
+    which are left frozen, with the apps' startup objects. Pass ``freeze_gc=False`` if
+    the process manages its collector itself.
     """
 
     @asynccontextmanager

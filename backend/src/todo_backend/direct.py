@@ -268,7 +268,8 @@ def _prepare(
 ) -> DirectStatement | None:
     own = own_statement(stmt.get_execution_options())
     dialect = engine.dialect
-    if own is None or dialect.paramstyle != "pyformat":
+    # A statement's result columns (and so their types) must be known: a text() has none.
+    if own is None or dialect.paramstyle != "pyformat" or not hasattr(stmt, "exported_columns"):
         return None
     compiled = stmt.compile(dialect=dialect)  # type: ignore[attr-defined]
     if not isinstance(compiled, SQLCompiler):

@@ -35,8 +35,9 @@ from itertools import combinations
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, bindparam, create_engine, event, literal_column, select, text
 from sqlalchemy.engine import URL
+from sqlalchemy.sql.expression import ColumnClause
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import Session
 
@@ -45,7 +46,7 @@ from todo_backend import db
 from todo_backend import repository_core as core
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.config import Settings
-from todo_backend.db import create_db_engine
+from todo_backend.db import BOUNDED, USER_SETTING, create_db_engine, owned_by
 from todo_backend.direct import direct_statement
 from todo_backend.errors import (
     ConfigurationError,
@@ -714,3 +715,83 @@ def test_a_page_inside_a_callers_own_begin_leaves_the_planner_alone(engine: Engi
             TaskRepository(session).list(ALICE)
         assert conn.execute(text("SHOW enable_sort")).scalar_one() == "on"
         conn.exec_driver_sql("ROLLBACK")
+
+
+def test_a_hot_call_cancelled_mid_statement_discards_its_connection(
+    target: Target, made: list[Engine]
+) -> None:
+    """Cancelled while the server works (waiting on a row lock): never reused, no leak."""
+    engine = _pool_of_one(target, made)
+    created = TaskRepository(engine).create(ALICE, TaskCreate(title="locked"))
+    url = target.url.render_as_string(hide_password=False)
+
+    async def scenario() -> tuple[int, Task | None]:
+        aengine = create_async_db_engine(Settings(database_url=url, pool_size=1, max_overflow=0))
+        repo = AsyncTaskRepository(aengine)
+        opened: list[object] = []
+        # A pool listener: it watches connections, not statements (the hot path stays on).
+        event.listen(aengine.sync_engine, "connect", lambda *_: opened.append(None))
+        try:
+            await repo.count(ALICE)  # the pool's one connection, open
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(
+                    repo.update(ALICE, created.id or 0, TaskUpdate(title="cut short")), 0.3
+                )
+            checked_out = aengine.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
+            release.set()
+            after = await repo.get(ALICE, created.id or 0)
+            # Discarded, as SQLAlchemy discards a connection cut short: the next call
+            # had to open a new one.
+            assert len(opened) == 2
+            return checked_out, after
+        finally:
+            await aengine.dispose()
+
+    release = threading.Event()
+    other = create_engine(target.direct)
+    made.append(other)
+
+    def hold_the_row() -> None:
+        with other.connect() as conn, conn.begin():
+            conn.execute(text("SELECT 1 FROM tasks WHERE id = :id FOR UPDATE"), {"id": created.id})
+            locked.set()
+            release.wait(10)
+
+    locked = threading.Event()
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        checked_out, after = asyncio.run(scenario())
+    finally:
+        release.set()
+        holder.join()
+    assert checked_out == 0
+    assert after is not None  # the next call got a working connection
+
+
+def test_a_bounded_statement_without_an_owner_runs_unscoped_as_the_app_role(
+    hot: Engine,
+) -> None:
+    setting: ColumnClause[str] = literal_column(f"current_setting('{USER_SETTING}', true)")
+    stmt = select(setting).execution_options(**BOUNDED)
+    direct = direct_statement(hot, stmt)
+    assert direct is not None
+    rows, _ = direct.run(hot, {})
+    assert [tuple(row) for row in rows] == [("",)]  # no owner: the policy would match no row
+
+
+def test_statements_the_hot_path_cannot_prerender_go_through_sqlalchemy(hot: Engine) -> None:
+    table = Task.__table__  # type: ignore[attr-defined]
+    own = owned_by("owner")
+    assert direct_statement(hot, select(table.c.id)) is None  # not the package's own
+    literal = select(table.c.id).where(table.c.title == "x").execution_options(**own)
+    assert direct_statement(hot, literal) is None  # a value bound in the statement
+    expanding = (
+        select(table.c.id)
+        .where(table.c.id.in_(bindparam("ids", expanding=True)))
+        .execution_options(**own)
+    )
+    assert direct_statement(hot, expanding) is None  # rendered per call
+    raw = text("SELECT id FROM tasks").execution_options(**own)
+    assert direct_statement(hot, raw) is None  # result columns unknown

@@ -37,8 +37,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, bindparam, create_engine, event, literal_column, select, text
 from sqlalchemy.engine import URL
-from sqlalchemy.sql.expression import ColumnClause
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.expression import ColumnClause
 from sqlmodel import Session
 
 from tests.integration.test_bounds_pg import ALICE, Target, made, target

@@ -41,12 +41,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.expression import ColumnClause
 from sqlmodel import Session
 
+from tests.integration.databases import fresh_database
 from tests.integration.test_bounds_pg import ALICE, Target, made, target
 from todo_backend import db
 from todo_backend import repository_core as core
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.config import Settings
-from todo_backend.db import BOUNDED, USER_SETTING, create_db_engine, owned_by
+from todo_backend.db import BOUNDED, USER_SETTING, create_db_engine, init_db, owned_by
 from todo_backend.direct import direct_statement
 from todo_backend.errors import (
     ConfigurationError,
@@ -341,18 +342,16 @@ def test_an_async_connection_the_hot_path_returns_serves_transactions(
 
 
 @pytest.fixture
-def tokyo(target: Target, made: list[Engine]) -> Iterator[URL]:
-    """The target's database with the server's time zone set far from UTC."""
-    admin = create_engine(target.direct, isolation_level="AUTOCOMMIT")
-    made.append(admin)
-    name = target.direct.database
-    with admin.connect() as conn:
-        conn.execute(text(f"ALTER DATABASE \"{name}\" SET timezone TO 'Asia/Tokyo'"))
-    try:
-        yield target.url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" RESET timezone'))
+def tokyo(admin_url: URL) -> Iterator[URL]:
+    """A database of the server under test whose time zone is far from UTC, with the schema.
+
+    Set before anyone connects, so that a pooler's server connections have it too.
+    """
+    with fresh_database(admin_url, settings={"timezone": "Asia/Tokyo"}) as url:
+        schema = create_db_engine(url.render_as_string(hide_password=False))
+        init_db(schema)
+        schema.dispose()
+        yield url
 
 
 def test_timestamps_come_back_in_utc_whatever_the_server_time_zone(
@@ -362,6 +361,7 @@ def test_timestamps_come_back_in_utc_whatever_the_server_time_zone(
     made.append(engine)
     with engine.connect() as conn:
         assert conn.execute(text("SHOW timezone")).scalar_one() == "Asia/Tokyo"
+    assert direct_statement(engine, core._GET) is not None
     repo = TaskRepository(engine)
     created = repo.create(ALICE, TaskCreate(title="when"))
     for task in (created, repo.get(ALICE, created.id or 0), *repo.list(ALICE)):
@@ -582,7 +582,11 @@ class StaleRelay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                client.close()
+                continue
             threading.Thread(
                 target=self._pump, args=(client, upstream, self.generation), daemon=True
             ).start()
@@ -613,11 +617,14 @@ class StaleRelay:
 
 @pytest.mark.parametrize("listened", [False, True], ids=["hot", "sqlalchemy"])
 def test_after_one_lost_connection_the_older_pooled_ones_are_replaced(
-    engine: Engine, listened: bool
+    own_engine: Engine, listened: bool
 ) -> None:
-    """As SQLAlchemy does on a disconnect: the first call's retry finds the rest replaced."""
-    relay = StaleRelay(engine.url.port or 5432)
-    url = engine.url.set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False)
+    """As SQLAlchemy does on a disconnect: the first call's retry finds the rest replaced.
+
+    On our own cluster: the relay forwards plain TCP to a loopback server.
+    """
+    relay = StaleRelay(own_engine.url.port or 5432)
+    url = own_engine.url.set(port=relay.port).render_as_string(hide_password=False)
     fresh = create_db_engine(Settings(database_url=url, pool_size=3, max_overflow=0))
     if listened:
         event.listen(fresh, "before_cursor_execute", _never)
@@ -662,16 +669,20 @@ def test_a_pool_listener_that_leaves_a_transaction_open_is_named(engine: Engine)
 
 
 def test_a_page_is_sent_with_sorting_off_for_itself_alone(
-    target: Target, made: list[Engine]
+    own_engine: Engine, made: list[Engine]
 ) -> None:
-    """The list statement's planner setting rides in its message and ends with it."""
-    engine = _pool_of_one(target, made)
+    """The list statement's planner setting rides in its message and ends with it.
+
+    On our own cluster, as a superuser: pg_stat_activity shows every session's query,
+    and no pooler sends queries of its own in between.
+    """
+    url = own_engine.url.render_as_string(hide_password=False)
+    engine = create_db_engine(Settings(database_url=url, pool_size=1, max_overflow=0))
+    made.append(engine)
     repo = TaskRepository(engine)
     repo.create(ALICE, TaskCreate(title="listed"))
     assert len(repo.list(ALICE)) == 1
-    other = create_engine(target.direct)
-    made.append(other)
-    with other.connect() as conn:
+    with own_engine.connect() as conn:
         # The last query of each server connection of this database (PgBouncer's too).
         last = conn.execute(
             text("SELECT query FROM pg_stat_activity WHERE datname = current_database()")

@@ -12,19 +12,22 @@ statement goes out with less work around it:
   message, built by the engine's own :class:`~todo_backend.db.StatementPrefixes`
   (one round trip, pooler-safe);
 * it runs on a cursor of a connection checked out of the engine's own pool (its size,
-  timeout, dead-connection check and idle shedding all apply), switched to
-  autocommit on the client for the call and back before check-in;
+  timeout, dead-connection check and idle shedding all apply), handed out in
+  autocommit and given back as it is (:func:`todo_backend.db.checkout_mode` switches
+  it back for any other user), so the call needs no switch and no rollback;
 * parameters and rows pass through the columns' own bind and result processors;
 * a driver error comes out as SQLAlchemy would raise it (a ``DBAPIError``, the
-  connection invalidated when the driver's error says it was lost), so the
-  repository's retry policy and error translation (:func:`repository_core.translate`)
-  are unchanged.
+  connection invalidated when the driver's error says it was lost, the pool's older
+  connections replaced), so the repository's retry policy and error translation
+  (:func:`repository_core.translate`) are unchanged.
 
-It is used only where it is invisible (:func:`direct_path`): on a PostgreSQL engine of
-this package while nothing but the package listens to its statement events and no SQL
-is logged. Otherwise, and for anything else (a transaction, an executemany, SQLite),
-statements go through SQLAlchemy as before. The async engine runs the same code
-inside SQLAlchemy's greenlet bridge: its driver adapter awaits psycopg 3.
+It is used only where it is invisible (:func:`direct_statement`): on a PostgreSQL engine
+of this package while nothing but the package listens to its statement events, the
+engine has no execution options of its own and no SQL is logged, and only for the
+package's own statements that can be rendered once. Otherwise, and for anything else
+(a transaction, an executemany, SQLite), statements go through SQLAlchemy as before.
+The async engine runs the same code inside SQLAlchemy's greenlet bridge, awaiting
+psycopg 3 once per call.
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import ProgrammingError
 
 from todo_backend.db import CONNECTING_ROLE, create_db_engine, init_db
 
@@ -30,10 +32,31 @@ def fresh_database(server: URL, *, settings: Mapping[str, str] | None = None) ->
     try:
         yield server.set(database=name)
     finally:
-        with admin.connect() as conn:
-            # FORCE ends the database's remaining sessions (ours, or a pooler's).
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        try:
+            _drop(admin, name)
+        finally:
+            admin.dispose()
+
+
+def _drop(admin: Engine, name: str) -> None:
+    """Drop database *name*, ending its remaining sessions (ours, or a pooler's).
+
+    A role that is not a superuser may not end an autovacuum worker that happens to
+    be working in the database (PostgreSQL 15 refuses the whole DROP ... FORCE with
+    SQLSTATE 42501, "must be a member of the role whose process is being
+    terminated": the worker has no role); it finishes within moments, so the drop is
+    tried again for up to 10 s.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            return
+        except ProgrammingError as err:
+            if getattr(err.orig, "pgcode", None) != "42501" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @contextmanager

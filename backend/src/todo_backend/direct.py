@@ -164,14 +164,14 @@ class DirectStatement:
 
     def _message(self, params: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
         """Return the text to send and its parameters, processed by their types."""
-        if self._binds:
-            params = dict(params)
-            for name, processor in self._binds:
-                params[name] = processor(params[name])
-        owner = params.get(self._owner) if self._owner is not None else None
-        if isinstance(owner, str):
-            return self._owned_sql, {**params, USER_PARAMETER: owner}
-        return self._unscoped_sql, params
+        sent = dict(params)  # one copy: the caller's mapping is never changed
+        for name, processor in self._binds:
+            sent[name] = processor(sent[name])
+        owner = sent.get(self._owner) if self._owner is not None else None
+        if not isinstance(owner, str):
+            return self._unscoped_sql, sent
+        sent[USER_PARAMETER] = owner
+        return self._owned_sql, sent
 
     def _processed(
         self, rows: Sequence[Sequence[Any]], description: Any

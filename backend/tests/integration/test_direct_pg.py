@@ -43,6 +43,7 @@ from sqlmodel import Session
 
 from tests.integration.databases import fresh_database
 from tests.integration.test_bounds_pg import ALICE, Target, made, target
+from tests.relay import LoopbackRelay
 from todo_backend import db
 from todo_backend import repository_core as core
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
@@ -558,7 +559,7 @@ def test_a_shared_async_engine_bound_repository_keeps_each_tasks_block_its_own(
     assert asyncio.run(scenario()) == (["alone"], [])
 
 
-class StaleRelay:
+class StaleRelay(LoopbackRelay):
     """A loopback relay to the server whose old connections die when :meth:`go_stale` says.
 
     After it, every connection opened before closes as soon as the client sends on it:
@@ -567,29 +568,16 @@ class StaleRelay:
     """
 
     def __init__(self, port: int) -> None:
-        self.upstream = port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.generation = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(("127.0.0.1", port))
 
     def go_stale(self) -> None:
         self.generation += 1
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream))
-            except OSError:
-                client.close()
-                continue
-            threading.Thread(
-                target=self._pump, args=(client, upstream, self.generation), daemon=True
-            ).start()
+    def _relay(self, client: socket.socket, server: socket.socket) -> None:
+        threading.Thread(
+            target=self._pump, args=(client, server, self.generation), daemon=True
+        ).start()
 
     def _pump(self, client: socket.socket, upstream: socket.socket, generation: int) -> None:
         selector = selectors.DefaultSelector()
@@ -610,9 +598,6 @@ class StaleRelay:
         finally:
             client.close()
             upstream.close()
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.mark.parametrize("listened", [False, True], ids=["hot", "sqlalchemy"])

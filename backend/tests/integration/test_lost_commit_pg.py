@@ -30,6 +30,7 @@ from sqlmodel import Session
 
 from tests.async_face import open_session, runner
 from tests.integration.test_round_trips_pg import _ClientMessages
+from tests.relay import LoopbackRelay
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.config import Settings
 from todo_backend.db import UNBOUNDED, create_db_engine, get_session
@@ -44,40 +45,27 @@ TINY = 0.2  # seconds: the engine's idle bound, which the blocks here look idle 
 PAST_TINY = 1.0
 
 
-class CommitAnswerDropper:
+class CommitAnswerDropper(LoopbackRelay):
     """A TCP relay on loopback that, when armed, loses the answer to the next COMMIT."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
-        self._upstream = upstream
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
         self._armed = threading.Event()
         self.dropped = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream)
 
     def arm(self) -> None:
         """Lose the answer to the next COMMIT any connection sends."""
         self.dropped.clear()
         self._armed.set()
 
-    def close(self) -> None:
-        """Stop accepting connections."""
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self._upstream)
-            committing = threading.Event()
-            threading.Thread(
-                target=self._upstream_pump, args=(client, server, committing), daemon=True
-            ).start()
-            threading.Thread(
-                target=self._downstream_pump, args=(server, client, committing), daemon=True
-            ).start()
+    def _relay(self, client: socket.socket, server: socket.socket) -> None:
+        committing = threading.Event()
+        threading.Thread(
+            target=self._upstream_pump, args=(client, server, committing), daemon=True
+        ).start()
+        threading.Thread(
+            target=self._downstream_pump, args=(server, client, committing), daemon=True
+        ).start()
 
     def _upstream_pump(
         self, client: socket.socket, server: socket.socket, committing: threading.Event

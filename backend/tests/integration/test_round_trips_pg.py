@@ -29,6 +29,7 @@ from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.engine import URL
 
 from tests.async_face import AwaitedRepository, open_session
+from tests.relay import LoopbackRelay
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.db import create_db_engine, get_session
 from todo_backend.errors import ConfigurationError
@@ -91,16 +92,13 @@ class _ClientMessages:
             del buf[:size]
 
 
-class Wire:
+class Wire(LoopbackRelay):
     """A counting TCP proxy on loopback in front of one PostgreSQL server."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
-        self._upstream = upstream
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._recording: Recording | None = None
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream)
 
     @contextmanager
     def recording(self) -> Iterator[Recording]:
@@ -114,27 +112,15 @@ class Wire:
             with self._lock:
                 self._recording = None
 
-    def close(self) -> None:
-        """Stop accepting connections."""
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self._upstream)
-            for sock in (client, server):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            spoke = [True]  # has the server answered since the client's last burst?
-            messages = _ClientMessages()
-            threading.Thread(
-                target=self._pump, args=(client, server, spoke, messages), daemon=True
-            ).start()
-            threading.Thread(
-                target=self._pump, args=(server, client, spoke, None), daemon=True
-            ).start()
+    def _relay(self, client: socket.socket, server: socket.socket) -> None:
+        for sock in (client, server):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        spoke = [True]  # has the server answered since the client's last burst?
+        messages = _ClientMessages()
+        threading.Thread(
+            target=self._pump, args=(client, server, spoke, messages), daemon=True
+        ).start()
+        threading.Thread(target=self._pump, args=(server, client, spoke, None), daemon=True).start()
 
     def _pump(
         self,

@@ -15,7 +15,10 @@ statement goes out with less work around it:
   timeout, dead-connection check and idle shedding all apply), handed out in
   autocommit and given back as it is (:func:`todo_backend.db.checkout_mode` switches
   it back for any other user), so the call needs no switch and no rollback;
-* parameters and rows pass through the columns' own bind and result processors;
+* parameters and rows pass through the columns' own bind and result processors (on
+  the async face, psycopg 3 loads ``timestamptz`` straight into UTC, which is what
+  sqlmodel's ``UTCDateTime`` processor would make of it, and that processor is skipped:
+  :class:`todo_backend.aio.db.HotPathCursor`);
 * a driver error comes out as SQLAlchemy would raise it (a ``DBAPIError``, the
   connection invalidated when the driver's error says it was lost, the pool's older
   connections replaced), so the repository's retry policy and error translation
@@ -40,6 +43,7 @@ from sqlalchemy import Engine, Executable
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import await_only
+from sqlmodel import UTCDateTime
 
 from todo_backend.db import (
     AUTOCOMMIT_CHECKOUT,
@@ -67,6 +71,7 @@ class DirectStatement:
 
     __slots__ = (
         "_binds",
+        "_cursor",
         "_dialect",
         "_is_async",
         "_owned_sql",
@@ -74,6 +79,7 @@ class DirectStatement:
         "_results",
         "_types",
         "_unscoped_sql",
+        "_utc_codes",
         "sql",
     )
 
@@ -89,6 +95,14 @@ class DirectStatement:
         dialect = self._dialect = engine.dialect
         # An async engine's pooled connection wraps psycopg 3's AsyncConnection.
         self._is_async = dialect.is_async
+        # The async face's cursor, and the driver type codes it loads into UTC itself.
+        self._cursor: Any = None
+        utc_codes: frozenset[Any] = frozenset()
+        if self._is_async:
+            from todo_backend.aio.db import HotPathCursor  # noqa: PLC0415 - psycopg 3 only
+
+            self._cursor, utc_codes = HotPathCursor, HotPathCursor.utc_type_codes
+        self._utc_codes = utc_codes
         self._owner, as_app, plan = own
         self.sql: str = compiled.string
         # What is sent: the bounds, the role, the owner (a parameter) and the statement's
@@ -137,7 +151,9 @@ class DirectStatement:
             if self._is_async:
                 # psycopg 3, awaited in one go: one greenlet switch, not one per step.
                 rows, count, description = await_only(
-                    _send_async(fairy.driver_connection, sql, params, self._results is None)
+                    _send_async(
+                        self._cursor(fairy.driver_connection), sql, params, self._results is None
+                    )
                 )
             else:
                 cursor = fairy.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -180,7 +196,10 @@ class DirectStatement:
         if results is None:
             dialect = self._dialect
             found = (
-                type_.dialect_impl(dialect).result_processor(dialect, column[1])
+                # A UTCDateTime column the cursor loads into UTC needs no processor.
+                None
+                if column[1] in self._utc_codes and type(type_) is UTCDateTime
+                else type_.dialect_impl(dialect).result_processor(dialect, column[1])
                 for type_, column in zip(self._types, description, strict=True)
             )
             results = self._results = tuple(
@@ -199,16 +218,12 @@ class DirectStatement:
         return processed
 
 
-async def _send_async(
-    connection: Any, sql: str, params: Any, describe: bool
-) -> tuple[Any, int, Any]:
-    """Run *sql* on psycopg 3's async *connection* (in autocommit), as the sync path does.
+async def _send_async(cursor: Any, sql: str, params: Any, describe: bool) -> tuple[Any, int, Any]:
+    """Run *sql* on *cursor* (psycopg 3, async, autocommitted), as the sync path does.
 
     The result's description is read only when *describe* asks for it: psycopg builds
     it anew on each read, and the rows need it only once, for their processors.
     """
-    # The engine's cursor factory: client-side binding, positioned on the last result.
-    cursor = connection.cursor()
     await cursor.execute(sql, params)
     returned = cursor.pgresult is not None and cursor.pgresult.status == _TUPLES_OK
     rows = await cursor.fetchall() if returned else ()

@@ -42,7 +42,7 @@ from todo_backend.errors import (
     DatabaseUnavailableError,
 )
 from todo_backend.models import Task, validate_user_id
-from todo_backend.pool import IdleQueuePool
+from todo_backend.pool import IdleQueuePool, checking_out_without_io
 
 __all__ = [
     "APP_ROLE",
@@ -70,10 +70,13 @@ __all__ = [
     "is_in_memory",
     "is_local_host",
     "leave_scope",
+    "own_pool",
     "own_prefixes",
     "own_statement",
     "owned_by",
+    "pool_listeners",
     "postgres_engine_options",
+    "ready_without_io",
     "reject_dead_connection",
     "role_error",
     "scope_transaction",
@@ -659,7 +662,35 @@ def statement_listeners(engine: Engine) -> tuple[int, ...]:
     )
 
 
-def allow_direct(engine: Engine, foreign: Sequence[int]) -> None:
+# The pool events that run at checkout and check-in: the async hot path runs them
+# outside SQLAlchemy's greenlet bridge, where a caller's listener could not do I/O.
+_POOL_EVENTS: Final = ("checkout", "checkin", "reset")
+# Of each async engine whose pool had no listener but the package's own when it was
+# made: its pool listener counts then.
+_OWN_POOL: WeakKeyDictionary[Engine, tuple[int, ...]] = WeakKeyDictionary()
+
+
+def pool_listeners(engine: Engine) -> tuple[int, ...]:
+    """Return how many listeners the checkout, checkin and reset events of *engine*'s pool have."""
+    events = engine.pool.dispatch
+    return tuple(len(getattr(events, name)) for name in _POOL_EVENTS)
+
+
+def own_pool(engine: Engine) -> bool:
+    """Tell whether *engine*'s pool events have no listener but the package's own.
+
+    Recorded by :func:`allow_direct` for an async engine whose pool had no listener
+    (on the engine, or on the ``Pool`` class) before the package added its own; the
+    async hot path then checks connections out without SQLAlchemy's greenlet bridge
+    while the counts stay the same.
+    """
+    counts = _OWN_POOL.get(engine)
+    return counts is not None and pool_listeners(engine) == counts
+
+
+def allow_direct(
+    engine: Engine, foreign: Sequence[int], foreign_pool: Sequence[int] | None = None
+) -> None:
     """Let the repository's hot path use *engine* while only the package watches it.
 
     *foreign* is :func:`statement_listeners` taken right after ``create_engine``,
@@ -667,11 +698,15 @@ def allow_direct(engine: Engine, foreign: Sequence[int]) -> None:
     the ``Engine`` class, or added by an instrumented ``create_engine`` such as
     OpenTelemetry's), and then the hot path is never used on this engine. Otherwise
     it is used while the counts stay those of the package's own hooks
-    (:func:`own_prefixes`).
+    (:func:`own_prefixes`). *foreign_pool*, given for an async engine, is
+    :func:`pool_listeners` taken at the same moment: with none there, its hot path may
+    also check connections out without the greenlet bridge (:func:`own_pool`).
     """
     prefixes = _ENGINE_PREFIXES.get(engine)
     if prefixes is not None and not any(foreign):
         _OWN_PREFIXES[engine] = (prefixes, statement_listeners(engine))
+        if foreign_pool is not None and not any(foreign_pool):
+            _OWN_POOL[engine] = pool_listeners(engine)
 
 
 def own_prefixes(engine: Engine) -> StatementPrefixes | None:
@@ -1116,13 +1151,39 @@ def reject_dead_connection(
     round trip; raising DisconnectionError makes the pool open a fresh connection in
     its place before the caller's statement is sent.
     """
+    if checking_out_without_io():
+        return  # ready_without_io() has just looked, and a refusal here would be I/O
     connection = getattr(dbapi_connection, "driver_connection", dbapi_connection)
     if connection.closed:
         raise DisconnectionError("connection closed")
+    if _has_news(connection):
+        raise DisconnectionError("server closed the connection while it was idle in the pool")
+
+
+def _has_news(connection: Any) -> bool:
+    """Tell whether an idle *connection*'s socket has something to read (no round trip)."""
     poller = select.poll()
     poller.register(connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-    if poller.poll(0):
-        raise DisconnectionError("server closed the connection while it was idle in the pool")
+    return bool(poller.poll(0))
+
+
+def ready_without_io(dbapi_connection: Any) -> bool:
+    """Tell whether a pooled connection can serve the hot path with nothing done first.
+
+    Open, in autocommit already, idle on the server and with nothing on its socket:
+    then the checkout listeners (:func:`reject_dead_connection`,
+    :func:`checkout_mode`) have nothing to refuse or switch, and the async hot path
+    may take it without SQLAlchemy's greenlet bridge
+    (:func:`todo_backend.pool.checkout_without_io`). Otherwise the checkout goes
+    through the bridge, where replacing or switching it may do I/O.
+    """
+    connection = dbapi_connection.driver_connection
+    return (
+        not connection.closed
+        and connection.autocommit
+        and _server_idle(dbapi_connection)
+        and not _has_news(connection)
+    )
 
 
 # Set by the repository's hot path (todo_backend.direct) around its checkout: the

@@ -17,6 +17,11 @@ call (or until the server closes them, which the checkout then notices). Checkou
 waits, ``timeout`` (``DB_POOL_TIMEOUT``), recycling, the events and invalidation are
 QueuePool's own. :class:`AsyncIdleQueuePool` is the same pool for the async engine.
 
+Inside :func:`checkout_without_io`, a checkout hands out only a connection that needs
+nothing done first (no connect, recycle, shedding or wait): the async repository's
+hot path checks a connection out that way outside SQLAlchemy's greenlet bridge, and
+otherwise, on :class:`CheckoutNeedsIO`, goes through the bridge as before.
+
 The pool extends QueuePool at the points SQLAlchemy's pools are built on
 (``_do_get``, ``_do_return_conn``, the overflow counter); ``tests/unit/test_pool.py``
 pins that behaviour against the installed SQLAlchemy.
@@ -25,16 +30,80 @@ pins that behaviour against the installed SQLAlchemy.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from time import monotonic
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
 from sqlalchemy.util import queue as sqla_queue
 
-__all__ = ["AsyncIdleQueuePool", "IdleQueuePool"]
+__all__ = [
+    "AsyncIdleQueuePool",
+    "CheckoutNeedsIO",
+    "IdleQueuePool",
+    "checking_out_without_io",
+    "checkout_without_io",
+]
 
 DEFAULT_IDLE_TIMEOUT = 60.0
+# A connection this close to its recycling age is left to a checkout that may
+# reconnect: time passes between this pool's look and SQLAlchemy's own.
+_RECYCLE_MARGIN: Final = 1.0
+
+
+class CheckoutNeedsIO(Exception):  # noqa: N818 - a signal, not an error a caller sees
+    """A checkout inside :func:`checkout_without_io` would need I/O first; nothing was changed."""
+
+
+# Inside checkout_without_io: what approves a connection for it (see there).
+_WITHOUT_IO: Final[ContextVar[Callable[[Any], bool] | None]] = ContextVar(
+    "todo_backend_checkout_without_io", default=None
+)
+
+
+@contextmanager
+def checkout_without_io(ready: Callable[[Any], bool]) -> Iterator[None]:
+    """Make the pool's checkouts in the block hand out only a connection ready as it is.
+
+    An :class:`IdleQueuePool` then gives the most recently returned connection only if
+    it needs no I/O before use (it is open, not due for recycling or replaced by an
+    invalidation, and no idle connection is due to be closed) and *ready* approves its
+    DBAPI connection; otherwise it raises :class:`CheckoutNeedsIO`, with the pool as it
+    was. Checkout listeners that could refuse a connection must then not do I/O
+    either (:func:`checking_out_without_io`). An asyncio caller can so check out
+    without SQLAlchemy's greenlet bridge.
+    """
+    token = _WITHOUT_IO.set(ready)
+    try:
+        yield
+    finally:
+        _WITHOUT_IO.reset(token)
+
+
+def checking_out_without_io() -> bool:
+    """Tell whether a checkout is being made inside :func:`checkout_without_io`."""
+    return _WITHOUT_IO.get() is not None
+
+
+def _reconnects(pool: QueuePool, record: Any) -> bool:
+    """Tell whether SQLAlchemy would reconnect *record* at checkout (I/O), or nearly.
+
+    The conditions of ``_ConnectionRecord.get_connection`` (private API, pinned by
+    ``tests/unit/test_pool.py`` against the installed SQLAlchemy): no connection, the
+    recycling age reached (less a margin), or an invalidation since it connected.
+    """
+    if record.dbapi_connection is None:
+        return True
+    started: float = record.starttime
+    recycle = pool._recycle
+    return (
+        (recycle > -1 and time.time() - started > recycle - _RECYCLE_MARGIN)
+        or pool._invalidate_time > started
+        or record._soft_invalidate_time > started
+    )
 
 
 class IdleQueuePool(QueuePool):
@@ -118,6 +187,9 @@ class IdleQueuePool(QueuePool):
                 self._put_at[depth - 1] = monotonic()
 
     def _do_get(self) -> ConnectionPoolEntry:
+        ready = _WITHOUT_IO.get()
+        if ready is not None:
+            return self._take_ready(ready)
         for record in self._take_expired():
             try:
                 record.close()
@@ -128,6 +200,25 @@ class IdleQueuePool(QueuePool):
                 with self._idle_lock:
                     self._shedding -= 1
         return super()._do_get()
+
+    def _take_ready(self, ready: Callable[[Any], bool]) -> ConnectionPoolEntry:
+        """Take the top connection if it needs no I/O (:func:`checkout_without_io`)."""
+        with self._idle_lock:
+            depth = self._pool.qsize()
+            if depth == 0 or (
+                # A connection to shed: closing it is I/O.
+                self._overflow - self._shedding > 0
+                and self._put_at[0] <= monotonic() - self._idle_timeout
+            ):
+                raise CheckoutNeedsIO
+            put_at = self._put_at[depth - 1]
+            record = self._pool.get(False)
+            if _reconnects(self, record) or not ready(record.dbapi_connection):
+                # Back where it was, as if never taken.
+                self._pool.put(record, False)
+                self._put_at[depth - 1] = put_at
+                raise CheckoutNeedsIO
+        return record
 
     def _take_expired(self) -> list[ConnectionPoolEntry]:
         """Remove from the pool the connections above ``pool_size`` idle too long.

@@ -115,8 +115,13 @@ class TestAsyncRepositoryOnANeonStandIn(AsyncRepositoryContract):
 # -- the driver -------------------------------------------------------------------------
 
 
-def test_single_calls_run_in_driver_autocommit(runner: asyncio.Runner, scratch_url: URL) -> None:
-    """Every single call runs with psycopg 3 in autocommit; pooled connections rest idle."""
+def test_single_calls_run_in_driver_autocommit(
+    runner: asyncio.Runner, module_engine: Engine, scratch_url: URL
+) -> None:
+    """Every single call runs with psycopg 3 in autocommit; pooled connections rest idle.
+
+    (*module_engine*: the schema exists whichever test of the module runs first.)
+    """
     engine = create_async_db_engine(_url_text(scratch_url))
     modes: list[bool] = []
 

@@ -32,12 +32,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC
 from itertools import combinations
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import Engine, bindparam, create_engine, event, literal_column, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import Pool
 from sqlalchemy.sql.expression import ColumnClause
 from sqlmodel import Session
 
@@ -793,3 +794,109 @@ def test_statements_the_hot_path_cannot_prerender_go_through_sqlalchemy(hot: Eng
     assert direct_statement(hot, expanding) is None  # rendered per call
     raw = text("SELECT id FROM tasks").execution_options(**own)
     assert direct_statement(hot, raw) is None  # result columns unknown
+
+
+# -- the async hot path awaited outside the greenlet bridge (DirectStatement.run_async)
+
+
+def _checkout_runs_sql(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """A caller's pool listener that does I/O at checkout, and ends what it began."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SELECT 1")
+    cursor.close()
+    if not dbapi_connection.autocommit:
+        dbapi_connection.rollback()
+
+
+@pytest.mark.parametrize("where", ["engine, later", "Pool class, before"])
+def test_a_callers_checkout_listener_doing_io_runs_for_every_async_call(
+    target: Target, where: str
+) -> None:
+    """Where someone else listens to checkouts, the calls go through the bridge, I/O and all."""
+    seen: list[None] = []
+
+    def listener(*args: Any) -> None:
+        _checkout_runs_sql(*args)
+        seen.append(None)
+
+    async def scenario() -> None:
+        engine = create_async_db_engine(target.url.render_as_string(hide_password=False))
+        try:
+            if where == "engine, later":
+                event.listen(engine.sync_engine, "checkout", listener)
+            repo = AsyncTaskRepository(engine)
+            created = await repo.create(ALICE, TaskCreate(title="listened"))
+            for _ in range(3):
+                assert await repo.get(ALICE, created.id or 0) == created
+            assert [t.title for t in await repo.list(ALICE)][:1] == ["listened"]
+        finally:
+            await engine.dispose()
+
+    if where == "engine, later":
+        asyncio.run(scenario())
+    else:
+        event.listen(Pool, "checkout", listener)
+        try:
+            asyncio.run(scenario())
+        finally:
+            event.remove(Pool, "checkout", listener)
+    assert len(seen) >= 5  # every call checked a connection out through the listener
+
+
+def test_async_calls_take_connections_sessions_left_transactional(target: Target) -> None:
+    """A connection a session used (autocommit off) serves the next call; then it stays hot."""
+    settings = Settings(
+        database_url=target.url.render_as_string(hide_password=False), pool_size=1, max_overflow=0
+    )
+
+    async def scenario() -> None:
+        engine = create_async_db_engine(settings)
+        try:
+            repo = AsyncTaskRepository(engine)
+            for n in range(3):
+                async with repo.atomic():  # the pool's one connection, transactional
+                    await repo.create(ALICE, TaskCreate(title=f"in a block {n}"))
+                created = await repo.create(ALICE, TaskCreate(title=f"alone {n}"))
+                assert await repo.get(ALICE, created.id or 0) == created
+                async with engine.connect() as conn:  # handed back transactional
+                    raw = await conn.get_raw_connection()
+                    assert not cast(Any, raw.driver_connection).autocommit
+            titles = [task.title for task in await repo.list(ALICE)]
+            assert len(titles) == 6
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_an_async_call_cancelled_while_waiting_for_the_pool_leaves_it_whole(
+    target: Target,
+) -> None:
+    """With every connection out, a call waits in the bridge; cancelled, it takes none."""
+    settings = Settings(
+        database_url=target.url.render_as_string(hide_password=False),
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=10,
+    )
+
+    async def scenario() -> None:
+        engine = create_async_db_engine(settings)
+        try:
+            repo = AsyncTaskRepository(engine)
+            created = await repo.create(ALICE, TaskCreate(title="kept"))
+            async with engine.connect() as held:  # the only connection
+                await held.execute(text("SELECT 1"))
+                waiting = asyncio.ensure_future(repo.get(ALICE, created.id or 0))
+                await asyncio.sleep(0.1)
+                assert not waiting.done()
+                waiting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+            # The pool still has its one connection, and it serves.
+            assert await repo.get(ALICE, created.id or 0) == created
+            assert cast(Any, engine.sync_engine.pool).checkedout() == 0
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import pytest
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -268,3 +270,107 @@ def test_both_postgres_engines_get_the_idle_pool(runner: asyncio.Runner) -> None
     finally:
         sync.dispose()
         runner.run(engine.dispose())
+
+
+# -- checkout_without_io: what the async hot path takes outside the greenlet bridge ----
+
+
+def _anything(_connection: object) -> bool:
+    return True
+
+
+def _state(pool: IdleQueuePool) -> tuple[object, ...]:
+    """What a refused checkout must leave as it was: the stack, its times, the counts."""
+    stack = list(cast(Any, pool._pool).queue)  # the stack itself, bottom first
+    return (stack, list(pool._put_at), pool._overflow, pool.checkedin())
+
+
+def test_a_checkout_without_io_takes_the_most_recent_idle_connection(
+    pool: IdleQueuePool, server: Server
+) -> None:
+    """The connection returned last comes out, as a normal checkout would give it."""
+    first, second = checkout(pool, 2)
+    last = second.dbapi_connection
+    checkin([first, second])
+    with pool_module.checkout_without_io(_anything):
+        taken = pool.connect()
+    assert taken.dbapi_connection is last
+    assert len(server.opened) == 2
+    checkin([taken])
+    assert pool.checkedin() == 2
+
+
+@pytest.mark.parametrize("reason", ["empty", "refused", "shed due"])
+def test_a_checkout_that_would_need_io_is_refused_leaving_the_pool_as_it_was(
+    pool: IdleQueuePool, server: Server, clock: Clock, reason: str
+) -> None:
+    """No connect, no shedding, no wait: CheckoutNeedsIO, and nothing moved."""
+    held = checkout(pool, 3)  # one above pool_size
+    if reason != "empty":
+        checkin(held)
+        held = []
+    if reason == "shed due":
+        clock.now += 61
+    before = _state(pool)
+    ready = (lambda _c: False) if reason == "refused" else _anything
+    with pool_module.checkout_without_io(ready), pytest.raises(pool_module.CheckoutNeedsIO):
+        pool.connect()
+    assert _state(pool) == before
+    assert len(server.opened) == 3
+    assert server.open == 3
+    checkin(held)
+
+
+@pytest.mark.parametrize("reason", ["recycle", "pool invalidated", "soft invalidated", "lost"])
+def test_a_connection_sqlalchemy_would_reconnect_is_left_to_a_normal_checkout(
+    server: Server, monkeypatch: pytest.MonkeyPatch, reason: str
+) -> None:
+    """The pool's look agrees with SQLAlchemy's own reconnect rules (private API, pinned).
+
+    For each reason SQLAlchemy's checkout reconnects a pooled connection, the checkout
+    without I/O refuses it, and the normal checkout then does reconnect it.
+    """
+    now = [5000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])  # SQLAlchemy's clock and the pool's
+    pool = IdleQueuePool(server.connect, pool_size=2, max_overflow=0, recycle=100, idle_timeout=60)
+    other, top = checkout(pool, 2)
+    now[0] += 1  # SQLAlchemy compares invalidation times with connection times
+    if reason == "pool invalidated":
+        pool._invalidate(other)
+        checkin([pool.connect()])  # that one reconnected; *top* is older than the event
+    else:
+        checkin([other])
+    if reason == "soft invalidated":
+        top.invalidate(soft=True)
+    if reason == "lost":
+        top.invalidate()  # given back at once, without its connection
+    checkin([top])  # on top of the stack: the next checkout's
+    if reason == "recycle":
+        now[0] += 98.5  # 99.5 s old: within the margin (SQLAlchemy recycles past 100 s)
+    before = len(server.opened)
+    with pool_module.checkout_without_io(_anything), pytest.raises(pool_module.CheckoutNeedsIO):
+        pool.connect()
+    assert len(server.opened) == before
+    if reason == "recycle":
+        now[0] += 1  # past SQLAlchemy's own limit now
+    taken = pool.connect()  # the normal checkout reconnects it
+    assert len(server.opened) == before + 1
+    assert taken.dbapi_connection is cast(Any, server.opened[-1])
+    checkin([taken])
+    pool.dispose()
+
+
+def test_a_fresh_connection_within_its_recycling_age_is_taken(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Short of the margin before recycling, the checkout without I/O takes it."""
+    now = [5000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])  # SQLAlchemy's clock and the pool's
+    pool = IdleQueuePool(server.connect, pool_size=1, max_overflow=0, recycle=100, idle_timeout=60)
+    checkin(checkout(pool, 1))
+    now[0] += 98.5
+    with pool_module.checkout_without_io(_anything):
+        taken = pool.connect()
+    assert taken.dbapi_connection is cast(Any, server.opened[0])
+    checkin([taken])
+    pool.dispose()

@@ -40,6 +40,7 @@ from todo_backend.db import (
     enter_scope,
     is_in_memory,
     leave_scope,
+    pool_listeners,
     postgres_engine_options,
     reject_dead_connection,
     scope_transaction,
@@ -162,12 +163,13 @@ def create_async_db_engine(settings_or_url: Settings | str) -> AsyncEngine:
     options["connect_args"]["prepare_threshold"] = None
     engine = create_async_engine(url.set(drivername=_POSTGRES_DRIVER), **options)
     foreign = statement_listeners(engine.sync_engine)
+    foreign_pool = pool_listeners(engine.sync_engine)
     # psycopg 3 switches autocommit and isolation on the client, without a round trip
     # (unlike psycopg2, see db._switch_isolation_without_round_trips): nothing to patch.
     event.listen(engine.sync_engine, "checkout", reject_dead_connection)
     event.listen(engine.sync_engine, "checkout", checkout_mode)
     bound_every_statement(engine.sync_engine, settings)
-    allow_direct(engine.sync_engine, foreign)
+    allow_direct(engine.sync_engine, foreign, foreign_pool)
     return engine
 
 

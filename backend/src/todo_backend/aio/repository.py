@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.util import greenlet_spawn
 
 from todo_backend import repository_core as core
+from todo_backend.direct import direct_statement
 from todo_backend.models import Task, TaskCreate, TaskUpdate
 from todo_backend.repository import run_statement
 
@@ -188,8 +189,15 @@ class AsyncTaskRepository:
             return await self._open_session().commit()
         if step is core.Step.ROLLBACK:
             return await self._open_session().rollback()
-        # The whole statement (checkout, execute, check-in) in one greenlet, as
-        # AsyncSession.run_sync runs it; a pooled call needs no session at all.
+        engine = self._sync_engine
+        if step.pooled and engine is not None:
+            # The hot path, awaited (todo_backend.direct): a pooled call needs no session.
+            call = step.call
+            direct = direct_statement(engine, call.stmt)
+            if direct is not None and isinstance(call.params, dict):
+                return call.consume(*await direct.run_async(engine, call.params))
+        # Otherwise the whole statement (checkout, execute, check-in) in one greenlet,
+        # as AsyncSession.run_sync runs it.
         current = self._current()
         session = None if current is None else current.sync_session
-        return await greenlet_spawn(run_statement, session, step, self._sync_engine)
+        return await greenlet_spawn(run_statement, session, step, engine)

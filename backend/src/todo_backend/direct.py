@@ -220,7 +220,11 @@ class DirectStatement:
             # runs to completion: nothing in it waits, so no second cancellation lands.
             await greenlet_spawn(_discard, fairy)
             raise
-        fairy.close()  # in autocommit: nothing to roll back, no I/O
+        if own_pool(engine):
+            fairy.close()  # in autocommit: nothing to roll back, no I/O
+        else:
+            # A checkin or reset listener came while the statement ran: it may do I/O.
+            await greenlet_spawn(fairy.close)
         if rows:
             rows = self._processed(rows, description)
         return rows, count

@@ -39,7 +39,7 @@ from typing import (
     TypeVar,
 )
 
-from pydantic import ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from sqlalchemy import (
     ARRAY,
     BindParameter,
@@ -318,7 +318,10 @@ _IDENTITY_CLASS: Final = _mapper.identity_key_from_primary_key((0,))[0]
 _STATE_ATTR: Final = _manager.STATE_ATTR
 _by_id = itemgetter(_ID_POSITION)
 _object_new = object.__new__
-_set_slot = object.__setattr__
+# pydantic's BaseModel slots, set through their own descriptors (no attribute lookup).
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
 def _to_task(row: Sequence[Any]) -> Task:
@@ -328,9 +331,9 @@ def _to_task(row: Sequence[Any]) -> Task:
     # ClassManager.new_instance() with SQLModel.__new__ inlined, about 2 µs cheaper
     # per row, which a 50-task page feels; test_task_rows.py pins the equivalence.
     task: Task = _object_new(Task)
-    _set_slot(task, "__pydantic_fields_set__", set(_FIELDS))
-    _set_slot(task, "__pydantic_extra__", None)
-    _set_slot(task, "__pydantic_private__", None)
+    _set_fields_set(task, set(_FIELDS))
+    _set_extra(task, None)
+    _set_private(task, None)
     values = task.__dict__
     values.update(zip(_KEYS, row, strict=True))
     state = InstanceState(task, _manager)

@@ -5,20 +5,32 @@ followed by the column's ``UTCDateTime`` processor. Users rely on it giving the 
 instant, always as an aware UTC datetime, whatever the session's time zone (offsets
 in whole hours, half hours, and the seconds of historic local mean times), and on it
 failing where psycopg fails (BC dates, infinity, years past 9999), with psycopg's
-error.
+error; and where the application loads timestamps its own way (a loader of its own on
+the connection), on that loader's values made UTC as ``UTCDateTime`` makes them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.abc import Buffer
+from psycopg.types.datetime import TimestamptzLoader
+from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import URL
 
+from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.aio.db import HotPathCursor
+from todo_backend.config import Settings
+from todo_backend.models import TaskCreate
+
+ALICE = "alice"
 
 # Zones far apart, and with offsets of odd minutes and seconds in the past.
 _ZONES = ["UTC", "Etc/UTC", "Asia/Kolkata", "America/St_Johns", "Europe/Amsterdam", "Asia/Tokyo"]
@@ -103,3 +115,81 @@ def test_other_cursors_of_the_connection_load_as_psycopg_does(admin_url: URL) ->
             await conn.rollback()
 
     asyncio.run(scenario())
+
+
+@pytest.fixture
+def process_time_zone(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with the process's local time zone set to ``request.param``."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = request.param
+    time.tzset()
+    yield request.param
+    if before is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+# What an application's own timestamptz loader may make of 'infinity' (psycopg's
+# documented way to read it), and of the others: microseconds cut to milliseconds.
+_OWN_LOADS: dict[str, Any] = {
+    "None": None,
+    "naive datetime.max": datetime.max,  # noqa: DTZ901 - naive values are the case here
+    "naive year 3000": datetime(3000, 1, 1),  # noqa: DTZ001
+    "aware year 3000": datetime(3000, 1, 1, tzinfo=UTC),
+}
+
+
+@pytest.mark.parametrize("process_time_zone", ["UTC", "Asia/Kathmandu"], indirect=True)
+@pytest.mark.parametrize("infinity", list(_OWN_LOADS))
+def test_an_applications_own_timestamp_loader_reads_as_through_sqlalchemy(
+    module_engine: Engine, scratch_url: URL, process_time_zone: str, infinity: str
+) -> None:
+    """The connection's own loader is used, and its values made UTC as UTCDateTime makes them."""
+    value = _OWN_LOADS[infinity]
+
+    class OwnLoader(TimestamptzLoader):
+        def load(self, data: Buffer) -> Any:
+            if bytes(data) == b"infinity":
+                return value
+            loaded = super().load(data)
+            return loaded.replace(microsecond=loaded.microsecond // 1000 * 1000)
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.driver_connection.adapters.register_loader("timestamptz", OwnLoader)
+
+    async def read(*, hot: bool) -> list[str]:
+        settings = Settings(
+            database_url=scratch_url.render_as_string(hide_password=False),
+            pool_size=1,
+            max_overflow=0,
+        )
+        engine = create_async_db_engine(settings)
+        event.listen(engine.sync_engine, "connect", on_connect)
+        if not hot:  # a caller's statement listener: every statement through SQLAlchemy
+            event.listen(engine.sync_engine, "before_cursor_execute", lambda *_: None)
+        try:
+            repo = AsyncTaskRepository(engine)
+            task = await repo.create(ALICE, TaskCreate(title="loaded"))
+            plain = await repo.get(ALICE, task.id or 0)
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text("UPDATE tasks SET created_at = 'infinity' WHERE id = :id"),
+                    {"id": task.id},
+                )
+            try:
+                special = await repo.get(ALICE, task.id or 0)
+            except Exception as err:  # noqa: BLE001 - the outcome is what is compared
+                return [f"{type(err).__name__}: {err}"]
+            assert plain is not None
+            assert special is not None
+            return [
+                repr(plain.updated_at.microsecond % 1000),
+                repr(special.created_at),
+                repr(special.updated_at.tzinfo),
+            ]
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(read(hot=True)) == asyncio.run(read(hot=False))

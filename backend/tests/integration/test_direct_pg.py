@@ -900,3 +900,60 @@ def test_an_async_call_cancelled_while_waiting_for_the_pool_leaves_it_whole(
             await engine.dispose()
 
     asyncio.run(scenario())
+
+
+def _checkin_runs_sql(dbapi_connection: Any, *_rest: Any) -> None:
+    """A caller's checkin or reset listener that does I/O (it runs inside the bridge)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SELECT 1")
+    cursor.close()
+
+
+@pytest.mark.parametrize("pool_event", ["checkin", "reset"])
+def test_a_pool_listener_added_while_an_async_call_runs_sees_its_check_in(
+    target: Target, made: list[Engine], pool_event: str
+) -> None:
+    """Instrumentation switched on mid-call: the call answers, its connection goes back whole.
+
+    The statement waits on a lock while the listener is added; the check-in after it
+    then runs the listener (and its I/O) in the bridge: the write's answer reaches the
+    caller, the listener ran to its end, and no connection is lost to the pool.
+    """
+    locker = create_engine(target.direct)
+    made.append(locker)
+    seen: list[None] = []
+
+    def listener(*args: Any) -> None:
+        _checkin_runs_sql(*args)
+        seen.append(None)
+
+    settings = Settings(
+        database_url=target.url.render_as_string(hide_password=False),
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=5,
+    )
+
+    async def scenario() -> None:
+        engine = create_async_db_engine(settings)
+        try:
+            repo = AsyncTaskRepository(engine)
+            task = await repo.create(ALICE, TaskCreate(title="before"))
+            with locker.connect() as lock:
+                lock.execute(text("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE"))
+                call = asyncio.ensure_future(
+                    repo.update(ALICE, task.id or 0, TaskUpdate(title="after"))
+                )
+                await asyncio.sleep(0.2)  # the UPDATE waits for the lock, on the hot path
+                event.listen(engine.sync_engine, pool_event, listener)
+                lock.rollback()
+            changed = await call
+            assert changed is not None
+            assert changed.title == "after"
+            assert cast(Any, engine.sync_engine.pool).checkedout() == 0
+            assert seen  # the check-in ran the listener
+            assert await repo.get(ALICE, task.id or 0) == changed  # the pool still serves
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())

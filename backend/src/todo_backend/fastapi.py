@@ -103,13 +103,15 @@ def repository_dependency(engine: AsyncEngine) -> Callable[[], Awaitable[AsyncTa
     Use it as ``Depends(repository_dependency(engine))``. The repository is bound to
     *engine*: each call borrows a pooled connection for its one statement, and an
     ``atomic()`` block opens a session for its own duration, so a request holds
-    nothing between calls and there is nothing to close after it. A plain coroutine,
-    not a generator: FastAPI runs it without an exit stack (a quarter of a simple
-    request's dependency time).
+    nothing between calls and there is nothing to close after it. Every request gets
+    the same one: it holds no request's state (an open block belongs to the task that
+    opened it). A plain coroutine, not a generator: FastAPI runs it without an exit
+    stack (a quarter of a simple request's dependency time).
     """
+    shared = AsyncTaskRepository(engine)
 
     async def repository() -> AsyncTaskRepository:
-        return AsyncTaskRepository(engine)
+        return shared
 
     return repository
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum, auto
@@ -708,8 +708,7 @@ def in_block(repository: object, session: object) -> Iterator[None]:
             _BLOCK_SESSIONS.set(before)
 
 
-@contextmanager
-def one_call_at_a_time(repository: object) -> Iterator[None]:
+def one_call_at_a_time(repository: object) -> AbstractContextManager[None]:
     """Run one call of *repository*'s open block, refusing one that overlaps another.
 
     Tasks started inside a block (``asyncio.gather``) inherit it; their calls would
@@ -719,9 +718,15 @@ def one_call_at_a_time(repository: object) -> Iterator[None]:
     nothing.
     """
     block = _BLOCK_SESSIONS.get().get(repository)
-    if block is None:
-        yield
-        return
+    return _NO_BLOCK if block is None else _one_call(block)
+
+
+# Outside a block: nothing to guard (the common case, so no generator per call).
+_NO_BLOCK: Final = nullcontext()
+
+
+@contextmanager
+def _one_call(block: _OpenBlock) -> Iterator[None]:
     if block.busy:
         # A failed call of the block, like any other: the whole block fails.
         info = block.session.info  # type: ignore[attr-defined]

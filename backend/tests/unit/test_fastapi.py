@@ -159,6 +159,7 @@ def test_repository_dependency_is_a_plain_coroutine_giving_an_engine_bound_repos
             await repo.create("alice", TaskCreate(title="one"))
             await repo.create("alice", TaskCreate(title="two"))
         titles = [task.title for task in await (await dependency()).list("alice")]
+        assert await dependency() is repo  # one repository for every request
         await engine.dispose()
         return titles
 

@@ -172,6 +172,10 @@ class DirectStatement:
                 # the pool-wide invalidation is private API, pinned by test_direct_pg.py.
                 engine.pool._invalidate(fairy, err)
             raise _wrapped(sql, params, err, dialect=dialect, lost=lost) from err
+        except Exception:
+            # Not the driver's: a value the client could not load (a timestamp past year
+            # 9999 in UTC, say). The result was complete: the connection is fine.
+            raise
         except BaseException:
             fairy.invalidate()  # cut short mid-statement: the connection's state is unknown
             raise
@@ -215,6 +219,10 @@ class DirectStatement:
             lost = dialect.is_disconnect(err, fairy, None)
             await greenlet_spawn(_give_back, engine, fairy, err if lost else None)
             raise _wrapped(sql, sent, err, dialect=dialect, lost=lost) from err
+        except Exception:
+            # A value the client could not load, as in run(): the connection is fine.
+            await greenlet_spawn(_give_back, engine, fairy, None)
+            raise
         except BaseException:
             # Cut short mid-statement: the connection's state is unknown. Closing it
             # runs to completion: nothing in it waits, so no second cancellation lands.

@@ -957,3 +957,129 @@ def test_a_pool_listener_added_while_an_async_call_runs_sees_its_check_in(
             await engine.dispose()
 
     asyncio.run(scenario())
+
+
+def _async_pool_of_one(target: Target) -> AsyncEngine:
+    return create_async_db_engine(
+        Settings(
+            database_url=target.url.render_as_string(hide_password=False),
+            pool_size=1,
+            max_overflow=0,
+        )
+    )
+
+
+def test_an_async_connection_given_back_inside_its_users_own_begin_is_replaced(
+    target: Target, made: list[Engine]
+) -> None:
+    """The async face too: a caller's raw BEGIN never captures the hot path's next call."""
+
+    async def scenario() -> None:
+        engine = _async_pool_of_one(target)
+        try:
+            repo = AsyncTaskRepository(engine)
+            await repo.count(ALICE)  # the pool's one connection, left in autocommit
+            async with engine.connect() as conn:
+                raw = cast(Any, (await conn.get_raw_connection()).driver_connection)
+                await raw.set_autocommit(True)
+                await raw.execute("BEGIN")
+                await raw.execute(
+                    "INSERT INTO tasks (user_id, title, complete, created_at, updated_at) "
+                    "VALUES ('alice', 'never committed', false, now(), now())"
+                )
+            # Given back inside that BEGIN: the next checkout must replace it.
+            created = await repo.create(ALICE, TaskCreate(title="committed"))
+            assert created.title == "committed"
+            assert cast(Any, engine.sync_engine.pool).checkedout() == 0
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
+    other = create_engine(target.direct)
+    made.append(other)
+    assert _titles(other) == ["committed"]
+
+
+def test_news_on_the_socket_after_the_pools_look_still_serves_the_call(
+    target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the pool's look (quiet) and the checkout listener's, the listener stays out.
+
+    The server's news (a FATAL, EOF) can land between the two; the listener must not
+    then refuse the connection outside the bridge, where replacing it would need I/O:
+    the statement is sent, and a lost connection is handled as a lost connection.
+    """
+    looks: list[bool] = []
+
+    def quiet_once_then_news(_connection: Any) -> bool:
+        looks.append(True)
+        return len(looks) % 2 == 0  # every second look sees something
+
+    async def scenario() -> None:
+        engine = _async_pool_of_one(target)
+        try:
+            repo = AsyncTaskRepository(engine)
+            created = await repo.create(ALICE, TaskCreate(title="served"))
+            monkeypatch.setattr(db, "_has_news", quiet_once_then_news)
+            assert await repo.get(ALICE, created.id or 0) == created
+            assert looks == [True]  # the pool looked once; the listener did not look again
+        finally:
+            monkeypatch.undo()
+            await engine.dispose()
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def new_york(admin_url: URL) -> Iterator[URL]:
+    """A database whose time zone is west of UTC (local text can hold year 9999 past UTC's)."""
+    with fresh_database(admin_url, settings={"timezone": "America/New_York"}) as url:
+        schema = create_db_engine(url.render_as_string(hide_password=False))
+        init_db(schema)
+        schema.dispose()
+        yield url
+
+
+@pytest.mark.parametrize("last_use", ["a transaction", "a hot call"])
+def test_a_timestamp_past_what_utc_holds_fails_as_through_sqlalchemy(
+    new_york: URL, last_use: str
+) -> None:
+    """Year 10000 in UTC: the same error either way, and the connection is kept.
+
+    After a transaction the call checks its connection out through the bridge; after
+    a hot call, without it.
+    """
+    url = new_york.render_as_string(hide_password=False)
+
+    async def read(*, hot: bool) -> tuple[str, list[object]]:
+        engine = create_async_db_engine(Settings(database_url=url, pool_size=1, max_overflow=0))
+        invalidated: list[object] = []
+        event.listen(engine.sync_engine, "invalidate", lambda *args: invalidated.append(args))
+        if not hot:  # a caller's statement listener: every statement through SQLAlchemy
+            event.listen(engine.sync_engine, "before_cursor_execute", lambda *_: None)
+        try:
+            repo = AsyncTaskRepository(engine)
+            task = await repo.create(ALICE, TaskCreate(title="far"))
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text("UPDATE tasks SET created_at = '9999-12-31 23:00:00-05' WHERE id = :id"),
+                    {"id": task.id},
+                )
+            if last_use == "a hot call":
+                assert await repo.count(ALICE) == 1
+            try:
+                await repo.get(ALICE, task.id or 0)
+            except Exception as err:  # noqa: BLE001 - the outcome is what is compared
+                outcome = type(err).__name__
+            else:
+                outcome = "read"
+            assert await repo.count(ALICE) == 1  # the pool's one connection still serves
+            async with engine.begin() as conn:
+                await conn.execute(text("DELETE FROM tasks"))
+            return outcome, invalidated
+        finally:
+            await engine.dispose()
+
+    hot, through_sqlalchemy = asyncio.run(read(hot=True)), asyncio.run(read(hot=False))
+    assert hot[0] == through_sqlalchemy[0] == "OverflowError"
+    assert hot[1] == through_sqlalchemy[1] == []  # no connection discarded

@@ -799,6 +799,17 @@ def test_statements_the_hot_path_cannot_prerender_go_through_sqlalchemy(hot: Eng
 # -- the async hot path awaited outside the greenlet bridge (DirectStatement.run_async)
 
 
+def _async_pool_of_one(target: Target, **options: Any) -> AsyncEngine:
+    """The package's async engine on the target with a pool of one connection."""
+    settings = Settings(
+        database_url=target.url.render_as_string(hide_password=False),
+        pool_size=1,
+        max_overflow=0,
+        **options,
+    )
+    return create_async_db_engine(settings)
+
+
 def _checkout_runs_sql(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     """A caller's pool listener that does I/O at checkout, and ends what it began."""
     cursor = dbapi_connection.cursor()
@@ -845,12 +856,9 @@ def test_a_callers_checkout_listener_doing_io_runs_for_every_async_call(
 
 def test_async_calls_take_connections_sessions_left_transactional(target: Target) -> None:
     """A connection a session used (autocommit off) serves the next call; then it stays hot."""
-    settings = Settings(
-        database_url=target.url.render_as_string(hide_password=False), pool_size=1, max_overflow=0
-    )
 
     async def scenario() -> None:
-        engine = create_async_db_engine(settings)
+        engine = _async_pool_of_one(target)
         try:
             repo = AsyncTaskRepository(engine)
             for n in range(3):
@@ -873,15 +881,9 @@ def test_an_async_call_cancelled_while_waiting_for_the_pool_leaves_it_whole(
     target: Target,
 ) -> None:
     """With every connection out, a call waits in the bridge; cancelled, it takes none."""
-    settings = Settings(
-        database_url=target.url.render_as_string(hide_password=False),
-        pool_size=1,
-        max_overflow=0,
-        pool_timeout=10,
-    )
 
     async def scenario() -> None:
-        engine = create_async_db_engine(settings)
+        engine = _async_pool_of_one(target, pool_timeout=10)
         try:
             repo = AsyncTaskRepository(engine)
             created = await repo.create(ALICE, TaskCreate(title="kept"))
@@ -927,15 +929,8 @@ def test_a_pool_listener_added_while_an_async_call_runs_sees_its_check_in(
         _checkin_runs_sql(*args)
         seen.append(None)
 
-    settings = Settings(
-        database_url=target.url.render_as_string(hide_password=False),
-        pool_size=1,
-        max_overflow=0,
-        pool_timeout=5,
-    )
-
     async def scenario() -> None:
-        engine = create_async_db_engine(settings)
+        engine = _async_pool_of_one(target, pool_timeout=5)
         try:
             repo = AsyncTaskRepository(engine)
             task = await repo.create(ALICE, TaskCreate(title="before"))
@@ -957,16 +952,6 @@ def test_a_pool_listener_added_while_an_async_call_runs_sees_its_check_in(
             await engine.dispose()
 
     asyncio.run(scenario())
-
-
-def _async_pool_of_one(target: Target) -> AsyncEngine:
-    return create_async_db_engine(
-        Settings(
-            database_url=target.url.render_as_string(hide_password=False),
-            pool_size=1,
-            max_overflow=0,
-        )
-    )
 
 
 def test_an_async_connection_given_back_inside_its_users_own_begin_is_replaced(

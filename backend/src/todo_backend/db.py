@@ -19,11 +19,12 @@ import re
 import select
 import socket
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from ipaddress import ip_address
+from operator import attrgetter
 from typing import Any, Final, TypeVar
 from weakref import WeakKeyDictionary
 
@@ -645,9 +646,17 @@ _DIALECT_EVENTS: Final = ("handle_error", "do_execute", "do_setinputsizes")
 # The prefixes of each engine bound_every_statement ran on, and of those the hot path
 # may use, with the listener counts that are the package's own.
 _ENGINE_PREFIXES: WeakKeyDictionary[Engine, StatementPrefixes] = WeakKeyDictionary()
-_OWN_PREFIXES: WeakKeyDictionary[Engine, tuple[StatementPrefixes, tuple[int, ...]]] = (
-    WeakKeyDictionary()
-)
+_OWN_PREFIXES: WeakKeyDictionary[Engine, tuple[StatementPrefixes, _Listeners]] = WeakKeyDictionary()
+
+
+_STATEMENT_LISTENERS: Final = attrgetter(*_STATEMENT_EVENTS)
+_DIALECT_LISTENERS: Final = attrgetter(*_DIALECT_EVENTS)
+
+
+def _statement_collections(engine: Engine) -> tuple[Any, ...]:
+    """Return SQLAlchemy's listener collection of each statement event of *engine*."""
+    events: tuple[Any, ...] = _STATEMENT_LISTENERS(engine.dispatch)
+    return events + _DIALECT_LISTENERS(engine.dialect.dispatch)
 
 
 def statement_listeners(engine: Engine) -> tuple[int, ...]:
@@ -656,24 +665,83 @@ def statement_listeners(engine: Engine) -> tuple[int, ...]:
     The events that observe or alter the statements SQLAlchemy runs (on the engine,
     the ``Engine`` class or the engine's dialect); see :func:`allow_direct`.
     """
-    engine_events, dialect_events = engine.dispatch, engine.dialect.dispatch
-    return tuple(len(getattr(engine_events, name)) for name in _STATEMENT_EVENTS) + tuple(
-        len(getattr(dialect_events, name)) for name in _DIALECT_EVENTS
-    )
+    return tuple(map(len, _statement_collections(engine)))
 
 
 # The pool events that run at checkout and check-in: the async hot path runs them
 # outside SQLAlchemy's greenlet bridge, where a caller's listener could not do I/O.
 _POOL_EVENTS: Final = ("checkout", "checkin", "reset")
-# Of each async engine whose pool had no listener but the package's own when it was
-# made: its pool listener counts then.
-_OWN_POOL: WeakKeyDictionary[Engine, tuple[int, ...]] = WeakKeyDictionary()
+_POOL_LISTENERS: Final = attrgetter(*_POOL_EVENTS)
+
+
+def _pool_collections(engine: Engine) -> tuple[Any, ...]:
+    """Return SQLAlchemy's listener collection of each of *engine*'s pool events above."""
+    collections: tuple[Any, ...] = _POOL_LISTENERS(engine.pool.dispatch)
+    return collections
 
 
 def pool_listeners(engine: Engine) -> tuple[int, ...]:
     """Return how many listeners the checkout, checkin and reset events of *engine*'s pool have."""
-    events = engine.pool.dispatch
-    return tuple(len(getattr(events, name)) for name in _POOL_EVENTS)
+    return tuple(map(len, _pool_collections(engine)))
+
+
+class _Listeners:
+    """An engine's listeners on some events as the package left them, compared per call.
+
+    The exact test is SQLAlchemy's count of each event's listeners (``len()`` of its
+    collection: a Python call per event, about 2 µs a call for all of them). Each call
+    compares instead the collections themselves (still the same objects) and the
+    lengths of the lists inside them, at C speed; only when either differs (a listener
+    added or removed, a disposed engine's new pool) are the counts taken again, and
+    the same counts as the package left mean the same listeners in new collections.
+    The lists are what the collections' own ``len()`` sums (private API, pinned by the
+    tests that add listeners on the engine, its class, its dialect and its pool).
+    """
+
+    __slots__ = ("_collections", "_counts", "_seen")
+
+    def __init__(self, collections: Callable[[Engine], tuple[Any, ...]], engine: Engine) -> None:
+        self._collections = collections
+        found = collections(engine)
+        self._counts = tuple(map(len, found))
+        # One tuple, replaced whole: threads never see half of an update.
+        self._seen = _inside(found)
+
+    def unchanged(self, engine: Engine) -> bool:
+        """Tell whether *engine*'s listeners on these events are still the package's own."""
+        found = self._collections(engine)
+        seen, lists, sizes = self._seen
+        if lists is not None and found == seen and tuple(map(len, lists)) == sizes:
+            return True
+        if tuple(map(len, found)) != self._counts:
+            return False
+        self._seen = _inside(found)
+        return True
+
+
+def _inside(
+    collections: tuple[Any, ...],
+) -> tuple[tuple[Any, ...], tuple[Any, ...] | None, tuple[int, ...]]:
+    """Return *collections*, the lists in them, and those lists' lengths.
+
+    No lists (None) when a collection is of a kind without them: every call then
+    takes the exact count.
+    """
+    lists: list[Any] = []
+    for collection in collections:
+        parent = getattr(collection, "parent_listeners", None)
+        if parent is None:
+            return collections, None, ()
+        lists.append(parent)
+        own = getattr(collection, "listeners", None)
+        if own is not None:
+            lists.append(own)
+    return collections, tuple(lists), tuple(map(len, lists))
+
+
+# Of each async engine whose pool had no listener but the package's own when it was
+# made: its pool listeners then.
+_OWN_POOL: WeakKeyDictionary[Engine, _Listeners] = WeakKeyDictionary()
 
 
 def own_pool(engine: Engine) -> bool:
@@ -684,8 +752,8 @@ def own_pool(engine: Engine) -> bool:
     async hot path then checks connections out without SQLAlchemy's greenlet bridge
     while the counts stay the same.
     """
-    counts = _OWN_POOL.get(engine)
-    return counts is not None and pool_listeners(engine) == counts
+    listeners = _OWN_POOL.get(engine)
+    return listeners is not None and listeners.unchanged(engine)
 
 
 def allow_direct(
@@ -704,9 +772,9 @@ def allow_direct(
     """
     prefixes = _ENGINE_PREFIXES.get(engine)
     if prefixes is not None and not any(foreign):
-        _OWN_PREFIXES[engine] = (prefixes, statement_listeners(engine))
+        _OWN_PREFIXES[engine] = (prefixes, _Listeners(_statement_collections, engine))
         if foreign_pool is not None and not any(foreign_pool):
-            _OWN_POOL[engine] = pool_listeners(engine)
+            _OWN_POOL[engine] = _Listeners(_pool_collections, engine)
 
 
 def own_prefixes(engine: Engine) -> StatementPrefixes | None:
@@ -730,8 +798,8 @@ def own_prefixes(engine: Engine) -> StatementPrefixes | None:
         or engine.get_execution_options()
     ):
         return None
-    prefixes, counts = own
-    return prefixes if statement_listeners(engine) == counts else None
+    prefixes, listeners = own
+    return prefixes if listeners.unchanged(engine) else None
 
 
 # Connection.info key: the server had closed the connection before the message now

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tests.fastapi_app import readme_app
-from todo_backend.aio import create_async_db_engine
+from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.db import create_db_engine, init_db
 from todo_backend.errors import (
     ConfigurationError,
@@ -213,6 +213,38 @@ def test_session_dependency_is_a_dependency_as_is(tmp_path: Path) -> None:
     app.get("/one")(one)
     with TestClient(app) as client:
         assert client.get("/one").json() == 1
+
+
+def test_repository_dependency_serves_routes_and_can_be_overridden(tmp_path: Path) -> None:
+    """Depends(repository_dependency(engine)) serves a route; dependency_overrides swaps it."""
+    engine = create_async_db_engine(_sqlite_file(tmp_path, schema=True))
+    (tmp_path / "other").mkdir()
+    other = create_async_db_engine(_sqlite_file(tmp_path / "other", schema=True))
+    app = FastAPI(lifespan=lifespan(engine))
+    add_error_handlers(app)
+    dependency = repository_dependency(engine)
+
+    async def add(title: str, tasks: AsyncTaskRepository) -> TaskRead:
+        return TaskRead.model_validate(await tasks.create("alice", TaskCreate(title=title)))
+
+    async def titles(tasks: AsyncTaskRepository) -> list[str]:
+        return [task.title for task in await tasks.list("alice")]
+
+    # As `tasks: Annotated[AsyncTaskRepository, Depends(...)]` would read in a module of
+    # its own (this one's annotations are strings that name a local).
+    for route in (add, titles):
+        route.__annotations__["tasks"] = Annotated[AsyncTaskRepository, Depends(dependency)]
+    app.post("/tasks", status_code=201)(add)
+    app.get("/tasks")(titles)
+    with TestClient(app) as client:
+        assert client.post("/tasks", params={"title": "kept"}).status_code == 201
+        assert client.post("/tasks", params={"title": " "}).status_code == 422
+        app.dependency_overrides[dependency] = lambda: AsyncTaskRepository(other)
+        assert client.post("/tasks", params={"title": "elsewhere"}).status_code == 201
+        assert client.get("/tasks").json() == ["elsewhere"]
+        app.dependency_overrides.clear()
+        assert client.get("/tasks").json() == ["kept"]
+    asyncio.run(other.dispose())
 
 
 # -- each handler, on a small app whose routes raise the errors --------------------------

@@ -1271,7 +1271,7 @@ def _server_idle(dbapi_connection: Any) -> bool:
     pgconn = getattr(connection, "pgconn", None)
     if pgconn is not None:
         # psycopg 3's libpq status, read as a plain int: its connection.info builds a
-        # ConnectionInfo and an enum on each read, about 1.5 µs, twice per call.
+        # ConnectionInfo and an enum on each read, about 1.5 µs.
         return bool(pgconn.transaction_status == _IDLE)
     return getattr(connection.info, "transaction_status", _IDLE) == _IDLE
 

@@ -2,7 +2,9 @@
 
 Run with ``nox -s bench`` or ``python backend/bench/run.py [--delay-ms 2.5]``;
 ``nox -s bench -- --http`` runs the HTTP benchmark (``http_bench.py``) instead, and
-``-- --cpu`` the per-call cost at 0 ms RTT of both faces (``cpu.py``). It needs
+``-- --cpu`` the per-call cost at 0 ms RTT of both faces (``cpu.py``), and
+``-- --instructions`` the HTTP services' instructions per request (``instructions.py``,
+under valgrind). It needs
 the PostgreSQL server named by ``TEST_DATABASE_URL`` (default: the local one) and only
 ever connects to this machine. The benchmark creates a scratch database, drops it at
 the end, and writes ``results.md``, ``results.json`` and ``results.png`` to
@@ -912,7 +914,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the report and write it to the output folder.
 
     ``--http`` runs the HTTP benchmark instead (``http_bench.py``; its own options), and
-    ``--cpu`` the per-call cost at 0 ms RTT on both faces (``cpu.py``).
+    ``--cpu`` the per-call cost at 0 ms RTT on both faces (``cpu.py``), and
+    ``--instructions`` the HTTP services' instructions per request (``instructions.py``).
     """
     argv = sys.argv[1:] if argv is None else argv
     if "--http" in argv:
@@ -923,6 +926,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.cpu import main as cpu_main  # noqa: PLC0415 - a part of its own
 
         return cpu_main([arg for arg in argv if arg != "--cpu"])
+    if "--instructions" in argv:
+        from bench.instructions import main as count_main  # noqa: PLC0415 - a part of its own
+
+        return count_main([arg for arg in argv if arg != "--instructions"])
     args = parse_args(argv)
     url = _resolve_target(os.environ.get("TEST_DATABASE_URL") or DEFAULT_URL)
     started = time.time()

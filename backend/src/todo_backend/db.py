@@ -43,7 +43,7 @@ from todo_backend.errors import (
     DatabaseUnavailableError,
 )
 from todo_backend.models import Task, validate_user_id
-from todo_backend.pool import IdleQueuePool, checking_out_without_io
+from todo_backend.pool import IdleQueuePool
 
 __all__ = [
     "APP_ROLE",
@@ -55,6 +55,7 @@ __all__ = [
     "USER_PARAMETER",
     "USER_SETTING",
     "DatabaseHealth",
+    "DirectUse",
     "StatementPrefixes",
     "allow_direct",
     "as_settings",
@@ -64,6 +65,7 @@ __all__ = [
     "check_database",
     "checkout_mode",
     "create_db_engine",
+    "direct_use",
     "enter_scope",
     "error_reason",
     "get_session",
@@ -71,7 +73,6 @@ __all__ = [
     "is_in_memory",
     "is_local_host",
     "leave_scope",
-    "own_pool",
     "own_prefixes",
     "own_statement",
     "owned_by",
@@ -646,7 +647,6 @@ _DIALECT_EVENTS: Final = ("handle_error", "do_execute", "do_setinputsizes")
 # The prefixes of each engine bound_every_statement ran on, and of those the hot path
 # may use, with the listener counts that are the package's own.
 _ENGINE_PREFIXES: WeakKeyDictionary[Engine, StatementPrefixes] = WeakKeyDictionary()
-_OWN_PREFIXES: WeakKeyDictionary[Engine, tuple[StatementPrefixes, _Listeners]] = WeakKeyDictionary()
 
 
 _STATEMENT_LISTENERS: Final = attrgetter(*_STATEMENT_EVENTS)
@@ -739,21 +739,65 @@ def _inside(
     return collections, tuple(lists), tuple(map(len, lists))
 
 
-# Of each async engine whose pool had no listener but the package's own when it was
-# made: its pool listeners then.
-_OWN_POOL: WeakKeyDictionary[Engine, _Listeners] = WeakKeyDictionary()
+class DirectUse:
+    """What lets the repository's hot path use one engine, checked on every call.
 
-
-def own_pool(engine: Engine) -> bool:
-    """Tell whether *engine*'s pool events have no listener but the package's own.
-
-    Recorded by :func:`allow_direct` for an async engine whose pool had no listener
-    (on the engine, or on the ``Pool`` class) before the package added its own; the
-    async hot path then checks connections out without SQLAlchemy's greenlet bridge
-    while the counts stay the same.
+    Made by :func:`allow_direct` for a PostgreSQL engine of this package whose
+    statement events had no listener but the package's own when it was made; looked up
+    once per call with :func:`direct_use`, which also makes the per-call checks that
+    all hold for every statement. :attr:`statements` is the hot path's own cache of
+    this engine's compiled statements (:mod:`todo_backend.direct`), kept here so a
+    call needs one lookup, not one per cache, and gone with the engine.
     """
-    listeners = _OWN_POOL.get(engine)
-    return listeners is not None and listeners.unchanged(engine)
+
+    __slots__ = ("_pool", "_statements", "prefixes", "statements")
+
+    def __init__(self, prefixes: StatementPrefixes, engine: Engine, *, own_pool: bool) -> None:
+        self.prefixes = prefixes
+        self.statements: dict[Any, Any] = {}
+        self._statements = _Listeners(_statement_collections, engine)
+        self._pool = _Listeners(_pool_collections, engine) if own_pool else None
+
+    def unwatched(self, engine: Engine) -> bool:
+        """Tell whether nothing but the package watches *engine*'s statements now.
+
+        Its statement events (``before_execute``, ``before_cursor_execute``,
+        ``handle_error``, ``begin``... on the engine or on the Engine class) have no
+        listener but the package's own, it has no execution options of its own
+        (``schema_translate_map``...), and it logs no SQL (``echo`` or the
+        ``sqlalchemy.engine`` logger at INFO, which is what SQLAlchemy's own
+        connections ask). Only then may a statement go to the driver without passing
+        through SQLAlchemy's execution: a caller's instrumentation, logging or error
+        hooks see every statement otherwise.
+        """
+        return (
+            not engine.logger.isEnabledFor(logging.INFO)
+            and not engine.get_execution_options()
+            and self._statements.unchanged(engine)
+        )
+
+    def pool_unwatched(self, engine: Engine) -> bool:
+        """Tell whether *engine*'s pool events have no listener but the package's own.
+
+        True only for an async engine whose pool had no listener (on the engine, or on
+        the ``Pool`` class) before the package added its own: the async hot path then
+        borrows connections without SQLAlchemy's greenlet bridge or its checkout
+        (:meth:`todo_backend.pool.IdleQueuePool.lend`) while the counts stay the same.
+        """
+        return self._pool is not None and self._pool.unchanged(engine)
+
+
+_DIRECT: WeakKeyDictionary[Engine, DirectUse] = WeakKeyDictionary()
+
+
+def direct_use(engine: Engine) -> DirectUse | None:
+    """Return what lets the hot path use *engine*, if it may now (:meth:`DirectUse.unwatched`).
+
+    None unless *engine* is a PostgreSQL engine of this package (:func:`allow_direct`)
+    that nothing but the package watches at this moment.
+    """
+    use = _DIRECT.get(engine)
+    return use if use is not None and use.unwatched(engine) else None
 
 
 def allow_direct(
@@ -766,40 +810,23 @@ def allow_direct(
     the ``Engine`` class, or added by an instrumented ``create_engine`` such as
     OpenTelemetry's), and then the hot path is never used on this engine. Otherwise
     it is used while the counts stay those of the package's own hooks
-    (:func:`own_prefixes`). *foreign_pool*, given for an async engine, is
+    (:func:`direct_use`). *foreign_pool*, given for an async engine, is
     :func:`pool_listeners` taken at the same moment: with none there, its hot path may
-    also check connections out without the greenlet bridge (:func:`own_pool`).
+    also borrow connections without the greenlet bridge (:meth:`DirectUse.pool_unwatched`).
     """
     prefixes = _ENGINE_PREFIXES.get(engine)
     if prefixes is not None and not any(foreign):
-        _OWN_PREFIXES[engine] = (prefixes, _Listeners(_statement_collections, engine))
-        if foreign_pool is not None and not any(foreign_pool):
-            _OWN_POOL[engine] = _Listeners(_pool_collections, engine)
+        own_pool = foreign_pool is not None and not any(foreign_pool)
+        _DIRECT[engine] = DirectUse(prefixes, engine, own_pool=own_pool)
 
 
 def own_prefixes(engine: Engine) -> StatementPrefixes | None:
     """Return the prefixes *engine*'s hooks add, if nothing else watches its statements.
 
-    None unless *engine* is a PostgreSQL engine of this package (:func:`allow_direct`)
-    whose statement events (``before_execute``, ``before_cursor_execute``,
-    ``handle_error``, ``begin``... on the engine or on the Engine class) have no
-    listener but the package's own, which has no execution options of its own
-    (``schema_translate_map``...), and which logs no SQL (``echo`` off, the
-    ``sqlalchemy.engine`` logger below INFO). Only then may a statement go to the
-    driver without passing through SQLAlchemy's execution: a caller's instrumentation,
-    logging or error hooks see every statement otherwise.
+    None unless the hot path may use *engine* now (:func:`direct_use`).
     """
-    own = _OWN_PREFIXES.get(engine)
-    if (
-        own is None
-        or engine.echo
-        or engine.logger.isEnabledFor(logging.INFO)
-        # Options that change how a statement compiles or runs (schema_translate_map...).
-        or engine.get_execution_options()
-    ):
-        return None
-    prefixes, listeners = own
-    return prefixes if listeners.unchanged(engine) else None
+    use = direct_use(engine)
+    return None if use is None else use.prefixes
 
 
 # Connection.info key: the server had closed the connection before the message now
@@ -1219,8 +1246,6 @@ def reject_dead_connection(
     round trip; raising DisconnectionError makes the pool open a fresh connection in
     its place before the caller's statement is sent.
     """
-    if checking_out_without_io():
-        return  # ready_without_io() has just looked, and a refusal here would be I/O
     connection = getattr(dbapi_connection, "driver_connection", dbapi_connection)
     if connection.closed:
         raise DisconnectionError("connection closed")
@@ -1240,9 +1265,9 @@ def ready_without_io(dbapi_connection: Any) -> bool:
 
     Open, in autocommit already, idle on the server and with nothing on its socket:
     then the checkout listeners (:func:`reject_dead_connection`,
-    :func:`checkout_mode`) have nothing to refuse or switch, and the async hot path
-    may take it without SQLAlchemy's greenlet bridge
-    (:func:`todo_backend.pool.checkout_without_io`). Otherwise the checkout goes
+    :func:`checkout_mode`) would have nothing to refuse or switch, and the async hot
+    path may borrow it without them and without SQLAlchemy's greenlet bridge
+    (:meth:`todo_backend.pool.IdleQueuePool.lend`). Otherwise it is checked out
     through the bridge, where replacing or switching it may do I/O.
     """
     connection = dbapi_connection.driver_connection
@@ -1295,8 +1320,6 @@ def checkout_mode(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: An
     """
     served = record.info.get(_SERVED, False)
     record.info[_SERVED] = True
-    if checking_out_without_io() and AUTOCOMMIT_CHECKOUT.get():
-        return  # ready_without_io() found it idle and in autocommit: as the hot path wants it
     if not _server_idle(dbapi_connection):
         if served:
             raise DisconnectionError("given back inside a transaction its user began itself")

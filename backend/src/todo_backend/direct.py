@@ -37,7 +37,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, cast
-from weakref import WeakKeyDictionary
 
 from sqlalchemy import Engine, Executable
 from sqlalchemy.exc import DBAPIError
@@ -48,13 +47,12 @@ from sqlmodel import UTCDateTime
 from todo_backend.db import (
     AUTOCOMMIT_CHECKOUT,
     USER_PARAMETER,
-    StatementPrefixes,
-    own_pool,
-    own_prefixes,
+    DirectUse,
+    direct_use,
     own_statement,
     ready_without_io,
 )
-from todo_backend.pool import CheckoutNeedsIO, checkout_without_io
+from todo_backend.pool import IdleQueuePool
 
 __all__ = ["DirectStatement", "Rows", "direct_statement"]
 
@@ -82,6 +80,7 @@ class DirectStatement:
         "_results",
         "_types",
         "_unscoped_sql",
+        "_use",
         "_utc_codes",
         "sql",
     )
@@ -89,13 +88,15 @@ class DirectStatement:
     def __init__(
         self,
         engine: Engine,
-        prefixes: StatementPrefixes,
+        use: DirectUse,
         compiled: SQLCompiler,
         own: tuple[str | None, bool, str | None],
     ) -> None:
         # Only the dialect is kept: the cache of statements must not keep the engine
         # (and its pool) alive.
         dialect = self._dialect = engine.dialect
+        self._use = use
+        prefixes = use.prefixes
         # An async engine's pooled connection wraps psycopg 3's AsyncConnection.
         self._is_async = dialect.is_async
         # The async face's cursor, and the driver type codes it loads into UTC itself.
@@ -190,49 +191,47 @@ class DirectStatement:
 
         SQLAlchemy's greenlet bridge, which an async engine's pool and driver adapter
         need for any I/O of their own, costs about 30 µs of CPU per call around the
-        statement. So where the pool can hand out a connection that needs nothing
-        done first (:func:`todo_backend.pool.checkout_without_io`, approved by
-        :func:`todo_backend.db.ready_without_io`) and only the package listens to
-        its checkouts, the statement is awaited on it directly and the connection
-        given back as it is, in autocommit (its check-in does no I/O). Everything
-        that needs I/O goes through the bridge, as :meth:`run` does it: a checkout
-        that must connect, recycle, shed or wait, and discarding a connection after
-        an error or an interruption. Errors come out as from :meth:`run`.
+        statement, and its checkout and check-in about 10 µs more. So where the pool
+        can lend a connection that needs nothing done first
+        (:meth:`todo_backend.pool.IdleQueuePool.lend`, approved by
+        :func:`todo_backend.db.ready_without_io`) and only the package listens to its
+        events, the statement is awaited on it directly and the connection given back
+        as it is, in autocommit (no I/O). Everything that needs I/O goes through the
+        bridge, as :meth:`run` does it: a checkout that must connect, recycle, shed or
+        wait, and discarding a connection after an error or an interruption. Errors
+        come out as from :meth:`run`.
         """
-        if not own_pool(engine):
+        sql, sent = self._message(params)  # before borrowing: it may raise
+        pool = engine.pool
+        use = self._use
+        if not (isinstance(pool, IdleQueuePool) and use.pool_unwatched(engine)):
             return cast(Rows, await greenlet_spawn(self.run, engine, params))
-        sql, sent = self._message(params)
-        hot = AUTOCOMMIT_CHECKOUT.set(True)
-        try:
-            with checkout_without_io(ready_without_io):
-                fairy = engine.raw_connection()
-        except CheckoutNeedsIO:
+        record = pool.lend(ready_without_io)
+        if record is None:
             return cast(Rows, await greenlet_spawn(self.run, engine, params))
-        finally:
-            AUTOCOMMIT_CHECKOUT.reset(hot)
         dialect = self._dialect
         try:
             rows, count, description = await _send_async(
-                self._cursor(fairy.driver_connection), sql, sent, self._results is None
+                self._cursor(record.driver_connection), sql, sent, self._results is None
             )
         except dialect.loaded_dbapi.Error as err:
-            lost = dialect.is_disconnect(err, fairy, None)
-            await greenlet_spawn(_give_back, engine, fairy, err if lost else None)
+            lost = dialect.is_disconnect(err, record.dbapi_connection, None)
+            await greenlet_spawn(_give_back_lent, pool, record, err if lost else None)
             raise _wrapped(sql, sent, err, dialect=dialect, lost=lost) from err
         except Exception:
             # A value the client could not load, as in run(): the connection is fine.
-            await greenlet_spawn(_give_back, engine, fairy, None)
+            await greenlet_spawn(pool.give_back, record)
             raise
         except BaseException:
             # Cut short mid-statement: the connection's state is unknown. Closing it
             # runs to completion: nothing in it waits, so no second cancellation lands.
-            await greenlet_spawn(_discard, fairy)
+            await greenlet_spawn(_discard_lent, pool, record)
             raise
-        if own_pool(engine):
-            fairy.close()  # in autocommit: nothing to roll back, no I/O
+        if use.pool_unwatched(engine):
+            pool.give_back(record)  # in autocommit: nothing to roll back, no I/O
         else:
             # A checkin or reset listener came while the statement ran: it may do I/O.
-            await greenlet_spawn(fairy.close)
+            await greenlet_spawn(pool.give_back, record)
         if rows:
             rows = self._processed(rows, description)
         return rows, count
@@ -277,25 +276,25 @@ class DirectStatement:
         return processed
 
 
-def _give_back(engine: Engine, fairy: Any, lost: BaseException | None) -> None:
-    """Return *fairy* to *engine*'s pool after a driver error; first discard it if *lost*.
+def _give_back_lent(pool: IdleQueuePool, record: Any, lost: BaseException | None) -> None:
+    """Give a lent connection back after a driver error; first discard it if *lost*.
 
-    A lost connection is discarded as SQLAlchemy's execution does it, with every
-    connection the pool opened before it (private API, pinned by test_direct_pg.py).
+    As SQLAlchemy's execution reacts to a disconnect: with it, every connection the
+    pool opened before it is replaced at its next checkout.
     """
     try:
         if lost is not None:
-            engine.pool._invalidate(fairy, lost)
+            pool.invalidate_older(record, lost)
     finally:
-        fairy.close()
+        pool.give_back(record)
 
 
-def _discard(fairy: Any) -> None:
-    """Discard *fairy*'s connection (its state unknown) and return the empty slot to the pool."""
+def _discard_lent(pool: IdleQueuePool, record: Any) -> None:
+    """Discard a lent connection (its state unknown) and give the empty slot back."""
     try:
-        fairy.invalidate()
+        record.invalidate()
     finally:
-        fairy.close()
+        pool.give_back(record)
 
 
 async def _send_async(cursor: Any, sql: str, params: Any, describe: bool) -> tuple[Any, int, Any]:
@@ -334,36 +333,27 @@ def _wrapped(
     return cast(DBAPIError, wrapped)
 
 
-_STATEMENTS: Final[WeakKeyDictionary[Engine, dict[Executable, DirectStatement | None]]] = (
-    WeakKeyDictionary()
-)
-
-
 def direct_statement(engine: Engine, stmt: Executable) -> DirectStatement | None:
     """Return *stmt* ready for *engine*'s hot path, or None where it must go through SQLAlchemy.
 
     None when the hot path would not be invisible (not a PostgreSQL engine of this
     package, a caller's listener on its statement events, SQL logging on:
-    :func:`todo_backend.db.own_prefixes`), or when *stmt* is not one of the package's
+    :func:`todo_backend.db.direct_use`), or when *stmt* is not one of the package's
     own statements or cannot be rendered once for every call (an expanding or
     literal-rendered parameter).
     """
-    prefixes = own_prefixes(engine)
-    if prefixes is None:
+    use = direct_use(engine)
+    if use is None:
         return None
-    statements = _STATEMENTS.get(engine)
-    if statements is None:
-        statements = _STATEMENTS[engine] = {}
+    statements = use.statements
     try:
-        return statements[stmt]
+        found: DirectStatement | None = statements[stmt]
     except KeyError:
-        prepared = statements[stmt] = _prepare(engine, prefixes, stmt)
-        return prepared
+        found = statements[stmt] = _prepare(engine, use, stmt)
+    return found
 
 
-def _prepare(
-    engine: Engine, prefixes: StatementPrefixes, stmt: Executable
-) -> DirectStatement | None:
+def _prepare(engine: Engine, use: DirectUse, stmt: Executable) -> DirectStatement | None:
     own = own_statement(stmt.get_execution_options())
     dialect = engine.dialect
     # A statement's result columns (and so their types) must be known: a text() has none.
@@ -379,4 +369,4 @@ def _prepare(
         or any(b.value is not None or b.callable is not None for b in compiled.binds.values())
         or USER_PARAMETER in compiled.binds
     )
-    return DirectStatement(engine, prefixes, compiled, own) if pre_rendered else None
+    return DirectStatement(engine, use, compiled, own) if pre_rendered else None

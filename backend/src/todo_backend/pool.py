@@ -17,75 +17,40 @@ call (or until the server closes them, which the checkout then notices). Checkou
 waits, ``timeout`` (``DB_POOL_TIMEOUT``), recycling, the events and invalidation are
 QueuePool's own. :class:`AsyncIdleQueuePool` is the same pool for the async engine.
 
-Inside :func:`checkout_without_io`, a checkout hands out only a connection that needs
-nothing done first (no connect, recycle, shedding or wait): the async repository's
-hot path checks a connection out that way outside SQLAlchemy's greenlet bridge, and
-otherwise, on :class:`CheckoutNeedsIO`, goes through the bridge as before.
+:meth:`IdleQueuePool.lend` hands out a pooled connection that needs nothing done
+first (no connect, recycle, shedding or wait) without SQLAlchemy's checkout around it,
+and :meth:`IdleQueuePool.give_back` returns it: the async repository's hot path
+borrows a connection that way outside SQLAlchemy's greenlet bridge, and otherwise
+checks one out through the bridge as before.
 
 The pool extends QueuePool at the points SQLAlchemy's pools are built on
-(``_do_get``, ``_do_return_conn``, the overflow counter); ``tests/unit/test_pool.py``
-pins that behaviour against the installed SQLAlchemy.
+(``_do_get``, ``_do_return_conn``, the overflow counter, the connection record's
+``checkin``); ``tests/unit/test_pool.py`` pins that behaviour against the installed
+SQLAlchemy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+import weakref
+from collections import deque
+from collections.abc import Callable
 from time import monotonic
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolResetState, QueuePool
+from sqlalchemy.util import await_only
 from sqlalchemy.util import queue as sqla_queue
 
-__all__ = [
-    "AsyncIdleQueuePool",
-    "CheckoutNeedsIO",
-    "IdleQueuePool",
-    "checking_out_without_io",
-    "checkout_without_io",
-]
+__all__ = ["AsyncIdleQueuePool", "IdleQueuePool"]
 
 DEFAULT_IDLE_TIMEOUT = 60.0
 # A connection this close to its recycling age is left to a checkout that may
 # reconnect: time passes between this pool's look and SQLAlchemy's own.
 _RECYCLE_MARGIN: Final = 1.0
-
-
-class CheckoutNeedsIO(Exception):  # noqa: N818 - a signal, not an error a caller sees
-    """A checkout inside :func:`checkout_without_io` would need I/O first; nothing was changed."""
-
-
-# Inside checkout_without_io: what approves a connection for it (see there).
-_WITHOUT_IO: Final[ContextVar[Callable[[Any], bool] | None]] = ContextVar(
-    "todo_backend_checkout_without_io", default=None
-)
-
-
-@contextmanager
-def checkout_without_io(ready: Callable[[Any], bool]) -> Iterator[None]:
-    """Make the pool's checkouts in the block hand out only a connection ready as it is.
-
-    An :class:`IdleQueuePool` then gives the most recently returned connection only if
-    it needs no I/O before use (it is open, not due for recycling or replaced by an
-    invalidation, and no idle connection is due to be closed) and *ready* approves its
-    DBAPI connection; otherwise it raises :class:`CheckoutNeedsIO`, with the pool as it
-    was. Checkout listeners that could refuse a connection must then not do I/O
-    either (:func:`checking_out_without_io`). An asyncio caller can so check out
-    without SQLAlchemy's greenlet bridge.
-    """
-    token = _WITHOUT_IO.set(ready)
-    try:
-        yield
-    finally:
-        _WITHOUT_IO.reset(token)
-
-
-def checking_out_without_io() -> bool:
-    """Tell whether a checkout is being made inside :func:`checkout_without_io`."""
-    return _WITHOUT_IO.get() is not None
 
 
 def _reconnects(pool: QueuePool, record: Any) -> bool:
@@ -106,6 +71,135 @@ def _reconnects(pool: QueuePool, record: Any) -> bool:
     )
 
 
+class _Slot:
+    """A thread's place in :class:`_HandOffQueue`'s line, and what it is handed."""
+
+    __slots__ = ("handed", "item", "ready")
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.handed = False
+        self.item: Any = None
+
+
+class _HandOffQueue(sqla_queue.Queue[Any]):
+    """SQLAlchemy's queue of pooled connections, first come, first served.
+
+    SQLAlchemy's own takes a connection that is in the queue at once, even while
+    checkouts are waiting for one: a thread that gives a connection back and asks for
+    one again at once (two repository calls in a row) takes it back before the woken
+    waiter runs, and the waiter, finding the queue empty, waits again. Under a steady
+    load it can so wait until its pool timeout, however short the calls. Here a
+    connection given back goes straight to the checkout that has waited longest, as
+    psycopg_pool hands them over, so the queue holds connections only while no one
+    waits. A put never blocks: the pool has room for every connection it opens.
+    """
+
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
+        super().__init__(maxsize, use_lifo)
+        self._waiters: deque[_Slot] = deque()
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Hand *item* to the checkout waiting longest, or queue it if none waits."""
+        with self.mutex:
+            self._give(item)
+
+    def _give(self, item: Any) -> None:
+        # Under the mutex.
+        if self._waiters:
+            slot = self._waiters.popleft()
+            slot.item, slot.handed = item, True
+            slot.ready.set()
+            return
+        if self._full():
+            raise sqla_queue.Full
+        self._put(item)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Take a connection; with *block*, wait in line for up to *timeout* seconds."""
+        with self.mutex:
+            if self.queue:  # nobody waits while the queue holds one
+                return self._get()
+            if not block:
+                raise sqla_queue.Empty
+            slot = _Slot()
+            self._waiters.append(slot)
+        try:
+            slot.ready.wait(timeout)
+        except BaseException:
+            with self.mutex:
+                if slot.handed:
+                    self._give(slot.item)  # interrupted once served: the next one's
+                else:
+                    self._waiters.remove(slot)
+            raise
+        with self.mutex:
+            if not slot.handed:
+                self._waiters.remove(slot)
+                raise sqla_queue.Empty
+        return slot.item
+
+
+class _AsyncHandOffQueue(sqla_queue.AsyncAdaptedQueue[Any]):
+    """:class:`_HandOffQueue` for asyncio: a connection given back goes to the longest waiter.
+
+    SQLAlchemy's asyncio queue lets a task that gives a connection back and asks again
+    with nothing awaited between take it back before the woken waiter runs, with the
+    same starvation as the threads' queue.
+    """
+
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
+        super().__init__(maxsize, use_lifo)
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+
+    def put_nowait(self, item: Any) -> None:
+        """Hand *item* to the checkout waiting longest, or queue it if none waits."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(item)
+                return
+        super().put_nowait(item)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Take a connection; with *block*, wait in line for up to *timeout* seconds."""
+        if not block:
+            return self.get_nowait()
+        if not self._waiters:
+            try:
+                return self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                pass
+        return await_only(self._wait(timeout))
+
+    async def _wait(self, timeout: float | None) -> Any:
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                return await waiter
+        except BaseException as err:
+            if waiter.done() and not waiter.cancelled():
+                # Handed a connection as the wait ended (timed out, cancelled): the
+                # next in line gets it.
+                self.put_nowait(waiter.result())
+            else:
+                waiter.cancel()
+                self._waiters.remove(waiter)
+            if isinstance(err, TimeoutError):
+                raise sqla_queue.Empty from err
+            raise
+
+
+class _Lent:
+    """What a lent connection's record points at in place of its checkout's proxy."""
+
+
+# A weak reference that stays alive (to a class): the record counts as in use, and
+# never as a proxy the garbage collector took (SQLAlchemy's needs_gc).
+_LENT: Final = weakref.ref(_Lent)
+
+
 class IdleQueuePool(QueuePool):
     """A QueuePool that keeps up to ``pool_size + max_overflow`` connections until idle.
 
@@ -114,6 +208,8 @@ class IdleQueuePool(QueuePool):
     ``pool_size`` and ``overflow()`` counts the connections open above it, as in
     QueuePool. Pass it to ``create_engine(poolclass=IdleQueuePool, idle_timeout=...)``.
     """
+
+    _queue_class = _HandOffQueue
 
     def __init__(
         self,
@@ -181,15 +277,14 @@ class IdleQueuePool(QueuePool):
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         with self._idle_lock:
+            before = self._pool.qsize()
             self._pool.put(record, False)
             depth = self._pool.qsize()
-            if 0 < depth <= len(self._put_at):
+            # Unless it went straight to a waiting checkout (_HandOffQueue).
+            if before < depth <= len(self._put_at):
                 self._put_at[depth - 1] = monotonic()
 
     def _do_get(self) -> ConnectionPoolEntry:
-        ready = _WITHOUT_IO.get()
-        if ready is not None:
-            return self._take_ready(ready)
         for record in self._take_expired():
             try:
                 record.close()
@@ -201,24 +296,72 @@ class IdleQueuePool(QueuePool):
                     self._shedding -= 1
         return super()._do_get()
 
-    def _take_ready(self, ready: Callable[[Any], bool]) -> ConnectionPoolEntry:
-        """Take the top connection if it needs no I/O (:func:`checkout_without_io`)."""
+    def lend(self, ready: Callable[[Any], bool]) -> ConnectionPoolEntry | None:
+        """Hand out the most recently returned connection if it needs no I/O first, else None.
+
+        The connection comes out only if it is open, not due for recycling or replaced
+        by an invalidation, no idle connection is due to be closed, the pool neither
+        pre-pings nor logs its checkouts, and *ready* approves its DBAPI connection;
+        otherwise the pool is left as it was. It comes out as a record, without
+        SQLAlchemy's checkout around it: no ``checkout`` event runs, so the borrower
+        must make sure that no listener of the pool's would have refused or changed it.
+        Give it back to this pool with :meth:`give_back`, invalidated first if it is
+        no longer usable. An asyncio caller can so borrow a connection without SQLAlchemy's
+        greenlet bridge and without its checkout's cost.
+        """
+        if self._pre_ping or self.logger.isEnabledFor(logging.DEBUG):
+            return None
         with self._idle_lock:
             depth = self._pool.qsize()
-            if depth == 0 or (
+            if (
+                depth == 0
                 # A connection to shed: closing it is I/O.
-                self._overflow - self._shedding > 0
-                and self._put_at[0] <= monotonic() - self._idle_timeout
+                or (
+                    self._overflow - self._shedding > 0
+                    and self._put_at[0] <= monotonic() - self._idle_timeout
+                )
             ):
-                raise CheckoutNeedsIO
+                return None
             put_at = self._put_at[depth - 1]
-            record = self._pool.get(False)
+            record: Any = self._pool.get(False)
             if _reconnects(self, record) or not ready(record.dbapi_connection):
                 # Back where it was, as if never taken.
                 self._pool.put(record, False)
                 self._put_at[depth - 1] = put_at
-                raise CheckoutNeedsIO
-        return record
+                return None
+        # In use, as a checkout marks it (a double give-back is then noticed).
+        record.fairy_ref = _LENT
+        return cast(ConnectionPoolEntry, record)
+
+    def give_back(self, record: ConnectionPoolEntry) -> None:
+        """Return a connection :meth:`lend` handed out, as SQLAlchemy's check-in would.
+
+        The pool's ``reset`` and ``checkin`` events run for it, as at any check-in; the
+        rollback SQLAlchemy's check-in makes is left out, so the borrower gives back
+        only a connection with no transaction open (in autocommit). A connection
+        invalidated while lent (``record.invalidate()``) is returned empty, and the
+        pool reconnects it at its next checkout.
+        """
+        if self.dispatch.reset and record.dbapi_connection is not None:
+            # What a raw connection's close() tells them (SQLAlchemy's _finalize_fairy).
+            state = PoolResetState(
+                transaction_was_reset=False, terminate_only=False, asyncio_safe=True
+            )
+            self.dispatch.reset(record.dbapi_connection, record, state)
+        # The record's own check-in: the checkin event, then back into this pool.
+        cast(Any, record).checkin()
+
+    def invalidate_older(self, record: ConnectionPoolEntry, err: BaseException) -> None:
+        """Discard a lent connection the server dropped, and all that the pool opened before it.
+
+        SQLAlchemy's own reaction to a disconnect (``Pool._invalidate``, private API,
+        pinned by ``tests/unit/test_pool.py``): a server that dropped one connection has
+        usually dropped them all, so each connection opened before this one is
+        reconnected at its next checkout. Give *record* back with :meth:`give_back`.
+        """
+        if self._invalidate_time < cast(Any, record).starttime:
+            self._invalidate_time = time.time()
+        record.invalidate(err)
 
     def _take_expired(self) -> list[ConnectionPoolEntry]:
         """Remove from the pool the connections above ``pool_size`` idle too long.
@@ -248,4 +391,6 @@ class IdleQueuePool(QueuePool):
 
 
 class AsyncIdleQueuePool(IdleQueuePool, AsyncAdaptedQueuePool):
-    """:class:`IdleQueuePool` for ``create_async_engine`` (an asyncio-adapted queue)."""
+    """:class:`IdleQueuePool` for ``create_async_engine``: an asyncio queue, in turn."""
+
+    _queue_class = _AsyncHandOffQueue

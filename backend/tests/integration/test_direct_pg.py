@@ -904,6 +904,44 @@ def test_an_async_call_cancelled_while_waiting_for_the_pool_leaves_it_whole(
     asyncio.run(scenario())
 
 
+def test_back_to_back_async_calls_never_starve_a_call_waiting_for_the_pool(
+    target: Target,
+) -> None:
+    """A task calling in a loop gives its connection up to the call that waited first.
+
+    Each of its calls gives the pool's one connection back and at once asks for it
+    again, with nothing awaited between; the waiting call must get it (first come,
+    first served), not wait behind the loop until its pool timeout.
+    """
+
+    async def scenario() -> None:
+        engine = _async_pool_of_one(target, pool_timeout=30)
+        try:
+            repo = AsyncTaskRepository(engine)
+            created = await repo.create(ALICE, TaskCreate(title="shared"))
+            stop = asyncio.Event()
+            calls = 0
+
+            async def busy() -> None:
+                nonlocal calls
+                while not stop.is_set():
+                    await repo.get(ALICE, created.id or 0)
+                    calls += 1
+
+            looping = asyncio.ensure_future(busy())
+            while calls < 3:  # the loop holds the connection, turn after turn
+                await asyncio.sleep(0.01)
+            # A liveness bound far below the pool timeout: the waiter is served next.
+            waited = await asyncio.wait_for(repo.get(ALICE, created.id or 0), 10)
+            assert waited == created
+            stop.set()
+            await looping
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
+
+
 def _checkin_runs_sql(dbapi_connection: Any, *_rest: Any) -> None:
     """A caller's checkin or reset listener that does I/O (it runs inside the bridge)."""
     cursor = dbapi_connection.cursor()

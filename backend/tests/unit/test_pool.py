@@ -11,13 +11,16 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.exc import SAWarning
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.pool import PoolProxiedConnection, QueuePool
+from sqlalchemy.pool import PoolProxiedConnection, PoolResetState, QueuePool
+from sqlalchemy.util import greenlet_spawn
 
 from tests.async_face import runner
 from todo_backend import pool as pool_module
@@ -272,7 +275,7 @@ def test_both_postgres_engines_get_the_idle_pool(runner: asyncio.Runner) -> None
         runner.run(engine.dispose())
 
 
-# -- checkout_without_io: what the async hot path takes outside the greenlet bridge ----
+# -- lend and give_back: what the async hot path borrows outside the greenlet bridge ----
 
 
 def _anything(_connection: object) -> bool:
@@ -280,31 +283,41 @@ def _anything(_connection: object) -> bool:
 
 
 def _state(pool: IdleQueuePool) -> tuple[object, ...]:
-    """What a refused checkout must leave as it was: the stack, its times, the counts."""
+    """What a refused loan must leave as it was: the stack, its times, the counts."""
     stack = list(cast(Any, pool._pool).queue)  # the stack itself, bottom first
     return (stack, list(pool._put_at), pool._overflow, pool.checkedin())
 
 
-def test_a_checkout_without_io_takes_the_most_recent_idle_connection(
+def test_a_loan_takes_the_most_recent_idle_connection_and_counts_as_checked_out(
     pool: IdleQueuePool, server: Server
 ) -> None:
-    """The connection returned last comes out, as a normal checkout would give it."""
+    """The connection returned last comes out, as a checkout would give it, and goes back."""
     first, second = checkout(pool, 2)
     last = second.dbapi_connection
     checkin([first, second])
-    with pool_module.checkout_without_io(_anything):
-        taken = pool.connect()
+    record = pool.lend(_anything)
+    assert record is not None
+    assert record.dbapi_connection is last
+    assert (pool.checkedout(), pool.checkedin()) == (1, 1)
+    assert record.in_use
+    pool.give_back(record)
+    assert (pool.checkedout(), pool.checkedin()) == (0, 2)
+    assert len(server.opened) == 2
+    taken = pool.connect()  # the stack's top again: the same connection, nothing opened
     assert taken.dbapi_connection is last
     assert len(server.opened) == 2
     checkin([taken])
-    assert pool.checkedin() == 2
 
 
-@pytest.mark.parametrize("reason", ["empty", "refused", "shed due"])
-def test_a_checkout_that_would_need_io_is_refused_leaving_the_pool_as_it_was(
-    pool: IdleQueuePool, server: Server, clock: Clock, reason: str
+@pytest.mark.parametrize("reason", ["empty", "refused", "shed due", "pre-ping", "debug log"])
+def test_a_loan_that_would_need_io_or_hide_a_checkout_is_refused_leaving_the_pool_as_it_was(
+    server: Server, clock: Clock, reason: str
 ) -> None:
-    """No connect, no shedding, no wait: CheckoutNeedsIO, and nothing moved."""
+    """No connect, no shedding, no wait, no skipped ping or log line: None, nothing moved."""
+    options: dict[str, Any] = {"pre_ping": reason == "pre-ping"}
+    if reason == "debug log":
+        options["echo"] = "debug"  # the pool's checkouts logged: a loan would hide one
+    pool = IdleQueuePool(server.connect, pool_size=2, max_overflow=3, idle_timeout=60, **options)
     held = checkout(pool, 3)  # one above pool_size
     if reason != "empty":
         checkin(held)
@@ -313,12 +326,12 @@ def test_a_checkout_that_would_need_io_is_refused_leaving_the_pool_as_it_was(
         clock.now += 61
     before = _state(pool)
     ready = (lambda _c: False) if reason == "refused" else _anything
-    with pool_module.checkout_without_io(ready), pytest.raises(pool_module.CheckoutNeedsIO):
-        pool.connect()
+    assert pool.lend(ready) is None
     assert _state(pool) == before
     assert len(server.opened) == 3
     assert server.open == 3
     checkin(held)
+    pool.dispose()
 
 
 @pytest.mark.parametrize("reason", ["recycle", "pool invalidated", "soft invalidated", "lost"])
@@ -327,8 +340,8 @@ def test_a_connection_sqlalchemy_would_reconnect_is_left_to_a_normal_checkout(
 ) -> None:
     """The pool's look agrees with SQLAlchemy's own reconnect rules (private API, pinned).
 
-    For each reason SQLAlchemy's checkout reconnects a pooled connection, the checkout
-    without I/O refuses it, and the normal checkout then does reconnect it.
+    For each reason SQLAlchemy's checkout reconnects a pooled connection, the loan
+    refuses it, and the normal checkout then does reconnect it.
     """
     now = [5000.0]
     monkeypatch.setattr(time, "time", lambda: now[0])  # SQLAlchemy's clock and the pool's
@@ -348,8 +361,7 @@ def test_a_connection_sqlalchemy_would_reconnect_is_left_to_a_normal_checkout(
     if reason == "recycle":
         now[0] += 98.5  # 99.5 s old: within the margin (SQLAlchemy recycles past 100 s)
     before = len(server.opened)
-    with pool_module.checkout_without_io(_anything), pytest.raises(pool_module.CheckoutNeedsIO):
-        pool.connect()
+    assert pool.lend(_anything) is None
     assert len(server.opened) == before
     if reason == "recycle":
         now[0] += 1  # past SQLAlchemy's own limit now
@@ -360,17 +372,186 @@ def test_a_connection_sqlalchemy_would_reconnect_is_left_to_a_normal_checkout(
     pool.dispose()
 
 
-def test_a_fresh_connection_within_its_recycling_age_is_taken(
+def test_a_fresh_connection_within_its_recycling_age_is_lent(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Short of the margin before recycling, the checkout without I/O takes it."""
+    """Short of the margin before recycling, the loan takes it."""
     now = [5000.0]
     monkeypatch.setattr(time, "time", lambda: now[0])  # SQLAlchemy's clock and the pool's
     pool = IdleQueuePool(server.connect, pool_size=1, max_overflow=0, recycle=100, idle_timeout=60)
     checkin(checkout(pool, 1))
     now[0] += 98.5
-    with pool_module.checkout_without_io(_anything):
-        taken = pool.connect()
-    assert taken.dbapi_connection is cast(Any, server.opened[0])
-    checkin([taken])
+    record = pool.lend(_anything)
+    assert record is not None
+    assert record.dbapi_connection is cast(Any, server.opened[0])
+    pool.give_back(record)
+    pool.dispose()
+
+
+def test_a_given_back_connection_passes_the_pools_reset_and_checkin_events(
+    pool: IdleQueuePool,
+) -> None:
+    """A caller's reset and checkin listeners see a lent connection come back, as any other."""
+    seen: list[tuple[str, object, bool | None]] = []
+
+    def on_reset(dbapi: object, _record: object, state: PoolResetState) -> None:
+        seen.append(("reset", dbapi, state.transaction_was_reset))
+
+    def on_checkin(dbapi: object, _record: object) -> None:
+        seen.append(("checkin", dbapi, None))
+
+    checkin(checkout(pool, 1))
+    event.listen(pool, "reset", on_reset)
+    event.listen(pool, "checkin", on_checkin)
+    record = pool.lend(_anything)
+    assert record is not None
+    connection = record.dbapi_connection
+    pool.give_back(record)
+    assert seen == [("reset", connection, False), ("checkin", connection, None)]
+
+
+def test_a_connection_given_back_twice_is_pooled_once(pool: IdleQueuePool) -> None:
+    """SQLAlchemy's double check-in warning, and the pool still holds the connection once."""
+    checkin(checkout(pool, 1))
+    record = pool.lend(_anything)
+    assert record is not None
+    pool.give_back(record)
+    with pytest.warns(SAWarning, match="Double checkin"):
+        pool.give_back(record)
+    assert pool.checkedin() == 1
+
+
+def test_a_lost_loan_replaces_every_connection_opened_before_it(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As SQLAlchemy reacts to a disconnect: the lost one, and all older, reconnect on checkout."""
+    now = [5000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])  # SQLAlchemy's clock and the pool's
+    pool = IdleQueuePool(server.connect, pool_size=3, max_overflow=0, idle_timeout=60)
+    older, lost = checkout(pool, 2)
+    now[0] += 1
+    checkin([older, lost])  # *lost* on top
+    now[0] += 1
+    record = pool.lend(_anything)
+    assert record is not None
+    dropped = record.dbapi_connection
+    pool.invalidate_older(record, RuntimeError("server closed the connection"))
+    pool.give_back(record)
+    assert cast(Any, dropped).closed
+    assert record.dbapi_connection is None
+    now[0] += 1
+    replaced = checkout(pool, 2)  # both reconnect: the empty slot and the older one
+    assert len(server.opened) == 4
+    assert {id(c.dbapi_connection) for c in replaced} == {id(c) for c in server.opened[2:]}
+    checkin(replaced)
+    pool.dispose()
+
+
+def test_a_thread_asking_again_right_after_giving_back_waits_behind_the_waiting_one(
+    server: Server,
+) -> None:
+    """First come, first served for threads: the waiting checkout gets the connection.
+
+    SQLAlchemy's own queue lets the thread that gave the connection back take it
+    again before the woken waiter runs; in a loop, the waiter waits until its timeout.
+    """
+    # The waiter is handed the connection at once; the second ask waits out 1 s.
+    pool = IdleQueuePool(server.connect, pool_size=1, max_overflow=0, timeout=1)
+    [held] = checkout(pool, 1)
+    connection = held.dbapi_connection
+    got: list[PoolProxiedConnection] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.connect()))
+    waiter.start()
+    deadline = time.monotonic() + 10  # a liveness bound: the thread reaches its wait at once
+    while not _waiting(pool, 1) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert _waiting(pool, 1), "the waiting checkout never started"
+    checkin([held])
+    assert pool.lend(_anything) is None  # nothing in the queue: it was handed over
+    with pytest.raises(PoolTimeoutError):
+        pool.connect()  # asking again at once: the connection is the waiter's now
+    waiter.join(10)
+    assert [c.dbapi_connection for c in got] == [connection]
+    checkin(got)
+    assert (pool.checkedin(), len(server.opened)) == (1, 1)
+    pool.dispose()
+
+
+def _waiting(pool: IdleQueuePool, count: int) -> bool:
+    return len(cast(Any, pool._pool)._waiters) == count
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until *condition* holds (a liveness bound of 10 s)."""
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+def test_a_connection_given_back_goes_to_the_checkout_that_waited_first(
+    runner: asyncio.Runner, server: Server
+) -> None:
+    """First come, first served: asking again right after giving back means waiting in line.
+
+    SQLAlchemy's own asyncio queue lets such a caller take the connection back before
+    the woken waiter runs; under a steady load the waiter then waits until its timeout.
+    """
+    pool = AsyncIdleQueuePool(server.connect, pool_size=1, max_overflow=0, timeout=10)
+
+    async def scenario() -> None:
+        held = await greenlet_spawn(pool.connect)
+        connection = held.dbapi_connection
+        waiting = asyncio.ensure_future(greenlet_spawn(pool.connect))
+        await _until(lambda: _waiting(pool, 1))
+
+        def give_back_and_ask_again() -> PoolProxiedConnection:
+            held.close()
+            return pool.connect()
+
+        again = asyncio.ensure_future(greenlet_spawn(give_back_and_ask_again))
+        first = await asyncio.wait_for(waiting, 10)
+        assert first.dbapi_connection is connection
+        assert pool.lend(_anything) is None  # nothing in the queue while anyone waits
+        await _until(lambda: _waiting(pool, 1))
+        assert not again.done()
+        await greenlet_spawn(first.close)
+        second = await asyncio.wait_for(again, 10)
+        assert second.dbapi_connection is connection
+        await greenlet_spawn(second.close)
+        assert (pool.checkedin(), len(server.opened)) == (1, 1)
+
+    runner.run(scenario())
+    pool.dispose()
+
+
+@pytest.mark.parametrize("how", ["cancelled", "timed out"])
+def test_a_checkout_that_stops_waiting_leaves_the_line_and_the_pool_whole(
+    runner: asyncio.Runner, server: Server, how: str
+) -> None:
+    """A waiter cancelled or out of time leaves; the next in line gets the connection."""
+    timeout = 0.2 if how == "timed out" else 10
+    pool = AsyncIdleQueuePool(server.connect, pool_size=1, max_overflow=0, timeout=timeout)
+
+    async def scenario() -> None:
+        held = await greenlet_spawn(pool.connect)
+        first = asyncio.ensure_future(greenlet_spawn(pool.connect))
+        await _until(lambda: _waiting(pool, 1))
+        if how == "cancelled":
+            second = asyncio.ensure_future(greenlet_spawn(pool.connect))
+            await _until(lambda: _waiting(pool, 2))
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            await _until(lambda: _waiting(pool, 1))
+            await greenlet_spawn(held.close)
+            taken = await asyncio.wait_for(second, 10)
+            await greenlet_spawn(taken.close)
+        else:
+            with pytest.raises(PoolTimeoutError):
+                await first
+            assert _waiting(pool, 0)
+            await greenlet_spawn(held.close)
+        assert (pool.checkedout(), pool.checkedin(), len(server.opened)) == (0, 1, 1)
+
+    runner.run(scenario())
     pool.dispose()

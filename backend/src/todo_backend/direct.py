@@ -52,7 +52,7 @@ from todo_backend.db import (
     own_statement,
     ready_without_io,
 )
-from todo_backend.pool import IdleQueuePool
+from todo_backend.pool import AsyncIdleQueuePool, IdleQueuePool
 
 __all__ = ["DirectStatement", "Rows", "direct_statement"]
 
@@ -192,8 +192,9 @@ class DirectStatement:
         SQLAlchemy's greenlet bridge, which an async engine's pool and driver adapter
         need for any I/O of their own, costs about 30 µs of CPU per call around the
         statement, and its checkout and check-in about 10 µs more. So where the pool
-        can lend a connection that needs nothing done first
-        (:meth:`todo_backend.pool.IdleQueuePool.lend`, approved by
+        can lend a connection that needs nothing done first, at once or when its turn
+        in the pool's line comes (:meth:`todo_backend.pool.AsyncIdleQueuePool.borrow`,
+        approved by
         :func:`todo_backend.db.ready_without_io`) and only the package listens to its
         events, the statement is awaited on it directly and the connection given back
         as it is, in autocommit (no I/O). Everything that needs I/O goes through the
@@ -204,9 +205,9 @@ class DirectStatement:
         sql, sent = self._message(params)  # before borrowing: it may raise
         pool = engine.pool
         use = self._use
-        if not (isinstance(pool, IdleQueuePool) and use.pool_unwatched(engine)):
+        if not (isinstance(pool, AsyncIdleQueuePool) and use.pool_unwatched(engine)):
             return cast(Rows, await greenlet_spawn(self.run, engine, params))
-        record = pool.lend(ready_without_io)
+        record = await pool.borrow(ready_without_io)
         if record is None:
             return cast(Rows, await greenlet_spawn(self.run, engine, params))
         dialect = self._dialect

@@ -38,9 +38,11 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from contextlib import suppress
 from time import monotonic
 from typing import Any, Final, cast
 
+from sqlalchemy import exc as sqla_exc
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolResetState, QueuePool
 from sqlalchemy.util import await_only
 from sqlalchemy.util import queue as sqla_queue
@@ -71,6 +73,12 @@ def _reconnects(pool: QueuePool, record: Any) -> bool:
     )
 
 
+def _stamp(put_at: list[float], depth: int) -> None:
+    """Note that the connection at the top of a stack *depth* high was put there now."""
+    if 0 < depth <= len(put_at):
+        put_at[depth - 1] = monotonic()
+
+
 class _Slot:
     """A thread's place in :class:`_HandOffQueue`'s line, and what it is handed."""
 
@@ -98,6 +106,13 @@ class _HandOffQueue(sqla_queue.Queue[Any]):
     def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
         super().__init__(maxsize, use_lifo)
         self._waiters: deque[_Slot] = deque()
+        # put_at[i]: when the connection now at stack position i (0 = bottom) was put
+        # there. With LIFO, a position is only refilled after everything above it left.
+        self.put_at = [0.0] * maxsize
+
+    def _put(self, item: Any) -> None:
+        super()._put(item)
+        _stamp(self.put_at, len(self.queue))
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Hand *item* to the checkout waiting longest, or queue it if none waits."""
@@ -151,15 +166,19 @@ class _AsyncHandOffQueue(sqla_queue.AsyncAdaptedQueue[Any]):
     def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
         super().__init__(maxsize, use_lifo)
         self._waiters: deque[asyncio.Future[Any]] = deque()
+        self.put_at = [0.0] * maxsize  # as _HandOffQueue's
 
     def put_nowait(self, item: Any) -> None:
         """Hand *item* to the checkout waiting longest, or queue it if none waits."""
         while self._waiters:
             waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(item)
-                return
+            # A waiter of a loop closed under it (its task never cancelled) is gone.
+            if waiter.done() or waiter.get_loop().is_closed():
+                continue
+            waiter.set_result(item)
+            return
         super().put_nowait(item)
+        _stamp(self.put_at, self._queue.qsize())
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Take a connection; with *block*, wait in line for up to *timeout* seconds."""
@@ -170,9 +189,10 @@ class _AsyncHandOffQueue(sqla_queue.AsyncAdaptedQueue[Any]):
                 return self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 pass
-        return await_only(self._wait(timeout))
+        return await_only(self.wait_in_line(timeout))
 
-    async def _wait(self, timeout: float | None) -> Any:
+    async def wait_in_line(self, timeout: float | None) -> Any:
+        """Wait in line for a connection, up to *timeout* seconds (then ``Empty``)."""
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -185,7 +205,9 @@ class _AsyncHandOffQueue(sqla_queue.AsyncAdaptedQueue[Any]):
                 self.put_nowait(waiter.result())
             else:
                 waiter.cancel()
-                self._waiters.remove(waiter)
+                # Already dropped from the line if a connection came in the same pass.
+                with suppress(ValueError):
+                    self._waiters.remove(waiter)
             if isinstance(err, TimeoutError):
                 raise sqla_queue.Empty from err
             raise
@@ -209,7 +231,7 @@ class IdleQueuePool(QueuePool):
     QueuePool. Pass it to ``create_engine(poolclass=IdleQueuePool, idle_timeout=...)``.
     """
 
-    _queue_class = _HandOffQueue
+    _queue_class: type[sqla_queue.QueueCommon[Any]] = _HandOffQueue
 
     def __init__(
         self,
@@ -236,9 +258,8 @@ class IdleQueuePool(QueuePool):
         # Room for every connection the pool may open: a returned one is always kept.
         capacity = pool_size + max(max_overflow, 0) if pool_size else 0
         self._pool = self._queue_class(capacity, use_lifo=True)
-        # _put_at[i]: when the connection now at stack position i (0 = bottom) was put
-        # there. With LIFO, a position is only refilled after everything above it left.
-        self._put_at = [0.0] * capacity
+        # When each position of the stack was filled (the queues keep it).
+        self._put_at: list[float] = self._pool.put_at  # type: ignore[attr-defined]
         self._idle_lock = threading.Lock()
         # Connections taken to be closed whose overflow count is not yet given back:
         # reserved under _idle_lock, so concurrent checkouts never shed below pool_size.
@@ -277,12 +298,7 @@ class IdleQueuePool(QueuePool):
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         with self._idle_lock:
-            before = self._pool.qsize()
-            self._pool.put(record, False)
-            depth = self._pool.qsize()
-            # Unless it went straight to a waiting checkout (_HandOffQueue).
-            if before < depth <= len(self._put_at):
-                self._put_at[depth - 1] = monotonic()
+            self._pool.put(record, False)  # handed on, or queued with its time
 
     def _do_get(self) -> ConnectionPoolEntry:
         for record in self._take_expired():
@@ -324,10 +340,17 @@ class IdleQueuePool(QueuePool):
                 return None
             put_at = self._put_at[depth - 1]
             record: Any = self._pool.get(False)
-            if _reconnects(self, record) or not ready(record.dbapi_connection):
-                # Back where it was, as if never taken.
-                self._pool.put(record, False)
-                self._put_at[depth - 1] = put_at
+            try:
+                usable = not _reconnects(self, record) and ready(record.dbapi_connection)
+            except BaseException:
+                usable = False
+                raise
+            finally:
+                if not usable:
+                    # Back where it was, as if never taken.
+                    self._pool.put(record, False)
+                    self._put_at[depth - 1] = put_at
+            if not usable:
                 return None
         # In use, as a checkout marks it (a double give-back is then noticed).
         record.fairy_ref = _LENT
@@ -342,14 +365,23 @@ class IdleQueuePool(QueuePool):
         invalidated while lent (``record.invalidate()``) is returned empty, and the
         pool reconnects it at its next checkout.
         """
-        if self.dispatch.reset and record.dbapi_connection is not None:
-            # What a raw connection's close() tells them (SQLAlchemy's _finalize_fairy).
-            state = PoolResetState(
-                transaction_was_reset=False, terminate_only=False, asyncio_safe=True
-            )
-            self.dispatch.reset(record.dbapi_connection, record, state)
-        # The record's own check-in: the checkin event, then back into this pool.
-        cast(Any, record).checkin()
+        try:
+            if self.dispatch.reset and record.dbapi_connection is not None:
+                # What a raw connection's close() tells them (SQLAlchemy's _finalize_fairy).
+                state = PoolResetState(
+                    transaction_was_reset=False, terminate_only=False, asyncio_safe=True
+                )
+                self.dispatch.reset(record.dbapi_connection, record, state)
+        except Exception as err:
+            # As SQLAlchemy's check-in: logged, the connection discarded, not raised.
+            self.logger.error("Exception during reset or similar", exc_info=True)
+            record.invalidate(err)
+        except BaseException as err:
+            record.invalidate(err)  # cut short: its state is unknown
+            raise
+        finally:
+            # The record's own check-in: the checkin event, then back into this pool.
+            cast(Any, record).checkin()
 
     def invalidate_older(self, record: ConnectionPoolEntry, err: BaseException) -> None:
         """Discard a lent connection the server dropped, and all that the pool opened before it.
@@ -394,3 +426,46 @@ class AsyncIdleQueuePool(IdleQueuePool, AsyncAdaptedQueuePool):
     """:class:`IdleQueuePool` for ``create_async_engine``: an asyncio queue, in turn."""
 
     _queue_class = _AsyncHandOffQueue
+    _pool: _AsyncHandOffQueue
+
+    async def borrow(self, ready: Callable[[Any], bool]) -> ConnectionPoolEntry | None:
+        """:meth:`lend`, waiting in line (awaited, no greenlet) when every connection is out.
+
+        With the pool at its maximum and none free, a checkout would wait for one; here
+        the caller waits in the same line, in turn with the pool's other checkouts, and
+        gets the connection handed over if it needs no I/O (as :meth:`lend` decides).
+        Otherwise, or where a checkout would have to connect, it returns None, and the
+        caller checks out through SQLAlchemy. Out of time, it raises the pool's own
+        ``TimeoutError``, as a checkout does.
+        """
+        record = self.lend(ready)
+        if (
+            record is not None
+            or self.checkedin()
+            or self._max_overflow < 0
+            or self._overflow < self._max_overflow
+            or self._pre_ping
+        ):
+            return record  # lent, or left to a checkout that may connect (I/O)
+        try:
+            record = await self._pool.wait_in_line(self._timeout)
+        except sqla_queue.Empty:
+            raise sqla_exc.TimeoutError(
+                f"QueuePool limit of size {self.size()} overflow {self.overflow()} reached, "
+                f"connection timed out, timeout {self._timeout:0.2f}",
+                code="3o7r",
+            ) from None
+        try:
+            usable = not _reconnects(self, record) and ready(record.dbapi_connection)
+        except BaseException:
+            usable = False
+            raise
+        finally:
+            if not usable:
+                # Needs I/O first: to the next in line (a checkout does that I/O), and
+                # the caller goes the way of any checkout.
+                self._do_return_conn(record)
+        if not usable:
+            return None
+        record.fairy_ref = _LENT
+        return cast(ConnectionPoolEntry, record)

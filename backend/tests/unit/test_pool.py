@@ -555,3 +555,244 @@ def test_a_checkout_that_stops_waiting_leaves_the_line_and_the_pool_whole(
 
     runner.run(scenario())
     pool.dispose()
+
+
+# -- borrow: the async hot path's loan, waiting in the pool's line when all are out ----
+
+
+def _async_pool(server: Server, size: int = 1, **options: Any) -> AsyncIdleQueuePool:
+    return AsyncIdleQueuePool(server.connect, pool_size=size, max_overflow=0, **options)
+
+
+def test_a_borrow_waits_in_line_in_turn_with_checkouts(
+    runner: asyncio.Runner, server: Server
+) -> None:
+    """All out: a checkout that came first is served first, then the borrow, no greenlet."""
+    pool = _async_pool(server, timeout=10)
+
+    async def scenario() -> None:
+        held = await greenlet_spawn(pool.connect)
+        connection = held.dbapi_connection
+        checkout_first = asyncio.ensure_future(greenlet_spawn(pool.connect))
+        await _until(lambda: _waiting(pool, 1))
+        borrowing = asyncio.ensure_future(pool.borrow(_anything))
+        await _until(lambda: _waiting(pool, 2))
+        await greenlet_spawn(held.close)
+        first = await asyncio.wait_for(checkout_first, 10)
+        assert first.dbapi_connection is connection
+        assert not borrowing.done()
+        await greenlet_spawn(first.close)
+        record = await asyncio.wait_for(borrowing, 10)
+        assert record is not None
+        assert record.dbapi_connection is connection
+        assert pool.checkedout() == 1
+        pool.give_back(record)
+        assert (pool.checkedout(), pool.checkedin(), len(server.opened)) == (0, 1, 1)
+
+    runner.run(scenario())
+    pool.dispose()
+
+
+def test_a_borrow_that_may_connect_is_left_to_a_checkout(
+    runner: asyncio.Runner, server: Server
+) -> None:
+    """Below the pool's maximum a checkout would open a connection (I/O): None, nothing waits."""
+    pool = AsyncIdleQueuePool(server.connect, pool_size=1, max_overflow=1, timeout=10)
+
+    async def scenario() -> None:
+        held = await greenlet_spawn(pool.connect)
+        assert await pool.borrow(_anything) is None
+        assert _waiting(pool, 0)
+        await greenlet_spawn(held.close)
+
+    runner.run(scenario())
+    assert len(server.opened) == 1
+    pool.dispose()
+
+
+def test_a_borrow_out_of_time_raises_the_pools_timeout_and_leaves_the_line(
+    runner: asyncio.Runner, server: Server
+) -> None:
+    """As a checkout times out: SQLAlchemy's TimeoutError, nobody left waiting."""
+    pool = _async_pool(server, timeout=0.1)
+
+    async def scenario() -> None:
+        held = await greenlet_spawn(pool.connect)
+        with pytest.raises(PoolTimeoutError, match="timed out"):
+            await pool.borrow(_anything)
+        assert _waiting(pool, 0)
+        await greenlet_spawn(held.close)
+        assert pool.checkedin() == 1
+
+    runner.run(scenario())
+    pool.dispose()
+
+
+def test_a_handed_connection_that_needs_io_goes_on_to_the_next_in_line(
+    runner: asyncio.Runner, server: Server
+) -> None:
+    """The borrow returns None (its caller checks out instead); the next waiter gets it."""
+    pool = _async_pool(server, timeout=10)
+
+    async def scenario() -> None:
+        held = await greenlet_spawn(pool.connect)
+        connection = held.dbapi_connection
+        borrowing = asyncio.ensure_future(pool.borrow(lambda _c: False))
+        await _until(lambda: _waiting(pool, 1))
+        next_in_line = asyncio.ensure_future(greenlet_spawn(pool.connect))
+        await _until(lambda: _waiting(pool, 2))
+        await greenlet_spawn(held.close)
+        assert await asyncio.wait_for(borrowing, 10) is None
+        taken = await asyncio.wait_for(next_in_line, 10)
+        assert taken.dbapi_connection is connection
+        await greenlet_spawn(taken.close)
+        assert (pool.checkedout(), pool.checkedin(), len(server.opened)) == (0, 1, 1)
+
+    runner.run(scenario())
+    pool.dispose()
+
+
+def test_a_borrow_cancelled_in_line_passes_its_turn_on(
+    runner: asyncio.Runner, server: Server
+) -> None:
+    """Cancelled as the connection is handed to it: the next in line gets it, none is lost."""
+    pool = _async_pool(server, timeout=10)
+
+    async def scenario() -> None:
+        held = await greenlet_spawn(pool.connect)
+        borrowing = asyncio.ensure_future(pool.borrow(_anything))
+        await _until(lambda: _waiting(pool, 1))
+        after = asyncio.ensure_future(greenlet_spawn(pool.connect))
+        await _until(lambda: _waiting(pool, 2))
+        await greenlet_spawn(held.close)  # handed to the borrow, which has not run yet
+        borrowing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await borrowing
+        taken = await asyncio.wait_for(after, 10)
+        await greenlet_spawn(taken.close)
+        assert (pool.checkedout(), pool.checkedin(), len(server.opened)) == (0, 1, 1)
+
+    runner.run(scenario())
+    pool.dispose()
+
+
+# -- faults around the line and the loans: nothing lost, nothing early -------------------
+
+
+def test_a_waiter_cancelled_in_the_pass_its_connection_comes_is_cancelled_cleanly(
+    runner: asyncio.Runner, server: Server
+) -> None:
+    """Cancelled, then a connection given back before it runs: CancelledError, nothing lost."""
+    pool = _async_pool(server, timeout=10)
+
+    async def scenario() -> None:
+        held = await greenlet_spawn(pool.connect)
+        waiting = asyncio.ensure_future(pool.borrow(_anything))
+        await _until(lambda: _waiting(pool, 1))
+        waiting.cancel()  # its future is cancelled now; the task has not run yet
+        await greenlet_spawn(held.close)  # the line's first is the cancelled one: skipped
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert _waiting(pool, 0)
+        assert (pool.checkedout(), pool.checkedin()) == (0, 1)
+
+    runner.run(scenario())
+    pool.dispose()
+
+
+def test_a_connection_a_cancelled_waiter_passes_on_is_idle_from_then_only(
+    runner: asyncio.Runner, server: Server, clock: Clock
+) -> None:
+    """Queued again after a hand-off that came too late, it counts as just returned."""
+    pool = AsyncIdleQueuePool(server.connect, pool_size=1, max_overflow=1, timeout=10)
+
+    async def scenario() -> None:
+        kept, extra = await greenlet_spawn(lambda: checkout(pool, 2))
+        waiting = asyncio.ensure_future(pool.borrow(_anything))
+        await _until(lambda: _waiting(pool, 1))
+        clock.now += 600  # long after any earlier put: a stale time would shed at once
+        await greenlet_spawn(extra.close)  # handed to the waiter...
+        waiting.cancel()  # ...which is cancelled before it runs: queued again
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await greenlet_spawn(kept.close)
+        taken = await greenlet_spawn(pool.connect)  # sheds what idled 60 s: nothing
+        assert server.open == 2
+        await greenlet_spawn(taken.close)
+
+    runner.run(scenario())
+    pool.dispose()
+
+
+class _Interrupt(BaseException):
+    """Stands for a KeyboardInterrupt or a cancellation inside a listener."""
+
+
+@pytest.mark.parametrize("failure", [RuntimeError, _Interrupt])
+def test_a_failing_reset_listener_never_keeps_a_lent_connection_out(
+    pool: IdleQueuePool, server: Server, failure: type[BaseException]
+) -> None:
+    """As SQLAlchemy's check-in: the connection is discarded and its slot given back.
+
+    An error is logged, not raised (the caller's statement succeeded); an interruption
+    is raised, after the slot was given back.
+    """
+    checkin(checkout(pool, 1))
+
+    def reset(*_args: object) -> None:
+        raise failure("reset hook failed")
+
+    event.listen(pool, "reset", reset)
+    record = pool.lend(_anything)
+    assert record is not None
+    dropped = record.dbapi_connection
+    if failure is RuntimeError:
+        pool.give_back(record)
+    else:
+        with pytest.raises(failure):
+            pool.give_back(record)
+    assert cast(Any, dropped).closed
+    assert (pool.checkedout(), pool.checkedin()) == (0, 1)
+    event.remove(pool, "reset", reset)
+    taken = pool.connect()  # reconnected in the slot
+    assert taken.dbapi_connection is cast(Any, server.opened[-1])
+    assert len(server.opened) == 2
+    checkin([taken])
+
+
+def test_a_waiter_of_a_closed_event_loop_never_takes_a_connection(
+    runner: asyncio.Runner, server: Server
+) -> None:
+    """A loop closed with a checkout still in line (its task never cancelled): skipped."""
+    pool = _async_pool(server, timeout=10)
+    old_loop = asyncio.new_event_loop()
+    dead = old_loop.create_future()  # what such a waiter leaves in the line
+    old_loop.close()
+
+    async def scenario() -> None:
+        held = await greenlet_spawn(pool.connect)
+        cast(Any, pool._pool)._waiters.append(dead)
+        await greenlet_spawn(held.close)
+        assert pool.checkedin() == 1
+        assert not dead.done()
+        record = await pool.borrow(_anything)
+        assert record is not None
+        pool.give_back(record)
+
+    runner.run(scenario())
+    pool.dispose()
+
+
+def test_a_loan_whose_readiness_check_raises_leaves_the_connection_pooled(
+    pool: IdleQueuePool,
+) -> None:
+    """The error reaches the caller; the connection stays where it was."""
+    checkin(checkout(pool, 1))
+    before = _state(pool)
+
+    def broken(_connection: object) -> bool:
+        raise OSError("poll failed")
+
+    with pytest.raises(OSError, match="poll failed"):
+        pool.lend(broken)
+    assert _state(pool) == before

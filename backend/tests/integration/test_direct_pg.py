@@ -904,6 +904,36 @@ def test_an_async_call_cancelled_while_waiting_for_the_pool_leaves_it_whole(
     asyncio.run(scenario())
 
 
+def test_back_to_back_calls_in_a_thread_never_starve_a_call_waiting_for_the_pool(
+    target: Target, made: list[Engine]
+) -> None:
+    """The sync face: a thread calling in a loop gives the connection up to the waiter."""
+    engine = _pool_of_one(target, made, pool_timeout=30)
+    repo = TaskRepository(engine)
+    created = repo.create(ALICE, TaskCreate(title="shared"))
+    stop = threading.Event()
+    calls = [0]
+
+    def busy() -> None:
+        while not stop.is_set():
+            repo.get(ALICE, created.id or 0)
+            calls[0] += 1
+
+    looping = threading.Thread(target=busy)
+    looping.start()
+    try:
+        while calls[0] < 3:  # the loop holds the connection, turn after turn
+            stop.wait(0.01)
+        waited: list[Task | None] = []
+        waiter = threading.Thread(target=lambda: waited.append(repo.get(ALICE, created.id or 0)))
+        waiter.start()
+        waiter.join(10)  # a liveness bound far below the pool timeout: served next
+        assert waited == [created]
+    finally:
+        stop.set()
+        looping.join()
+
+
 def test_back_to_back_async_calls_never_starve_a_call_waiting_for_the_pool(
     target: Target,
 ) -> None:

@@ -103,9 +103,9 @@ class DirectStatement:
         self._cursor: Any = None
         utc_codes: frozenset[Any] = frozenset()
         if self._is_async:
-            from todo_backend.aio.db import HotPathCursor  # noqa: PLC0415 - psycopg 3 only
+            from todo_backend.aio.db import HotPathCursor, hot_cursor  # noqa: PLC0415 - psycopg 3
 
-            self._cursor, utc_codes = HotPathCursor, HotPathCursor.utc_type_codes
+            self._cursor, utc_codes = hot_cursor, HotPathCursor.utc_type_codes
         self._utc_codes = utc_codes
         self._owner, as_app, plan = own
         self.sql: str = compiled.string
@@ -156,7 +156,10 @@ class DirectStatement:
                 # psycopg 3, awaited in one go: one greenlet switch, not one per step.
                 rows, count, description = await_only(
                     _send_async(
-                        self._cursor(fairy.driver_connection), sql, params, self._results is None
+                        self._cursor(fairy.info, fairy.driver_connection),
+                        sql,
+                        params,
+                        self._results is None,
                     )
                 )
             else:
@@ -213,7 +216,10 @@ class DirectStatement:
         dialect = self._dialect
         try:
             rows, count, description = await _send_async(
-                self._cursor(record.driver_connection), sql, sent, self._results is None
+                self._cursor(record.info, record.driver_connection),
+                sql,
+                sent,
+                self._results is None,
             )
         except dialect.loaded_dbapi.Error as err:
             lost = dialect.is_disconnect(err, record.dbapi_connection, None)
@@ -309,7 +315,7 @@ async def _send_async(cursor: Any, sql: str, params: Any, describe: bool) -> tup
     rows = await cursor.fetchall() if returned else ()
     description = cursor.description if returned and describe else None
     count = cursor.rowcount
-    await cursor.close()
+    # Not closed: the connection's hot cursor serves its next call (aio.db.hot_cursor).
     return rows, count, description
 
 

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -193,3 +193,49 @@ def test_an_applications_own_timestamp_loader_reads_as_through_sqlalchemy(
             await engine.dispose()
 
     assert asyncio.run(read(hot=True)) == asyncio.run(read(hot=False))
+
+
+def test_a_loader_the_application_registers_later_is_used_from_the_next_call(
+    scratch_url: URL, module_engine: Engine
+) -> None:
+    """The hot cursor is kept per connection, yet a loader registered since is used at once."""
+
+    class MillisecondLoader(TimestamptzLoader):
+        def load(self, data: Buffer) -> Any:
+            loaded = super().load(data)
+            return loaded.replace(microsecond=loaded.microsecond // 1000 * 1000)
+
+    async def read(*, hot: bool) -> list[int]:
+        settings = Settings(
+            database_url=scratch_url.render_as_string(hide_password=False),
+            pool_size=1,
+            max_overflow=0,
+        )
+        engine = create_async_db_engine(settings)
+        if not hot:  # a caller's statement listener: every statement through SQLAlchemy
+            event.listen(engine.sync_engine, "before_cursor_execute", lambda *_: None)
+        try:
+            repo = AsyncTaskRepository(engine)
+            task = await repo.create(ALICE, TaskCreate(title="loaded later"))
+            async with engine.begin() as conn:
+                await conn.execute(
+                    text("UPDATE tasks SET created_at = :at WHERE id = :id"),
+                    {"at": "2026-01-01 00:00:00.123456+00", "id": task.id},
+                )
+            seen = []
+            for _ in range(2):  # the second read reuses whatever the first one made
+                before = await repo.get(ALICE, task.id or 0)
+                assert before is not None
+                seen.append(before.created_at.microsecond)
+            async with engine.connect() as conn:  # the pool's one connection
+                raw = await conn.get_raw_connection()
+                adapters = cast(Any, raw.driver_connection).adapters
+                adapters.register_loader("timestamptz", MillisecondLoader)
+            after = await repo.get(ALICE, task.id or 0)
+            assert after is not None
+            seen.append(after.created_at.microsecond)
+            return seen
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(read(hot=True)) == asyncio.run(read(hot=False)) == [123456, 123456, 123000]

@@ -52,7 +52,7 @@ from todo_backend.db import (
     own_statement,
     ready_without_io,
 )
-from todo_backend.pool import AsyncIdleQueuePool, IdleQueuePool
+from todo_backend.pool import AsyncIdleQueuePool, IdleQueuePool, reserved
 
 __all__ = ["DirectStatement", "Rows", "direct_statement"]
 
@@ -210,9 +210,17 @@ class DirectStatement:
         use = self._use
         if not (isinstance(pool, AsyncIdleQueuePool) and use.pool_unwatched(engine)):
             return cast(Rows, await greenlet_spawn(self.run, engine, params))
-        record = await pool.borrow(ready_without_io)
+        record, lent = await pool.borrow(ready_without_io)
         if record is None:
             return cast(Rows, await greenlet_spawn(self.run, engine, params))
+        # Handed over in turn after a wait: a pool listener may have come meanwhile
+        # (it must see this checkout), or the connection may need I/O first.
+        if not lent and not (
+            use.pool_unwatched(engine) and pool.take_handed(record, ready_without_io)
+        ):
+            return cast(
+                Rows, await greenlet_spawn(self._run_reserved, engine, params, pool, record)
+            )
         dialect = self._dialect
         try:
             rows, count, description = await _send_async(
@@ -242,6 +250,13 @@ class DirectStatement:
         if rows:
             rows = self._processed(rows, description)
         return rows, count
+
+    def _run_reserved(
+        self, engine: Engine, params: Mapping[str, Any], pool: Any, record: Any
+    ) -> Rows:
+        """:meth:`run`, its checkout taking *record* (its turn in *pool*'s line kept)."""
+        with reserved(pool, record):
+            return self.run(engine, params)
 
     def _message(self, params: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
         """Return the text to send and its parameters, processed by their types."""
@@ -310,7 +325,11 @@ async def _send_async(cursor: Any, sql: str, params: Any, describe: bool) -> tup
     The result's description is read only when *describe* asks for it: psycopg builds
     it anew on each read, and the rows need it only once, for their processors.
     """
-    await cursor.execute(sql, params)
+    # A new query object for each call: psycopg keeps a cursor's adaptation (its
+    # Transformer: the connection's encoding, a loader made for each type) for the
+    # very same query object, and the connection may have changed since (a caller's
+    # SET client_encoding). The text is ASCII (_prepare): the same in every encoding.
+    await cursor.execute(sql.encode(), params)
     returned = cursor.pgresult is not None and cursor.pgresult.status == _TUPLES_OK
     rows = await cursor.fetchall() if returned else ()
     description = cursor.description if returned and describe else None
@@ -370,7 +389,8 @@ def _prepare(engine: Engine, use: DirectUse, stmt: Executable) -> DirectStatemen
     if not isinstance(compiled, SQLCompiler):
         return None
     pre_rendered = not (
-        compiled.literal_execute_params
+        not compiled.string.isascii()  # sent as bytes (_send_async)
+        or compiled.literal_execute_params
         or compiled.post_compile_params
         or compiled.escaped_bind_names
         or any(b.value is not None or b.callable is not None for b in compiled.binds.values())

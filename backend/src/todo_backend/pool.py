@@ -37,8 +37,9 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from time import monotonic
 from typing import Any, Final, cast
 
@@ -47,7 +48,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, PoolRese
 from sqlalchemy.util import await_only
 from sqlalchemy.util import queue as sqla_queue
 
-__all__ = ["AsyncIdleQueuePool", "IdleQueuePool"]
+__all__ = ["AsyncIdleQueuePool", "IdleQueuePool", "reserved"]
 
 DEFAULT_IDLE_TIMEOUT = 60.0
 # A connection this close to its recycling age is left to a checkout that may
@@ -213,6 +214,31 @@ class _AsyncHandOffQueue(sqla_queue.AsyncAdaptedQueue[Any]):
             raise
 
 
+# The connection the next checkout in this context takes, and its pool (reserved()).
+_RESERVED: Final[ContextVar[tuple[Any, ConnectionPoolEntry] | None]] = ContextVar(
+    "todo_backend_reserved_connection", default=None
+)
+
+
+@contextmanager
+def reserved(pool: IdleQueuePool, record: ConnectionPoolEntry) -> Iterator[None]:
+    """Make the block's next checkout take *record*, which *pool* handed over in turn.
+
+    The checkout is SQLAlchemy's own (reconnecting, recycling, the checkout listeners),
+    on that connection, without waiting in line again. A reservation the block did not
+    use goes back to *pool* at its end; one made on a pool since replaced
+    (``engine.dispose()``) goes back to *pool* at the checkout.
+    """
+    token = _RESERVED.set((pool, record))
+    try:
+        yield
+    finally:
+        unused = _RESERVED.get()
+        _RESERVED.reset(token)
+        if unused is not None:
+            pool._do_return_conn(record)
+
+
 class _Lent:
     """What a lent connection's record points at in place of its checkout's proxy."""
 
@@ -301,6 +327,13 @@ class IdleQueuePool(QueuePool):
             self._pool.put(record, False)  # handed on, or queued with its time
 
     def _do_get(self) -> ConnectionPoolEntry:
+        held = _RESERVED.get()
+        if held is not None:
+            _RESERVED.set(None)
+            owner, record = held
+            if owner is self:
+                return record
+            owner._do_return_conn(record)
         for record in self._take_expired():
             try:
                 record.close()
@@ -428,44 +461,53 @@ class AsyncIdleQueuePool(IdleQueuePool, AsyncAdaptedQueuePool):
     _queue_class = _AsyncHandOffQueue
     _pool: _AsyncHandOffQueue
 
-    async def borrow(self, ready: Callable[[Any], bool]) -> ConnectionPoolEntry | None:
-        """:meth:`lend`, waiting in line (awaited, no greenlet) when every connection is out.
+    async def borrow(self, ready: Callable[[Any], bool]) -> tuple[ConnectionPoolEntry | None, bool]:
+        """:meth:`lend`, or wait in line (awaited, no greenlet) when every connection is out.
 
+        Returns ``(record, True)`` for a connection lent at once (:meth:`lend`).
         With the pool at its maximum and none free, a checkout would wait for one; here
         the caller waits in the same line, in turn with the pool's other checkouts, and
-        gets the connection handed over if it needs no I/O (as :meth:`lend` decides).
-        Otherwise, or where a checkout would have to connect, it returns None, and the
-        caller checks out through SQLAlchemy. Out of time, it raises the pool's own
+        gets ``(record, False)``: the connection handed over, its turn kept, still to
+        be taken with :meth:`take_handed` (lent if it needs no I/O) or else checked out
+        through SQLAlchemy inside :func:`reserved` (no second wait). ``(None, False)``:
+        the caller checks out as usual (a connection may have to be opened, or
+        checkouts are pre-pinged or logged). Out of time, it raises the pool's own
         ``TimeoutError``, as a checkout does.
         """
         record = self.lend(ready)
+        if record is not None:
+            return record, True
         if (
-            record is not None
-            or self.checkedin()
+            self.checkedin()
             or self._max_overflow < 0
             or self._overflow < self._max_overflow
             or self._pre_ping
+            or self.logger.isEnabledFor(logging.DEBUG)
         ):
-            return record  # lent, or left to a checkout that may connect (I/O)
+            return None, False  # left to a checkout that may connect (I/O), or is logged
         try:
-            record = await self._pool.wait_in_line(self._timeout)
+            handed = await self._pool.wait_in_line(self._timeout)
         except sqla_queue.Empty:
             raise sqla_exc.TimeoutError(
                 f"QueuePool limit of size {self.size()} overflow {self.overflow()} reached, "
                 f"connection timed out, timeout {self._timeout:0.2f}",
                 code="3o7r",
             ) from None
+        return cast(ConnectionPoolEntry, handed), False
+
+    def take_handed(self, record: ConnectionPoolEntry, ready: Callable[[Any], bool]) -> bool:
+        """Lend *record*, handed over by :meth:`borrow`, if it needs no I/O (as :meth:`lend`).
+
+        False if it needs I/O first, or *ready* could not tell (an error): it is still
+        the caller's, to check out inside :func:`reserved`.
+        """
         try:
             usable = not _reconnects(self, record) and ready(record.dbapi_connection)
-        except BaseException:
+        except Exception:  # noqa: BLE001 - SQLAlchemy's checkout then looks for itself
             usable = False
+        except BaseException:
+            self._do_return_conn(record)  # interrupted: the next in line's
             raise
-        finally:
-            if not usable:
-                # Needs I/O first: to the next in line (a checkout does that I/O), and
-                # the caller goes the way of any checkout.
-                self._do_return_conn(record)
-        if not usable:
-            return None
-        record.fairy_ref = _LENT
-        return cast(ConnectionPoolEntry, record)
+        if usable:
+            cast(Any, record).fairy_ref = _LENT
+        return usable

@@ -21,6 +21,7 @@ from typing import Any, cast
 import psycopg
 import pytest
 from psycopg.abc import Buffer
+from psycopg.rows import dict_row, tuple_row
 from psycopg.types.datetime import TimestamptzLoader
 from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import URL
@@ -239,3 +240,75 @@ def test_a_loader_the_application_registers_later_is_used_from_the_next_call(
             await engine.dispose()
 
     assert asyncio.run(read(hot=True)) == asyncio.run(read(hot=False)) == [123456, 123456, 123000]
+
+
+def test_a_client_encoding_a_caller_set_on_the_connection_stores_text_as_sqlalchemy_does(
+    scratch_url: URL, module_engine: Engine
+) -> None:
+    """The kept cursor never writes with the encoding the connection had before."""
+
+    async def write(*, hot: bool) -> list[str]:
+        settings = Settings(
+            database_url=scratch_url.render_as_string(hide_password=False),
+            pool_size=1,
+            max_overflow=0,
+        )
+        engine = create_async_db_engine(settings)
+        if not hot:  # a caller's statement listener: every statement through SQLAlchemy
+            event.listen(engine.sync_engine, "before_cursor_execute", lambda *_: None)
+        try:
+            repo = AsyncTaskRepository(engine)
+            first = await repo.create(ALICE, TaskCreate(title="café"))  # the cursor, UTF8
+            async with engine.connect() as conn:  # the pool's one connection
+                await conn.execute(text("SET client_encoding TO 'LATIN1'"))
+                await conn.commit()
+            second = await repo.create(ALICE, TaskCreate(title="naïve"))
+            async with engine.connect() as conn:
+                await conn.execute(text("SET client_encoding TO 'UTF8'"))
+                await conn.commit()
+                stored = await conn.execute(
+                    text("SELECT title FROM tasks WHERE id IN (:a, :b) ORDER BY id"),
+                    {"a": first.id, "b": second.id},
+                )
+                return [second.title, *stored.scalars()]
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(write(hot=True)) == asyncio.run(write(hot=False))
+    assert asyncio.run(write(hot=True)) == ["naïve", "café", "naïve"]
+
+
+def test_a_row_factory_a_caller_left_on_the_connection_is_followed_then_undone(
+    scratch_url: URL, module_engine: Engine
+) -> None:
+    """As through SQLAlchemy: rows as the connection makes them, and back once restored."""
+
+    async def read(*, hot: bool) -> list[str]:
+        settings = Settings(
+            database_url=scratch_url.render_as_string(hide_password=False),
+            pool_size=1,
+            max_overflow=0,
+        )
+        engine = create_async_db_engine(settings)
+        if not hot:
+            event.listen(engine.sync_engine, "before_cursor_execute", lambda *_: None)
+        try:
+            repo = AsyncTaskRepository(engine)
+            task = await repo.create(ALICE, TaskCreate(title="rows"))
+            outcomes = []
+            for factory in (dict_row, tuple_row):
+                async with engine.connect() as conn:
+                    raw = await conn.get_raw_connection()
+                    cast(Any, raw.driver_connection).row_factory = factory
+                try:
+                    got = await repo.get(ALICE, task.id or 0)
+                    outcomes.append(got.title if got else "none")
+                except Exception as err:  # noqa: BLE001 - the outcome is what is compared
+                    outcomes.append(type(err).__name__)
+            return outcomes
+        finally:
+            await engine.dispose()
+
+    hot, cold = asyncio.run(read(hot=True)), asyncio.run(read(hot=False))
+    assert hot == cold
+    assert hot[-1] == "rows"

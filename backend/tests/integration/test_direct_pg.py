@@ -972,6 +972,70 @@ def test_back_to_back_async_calls_never_starve_a_call_waiting_for_the_pool(
     asyncio.run(scenario())
 
 
+def test_an_async_call_handed_a_connection_that_needs_a_switch_keeps_its_turn(
+    target: Target,
+) -> None:
+    """Served before a checkout that queued after it, within one pool timeout.
+
+    The connection comes back from a caller's transactional use (not in autocommit):
+    the call's own checkout switches it, without waiting in line a second time. Had it
+    gone to the back of the line, the checkout behind it, which then holds the
+    connection for longer than the pool timeout, would make it time out.
+    """
+
+    async def scenario() -> None:
+        engine = _async_pool_of_one(target, pool_timeout=1)
+        try:
+            repo = AsyncTaskRepository(engine)
+            created = await repo.create(ALICE, TaskCreate(title="in turn"))
+
+            async def second() -> None:
+                async with engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                    await asyncio.sleep(1.5)  # longer than the pool timeout
+
+            async with engine.connect() as first:  # transactional: needs a switch
+                await first.execute(text("SELECT 1"))
+                call = asyncio.ensure_future(repo.get(ALICE, created.id or 0))
+                await asyncio.sleep(0.1)  # the call waits in line
+                later = asyncio.ensure_future(second())
+                await asyncio.sleep(0.1)  # and the other checkout behind it
+            assert await call == created
+            await later
+            assert cast(Any, engine.sync_engine.pool).checkedout() == 0
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_a_pool_listener_added_while_calls_wait_in_line_sees_their_checkouts(
+    target: Target,
+) -> None:
+    """Instrumentation switched on while calls wait: every checkout has its check-in."""
+
+    async def scenario() -> None:
+        engine = _async_pool_of_one(target, pool_timeout=10)
+        seen: list[str] = []
+        try:
+            repo = AsyncTaskRepository(engine)
+            created = await repo.create(ALICE, TaskCreate(title="watched"))
+            async with engine.connect() as held:
+                await held.execute(text("SELECT 1"))
+                calls = [asyncio.ensure_future(repo.get(ALICE, created.id or 0)) for _ in range(3)]
+                await asyncio.sleep(0.1)  # all three wait in line
+                event.listen(engine.sync_engine, "checkout", lambda *_: seen.append("out"))
+                event.listen(engine.sync_engine, "checkin", lambda *_: seen.append("in"))
+            assert await asyncio.gather(*calls) == [created] * 3
+            # The held connection's own check-in, then each call's checkout and check-in.
+            assert seen.count("out") == 3
+            assert seen.count("in") == 4
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
+
+
 def _checkin_runs_sql(dbapi_connection: Any, *_rest: Any) -> None:
     """A caller's checkin or reset listener that does I/O (it runs inside the bridge)."""
     cursor = dbapi_connection.cursor()

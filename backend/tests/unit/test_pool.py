@@ -582,9 +582,11 @@ def test_a_borrow_waits_in_line_in_turn_with_checkouts(
         assert first.dbapi_connection is connection
         assert not borrowing.done()
         await greenlet_spawn(first.close)
-        record = await asyncio.wait_for(borrowing, 10)
+        record, lent = await asyncio.wait_for(borrowing, 10)
         assert record is not None
+        assert not lent  # handed over in turn: still to be taken
         assert record.dbapi_connection is connection
+        assert pool.take_handed(record, _anything)
         assert pool.checkedout() == 1
         pool.give_back(record)
         assert (pool.checkedout(), pool.checkedin(), len(server.opened)) == (0, 1, 1)
@@ -601,7 +603,7 @@ def test_a_borrow_that_may_connect_is_left_to_a_checkout(
 
     async def scenario() -> None:
         held = await greenlet_spawn(pool.connect)
-        assert await pool.borrow(_anything) is None
+        assert await pool.borrow(_anything) == (None, False)
         assert _waiting(pool, 0)
         await greenlet_spawn(held.close)
 
@@ -628,27 +630,72 @@ def test_a_borrow_out_of_time_raises_the_pools_timeout_and_leaves_the_line(
     pool.dispose()
 
 
-def test_a_handed_connection_that_needs_io_goes_on_to_the_next_in_line(
-    runner: asyncio.Runner, server: Server
+@pytest.mark.parametrize("why", ["needs I/O", "cannot tell"])
+def test_a_handed_connection_that_needs_io_is_checked_out_in_its_turn(
+    runner: asyncio.Runner, server: Server, why: str
 ) -> None:
-    """The borrow returns None (its caller checks out instead); the next waiter gets it."""
+    """Not taken as it is: the caller's own checkout gets it, without waiting in line again.
+
+    The next in line keeps waiting; the caller, first in line, is served first.
+    """
     pool = _async_pool(server, timeout=10)
+    seen: list[object] = []
+    event.listen(pool, "checkout", lambda dbapi, *_: seen.append(dbapi))
+
+    def refuse(_connection: object) -> bool:
+        if why == "cannot tell":
+            raise OSError("poll failed")
+        return False
 
     async def scenario() -> None:
         held = await greenlet_spawn(pool.connect)
         connection = held.dbapi_connection
-        borrowing = asyncio.ensure_future(pool.borrow(lambda _c: False))
+        borrowing = asyncio.ensure_future(pool.borrow(_anything))
         await _until(lambda: _waiting(pool, 1))
         next_in_line = asyncio.ensure_future(greenlet_spawn(pool.connect))
         await _until(lambda: _waiting(pool, 2))
         await greenlet_spawn(held.close)
-        assert await asyncio.wait_for(borrowing, 10) is None
-        taken = await asyncio.wait_for(next_in_line, 10)
+        record, lent = await asyncio.wait_for(borrowing, 10)
+        assert record is not None
+        assert not lent
+        assert not pool.take_handed(record, refuse)
+
+        def checkout_reserved() -> PoolProxiedConnection:
+            with pool_module.reserved(pool, record):
+                return pool.connect()
+
+        taken = await greenlet_spawn(checkout_reserved)  # no second wait
         assert taken.dbapi_connection is connection
+        assert seen[-1] is connection  # SQLAlchemy's checkout, listeners and all
+        assert not next_in_line.done()
         await greenlet_spawn(taken.close)
+        after = await asyncio.wait_for(next_in_line, 10)
+        await greenlet_spawn(after.close)
         assert (pool.checkedout(), pool.checkedin(), len(server.opened)) == (0, 1, 1)
 
     runner.run(scenario())
+    pool.dispose()
+
+
+def test_a_reservation_left_unused_goes_back_to_its_pool(server: Server) -> None:
+    """A block that never checked out returns the reserved connection (nothing lost)."""
+    pool = IdleQueuePool(server.connect, pool_size=1, max_overflow=0, timeout=1)
+    checkin(checkout(pool, 1))
+    record = pool.lend(_anything)
+    assert record is not None
+    record.fairy_ref = None  # type: ignore[attr-defined]  # as handed over: not lent
+    with pytest.raises(RuntimeError), pool_module.reserved(pool, record):
+        raise RuntimeError("failed before its checkout")
+    assert (pool.checkedout(), pool.checkedin()) == (0, 1)
+    other = IdleQueuePool(server.connect, pool_size=1, max_overflow=0, timeout=1)
+    record = pool.lend(_anything)
+    assert record is not None
+    record.fairy_ref = None  # type: ignore[attr-defined]
+    with pool_module.reserved(pool, record):
+        taken = other.connect()  # another pool (an engine disposed meanwhile)
+    assert (pool.checkedout(), pool.checkedin()) == (0, 1)
+    checkin([taken])
+    other.dispose()
     pool.dispose()
 
 
@@ -775,8 +822,9 @@ def test_a_waiter_of_a_closed_event_loop_never_takes_a_connection(
         await greenlet_spawn(held.close)
         assert pool.checkedin() == 1
         assert not dead.done()
-        record = await pool.borrow(_anything)
+        record, lent = await pool.borrow(_anything)
         assert record is not None
+        assert lent
         pool.give_back(record)
 
     runner.run(scenario())
@@ -796,3 +844,19 @@ def test_a_loan_whose_readiness_check_raises_leaves_the_connection_pooled(
     with pytest.raises(OSError, match="poll failed"):
         pool.lend(broken)
     assert _state(pool) == before
+
+
+def test_a_borrow_never_waits_where_checkouts_are_logged(
+    runner: asyncio.Runner, server: Server
+) -> None:
+    """The pool's checkouts logged (echo_pool="debug"): the caller checks out as usual."""
+    pool = _async_pool(server, timeout=10, echo="debug")
+
+    async def scenario() -> None:
+        held = await greenlet_spawn(pool.connect)
+        assert await pool.borrow(_anything) == (None, False)
+        assert _waiting(pool, 0)
+        await greenlet_spawn(held.close)
+
+    runner.run(scenario())
+    pool.dispose()

@@ -24,7 +24,7 @@ from typing import Any, Final, TypeVar, cast
 from psycopg import AsyncClientCursor, AsyncConnection
 from psycopg.abc import AdaptContext, Buffer
 from psycopg.abc import Loader as AbcLoader
-from psycopg.adapt import AdaptersMap, Loader
+from psycopg.adapt import Loader
 from psycopg.pq import Format
 from psycopg.types.datetime import TimestamptzLoader
 from sqlalchemy import Dialect, event
@@ -162,29 +162,33 @@ class HotPathCursor(_LastResultCursor):
     def __init__(self, connection: AsyncConnection[Any], **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
         self.adapters.register_loader(_TIMESTAMPTZ, _UTCTimestamptzLoader)
-        self._made_from = _adaptation(connection.adapters)
+        self._made_from = _adaptation(connection)
 
     def adapts_as(self, connection: AsyncConnection[Any]) -> bool:
         """Tell whether this cursor still loads and dumps as a new one on *connection* would.
 
         Made once per connection and reused, it copied the connection's loaders and
-        dumpers when it was made; one the application registers on the connection
-        since (``connection.adapters.register_loader``) is not in its copy.
+        dumpers and took its row factory when it was made; one the application
+        registers or sets on the connection since (``connection.adapters
+        .register_loader``, ``connection.row_factory``) is not in it.
         """
-        return self.connection is connection and _adaptation(connection.adapters) == (
-            self._made_from
-        )
+        return self.connection is connection and _adaptation(connection) == self._made_from
 
 
-def _adaptation(adapters: AdaptersMap) -> tuple[Any, ...]:
-    """Return the maps of loaders and dumpers *adapters* holds now.
+def _adaptation(connection: AsyncConnection[Any]) -> tuple[Any, ...]:
+    """Return the row factory and the maps of loaders and dumpers of *connection* now.
 
     psycopg copies a map before changing it once another map was made from it
     (copy-on-write), so the same objects mean nothing was registered since (private
     API, pinned by test_aio_hot_cursor_pg.py).
     """
-    maps: Any = adapters
-    return (*maps._loaders, *maps._dumpers_by_oid, *maps._dumpers.values())
+    maps: Any = connection.adapters
+    return (
+        connection.row_factory,
+        *maps._loaders,
+        *maps._dumpers_by_oid,
+        *maps._dumpers.values(),
+    )
 
 
 # ConnectionPoolEntry.info key: the connection's hot-path cursor.

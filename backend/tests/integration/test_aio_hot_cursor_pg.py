@@ -25,6 +25,7 @@ from psycopg.rows import dict_row, tuple_row
 from psycopg.types.datetime import TimestamptzLoader
 from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.aio.db import HotPathCursor
@@ -118,6 +119,20 @@ def test_other_cursors_of_the_connection_load_as_psycopg_does(admin_url: URL) ->
     asyncio.run(scenario())
 
 
+def _engine_of_one(url: URL, *, hot: bool) -> AsyncEngine:
+    """The package's async engine on *url*, one pooled connection; *hot*: its hot path on.
+
+    Off, a caller's statement listener sends every statement through SQLAlchemy.
+    """
+    settings = Settings(
+        database_url=url.render_as_string(hide_password=False), pool_size=1, max_overflow=0
+    )
+    engine = create_async_db_engine(settings)
+    if not hot:
+        event.listen(engine.sync_engine, "before_cursor_execute", lambda *_: None)
+    return engine
+
+
 @pytest.fixture
 def process_time_zone(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run the test with the process's local time zone set to ``request.param``."""
@@ -161,15 +176,8 @@ def test_an_applications_own_timestamp_loader_reads_as_through_sqlalchemy(
         dbapi_connection.driver_connection.adapters.register_loader("timestamptz", OwnLoader)
 
     async def read(*, hot: bool) -> list[str]:
-        settings = Settings(
-            database_url=scratch_url.render_as_string(hide_password=False),
-            pool_size=1,
-            max_overflow=0,
-        )
-        engine = create_async_db_engine(settings)
+        engine = _engine_of_one(scratch_url, hot=hot)
         event.listen(engine.sync_engine, "connect", on_connect)
-        if not hot:  # a caller's statement listener: every statement through SQLAlchemy
-            event.listen(engine.sync_engine, "before_cursor_execute", lambda *_: None)
         try:
             repo = AsyncTaskRepository(engine)
             task = await repo.create(ALICE, TaskCreate(title="loaded"))
@@ -207,14 +215,7 @@ def test_a_loader_the_application_registers_later_is_used_from_the_next_call(
             return loaded.replace(microsecond=loaded.microsecond // 1000 * 1000)
 
     async def read(*, hot: bool) -> list[int]:
-        settings = Settings(
-            database_url=scratch_url.render_as_string(hide_password=False),
-            pool_size=1,
-            max_overflow=0,
-        )
-        engine = create_async_db_engine(settings)
-        if not hot:  # a caller's statement listener: every statement through SQLAlchemy
-            event.listen(engine.sync_engine, "before_cursor_execute", lambda *_: None)
+        engine = _engine_of_one(scratch_url, hot=hot)
         try:
             repo = AsyncTaskRepository(engine)
             task = await repo.create(ALICE, TaskCreate(title="loaded later"))
@@ -248,14 +249,7 @@ def test_a_client_encoding_a_caller_set_on_the_connection_stores_text_as_sqlalch
     """The kept cursor never writes with the encoding the connection had before."""
 
     async def write(*, hot: bool) -> list[str]:
-        settings = Settings(
-            database_url=scratch_url.render_as_string(hide_password=False),
-            pool_size=1,
-            max_overflow=0,
-        )
-        engine = create_async_db_engine(settings)
-        if not hot:  # a caller's statement listener: every statement through SQLAlchemy
-            event.listen(engine.sync_engine, "before_cursor_execute", lambda *_: None)
+        engine = _engine_of_one(scratch_url, hot=hot)
         try:
             repo = AsyncTaskRepository(engine)
             first = await repo.create(ALICE, TaskCreate(title="café"))  # the cursor, UTF8
@@ -284,14 +278,7 @@ def test_a_row_factory_a_caller_left_on_the_connection_is_followed_then_undone(
     """As through SQLAlchemy: rows as the connection makes them, and back once restored."""
 
     async def read(*, hot: bool) -> list[str]:
-        settings = Settings(
-            database_url=scratch_url.render_as_string(hide_password=False),
-            pool_size=1,
-            max_overflow=0,
-        )
-        engine = create_async_db_engine(settings)
-        if not hot:
-            event.listen(engine.sync_engine, "before_cursor_execute", lambda *_: None)
+        engine = _engine_of_one(scratch_url, hot=hot)
         try:
             repo = AsyncTaskRepository(engine)
             task = await repo.create(ALICE, TaskCreate(title="rows"))

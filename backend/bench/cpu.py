@@ -55,7 +55,7 @@ from bench.common import (
 )
 from todo_backend.aio import AsyncTaskRepository, create_async_db_engine
 from todo_backend.config import normalize_database_url
-from todo_backend.db import USER_SETTING, create_db_engine, is_local_host, own_prefixes
+from todo_backend.db import USER_SETTING, create_db_engine, direct_use, is_local_host
 from todo_backend.models import TaskCreate, TaskUpdate
 from todo_backend.repository import TaskRepository
 
@@ -106,10 +106,10 @@ class Timings:
 
 def _prefix(engine: Engine) -> str:
     """Return the statement the package sends in front of a call, the owner a %s parameter."""
-    prefixes = own_prefixes(engine)
-    if prefixes is None:
+    use = direct_use(engine)
+    if use is None:
         raise RuntimeError("the benchmark's engine must be the package's PostgreSQL engine")
-    return f"{prefixes.head}set_config('{USER_SETTING}', %s, true); "
+    return f"{use.prefixes.head}set_config('{USER_SETTING}', %s, true); "
 
 
 def _seed(engine: Engine) -> None:

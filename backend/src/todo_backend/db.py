@@ -73,7 +73,6 @@ __all__ = [
     "is_in_memory",
     "is_local_host",
     "leave_scope",
-    "own_prefixes",
     "own_statement",
     "owned_by",
     "pool_listeners",
@@ -818,15 +817,6 @@ def allow_direct(
     if prefixes is not None and not any(foreign):
         own_pool = foreign_pool is not None and not any(foreign_pool)
         _DIRECT[engine] = DirectUse(prefixes, engine, own_pool=own_pool)
-
-
-def own_prefixes(engine: Engine) -> StatementPrefixes | None:
-    """Return the prefixes *engine*'s hooks add, if nothing else watches its statements.
-
-    None unless the hot path may use *engine* now (:func:`direct_use`).
-    """
-    use = direct_use(engine)
-    return None if use is None else use.prefixes
 
 
 # Connection.info key: the server had closed the connection before the message now

@@ -19,8 +19,9 @@ longer behind it; a revision that runs out is rolled back and retried with backo
 (``DB_MIGRATION_RETRY_FOR``), then fails naming the sessions in the way
 (:class:`MigrationLockTimeoutError`). Two runs at once (two replicas starting) take
 turns: each transaction of an upgrade or downgrade step first takes a
-transaction-level advisory lock, and a step whose work another run did meanwhile
-finds nothing left to do. An upgrade step that would leave an INVALID index on the
+transaction-level advisory lock (and, while one run is in an outside_transaction()
+block, a second connection of it holds another that keeps the others out), and a
+step whose work another run did meanwhile finds nothing left to do. An upgrade step that would leave an INVALID index on the
 package's tables (a failed ``CREATE INDEX CONCURRENTLY``) is not recorded. Nothing
 session-level is used (no session advisory locks, no session ``SET``), which keeps
 migrations working through PgBouncer in transaction pooling mode as well as on a
@@ -259,6 +260,14 @@ _SERIAL_KEY: Final = "todo_backend_migration_serial"
 # pg_advisory_xact_lock key of the package's migration runs ("todo" in ASCII): per
 # database, held to the end of each transaction, so safe through PgBouncer.
 _RUNNER_LOCK: Final = 0x746F646F
+# Held by a second connection of a run while its outside_transaction() block runs
+# (the block has no transaction to hold _RUNNER_LOCK in); "tdob".
+_BLOCK_LOCK: Final = 0x74646F62
+_BLOCK_HELD: Final = f"""
+select exists (select from pg_locks where locktype = 'advisory' and granted
+  and database = (select oid from pg_database where datname = current_database())
+  and classid = 0 and objid = {_BLOCK_LOCK} and objsubid = 1)
+"""  # noqa: S608 - a constant key, no input
 _DEADLOCK: Final = "40P01"
 
 
@@ -333,6 +342,51 @@ def _begin(connection: Connection) -> None:
             # Another run's transaction holds it: wait within lock_timeout (then 55P03,
             # retried as any lock wait). A separate message, so the pid is known first.
             connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_RUNNER_LOCK})")
+            # Looked up, not waited for: a wait holds a snapshot, and the other run's
+            # concurrent build waits for every older snapshot, so it would stall it.
+            if connection.exec_driver_sql(_BLOCK_HELD).scalar():
+                raise _AnotherRunError(
+                    "another migration run is in an outside_transaction() block "
+                    "(building an index concurrently?)"
+                )
+
+
+@contextmanager
+def _keeping_other_runs_out(connection: Connection) -> Iterator[None]:
+    """Hold the runners' turn across an ``outside_transaction()`` block, on a second connection.
+
+    The block runs in autocommit, with no transaction to hold the runners' advisory
+    lock in, so another run could take its turn and run the same revision. Two
+    ``CREATE INDEX CONCURRENTLY`` of one index then deadlock (the second waits for
+    the table holding a snapshot, the first waits for that snapshot), and a
+    cancelled first build leaves its index INVALID. A second connection takes
+    ``_BLOCK_LOCK`` in a transaction while this run still has its turn, and keeps it
+    until the block ends; other runs' transactions find it taken and back off
+    (:func:`_begin`). That transaction runs no statement while the block runs, and
+    in READ COMMITTED it then holds no snapshot the build would wait for.
+    """
+    if not connection.info.get(_SERIAL_KEY):
+        yield
+        return
+    try:
+        holder = connection.engine.connect().execution_options(**UNBOUNDED)
+    except (SQLAlchemyError, TodoBackendError) as err:
+        raise MigrationError(
+            "an outside_transaction() block needs a second connection of the engine, to keep "
+            f"other migration runs out while it runs, and none could be opened "
+            f"({type(err).__name__}, chained); nothing of the revision is applied. Give the "
+            "engine room for two connections, then run the migration again"
+        ) from err
+    with holder, holder.begin():
+        # READ COMMITTED whatever the role's default: REPEATABLE READ would keep a
+        # snapshot for the whole transaction, and this run's own build would wait for it.
+        taken = holder.exec_driver_sql(
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; "
+            f"SELECT pg_try_advisory_xact_lock({_BLOCK_LOCK})"
+        ).scalar()
+        if not taken:
+            raise _AnotherRunError("another migration run is in an outside_transaction() block")
+        yield
 
 
 def commit_point() -> None:
@@ -369,7 +423,9 @@ def outside_transaction() -> Iterator[None]:
     INVALID index behind, which ``IF NOT EXISTS`` would skip on a rerun: the upgrade
     therefore records no revision while an INVALID index is on the package's tables,
     and raises :class:`MigrationError` naming it and the ``DROP INDEX CONCURRENTLY``
-    to run (:func:`check` reports it too). On SQLite the block runs in
+    to run (:func:`check` reports it too). While the block runs, a second connection
+    of the engine keeps other migration runs out (:func:`_keeping_other_runs_out`),
+    so the block needs room for two connections. On SQLite the block runs in
     the migration's transaction (a plain index build). Alembic's own
     ``autocommit_block()`` does not fit this runner's caller-owned transaction.
     """
@@ -385,13 +441,14 @@ def outside_transaction() -> Iterator[None]:
         yield
         return
     level = connection.default_isolation_level  # no query: nothing may begin here
-    connection.commit()
-    connection.execution_options(isolation_level="AUTOCOMMIT")
-    try:
-        yield
-    finally:
-        connection.commit()  # the driver autocommitted; close SQLAlchemy's transaction
-        connection.execution_options(isolation_level=level)
+    with _keeping_other_runs_out(connection):
+        connection.commit()
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            yield
+        finally:
+            connection.commit()  # the driver autocommitted; close SQLAlchemy's transaction
+            connection.execution_options(isolation_level=level)
     _begin(connection)
 
 
@@ -593,6 +650,8 @@ def _with_lock_retries(
                 step,
                 "a table lock was not free within DB_MIGRATION_LOCK_TIMEOUT"
                 if locked
+                else str(err)
+                if isinstance(err, _AnotherRunError)
                 else "another migration run got there first",
                 attempts,
                 wait,

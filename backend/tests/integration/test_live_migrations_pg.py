@@ -12,13 +12,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError
 
 from tests.cli_runner import cli_env, run_cli
@@ -359,6 +360,135 @@ def _fill(url: str, rows: int) -> None:
 
 
 # Two replicas starting: alembic's proxies are process-wide, so each run is a process.
+def _upgrade_process(scripts: str, url: str, log: IO[str] | None = None) -> subprocess.Popen[str]:
+    """Start a run as a process, its stderr piped or written to *log*."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _RUN_UPGRADE, scripts, url],
+        env=cli_env(DB_MIGRATION_LOCK_TIMEOUT="0.2", DB_MIGRATION_RETRY_FOR="300"),
+        stdout=subprocess.PIPE,
+        stderr=log or subprocess.PIPE,
+        text=True,
+    )
+
+
+_TASKS_LOCK_WAITS = (
+    "select count(*) from pg_locks where not granted and relation = to_regclass('tasks')"
+)
+
+
+def _poll(what: str, condition: Callable[[], bool], seconds: float = 60) -> None:
+    """Wait (a liveness bound, not a timing claim) until *condition* holds."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {seconds:g} s"
+        time.sleep(0.05)
+
+
+def test_an_index_revision_completes_where_transactions_default_to_repeatable_read(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transaction keeping other runs out holds no snapshot the build would wait for.
+
+    A role or database may default to REPEATABLE READ; the run's own build must not
+    wait on its own second connection (a statement_timeout ends the test if it does).
+    """
+    migrate.upgrade(url)
+    _fill(url, 1_000)
+    scripts_with(tmp_path, monkeypatch, CONCURRENT_INDEX)
+    options = "-c default_transaction_isolation=repeatable\\ read -c statement_timeout=60s"
+    engine = create_engine(url, connect_args={"options": options})
+    with engine.connect() as conn:
+        assert conn.execute(text("show transaction_isolation")).scalar() == "repeatable read"
+    assert migrate.upgrade(engine) == (HEAD, SCRATCH)
+    with engine.connect() as conn:
+        assert migrate.invalid_indexes(conn) == []
+    engine.dispose()
+
+
+def test_an_index_revision_on_a_one_connection_engine_says_it_needs_two(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block's second connection cannot be opened: a MigrationError, nothing applied."""
+    migrate.upgrade(url)
+    scripts_with(tmp_path, monkeypatch, CONCURRENT_INDEX)
+    settings = Settings(database_url=url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    engine = create_db_engine(settings)
+    with pytest.raises(migrate.MigrationError, match="room for two connections") as raised:
+        migrate.upgrade(engine)
+    password = make_url(url).password
+    assert password is None or str(password) not in str(raised.value)
+    assert migrate.current_revision(engine) == HEAD
+    with engine.connect() as conn:
+        names = {index["name"] for index in inspect(conn).get_indexes("tasks")}
+    assert "ix_tasks_title_user_id" not in names
+    engine.dispose()
+
+
+def test_a_second_run_keeps_out_of_the_first_runs_concurrent_index_build(
+    live_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run reaching an index revision while another builds that index waits for it.
+
+    Two ``CREATE INDEX CONCURRENTLY`` of one index at once deadlock: the second waits
+    for the first's table lock holding a snapshot, the first then waits for that
+    snapshot, and if PostgreSQL cancels the first its half-built index stays INVALID,
+    failing both runs. Set up step by step: the first build waits for a writer, the
+    second run arrives, the deadlock detector's first look passes, the writer ends.
+    """
+    migrate.upgrade(live_url)
+    _fill(live_url, 1_000)
+    scripts = str(scripts_with(tmp_path, monkeypatch, CONCURRENT_INDEX))
+    watcher = create_engine(live_url, isolation_level="AUTOCOMMIT")
+
+    def ask(sql: str) -> object:
+        with watcher.connect() as conn:
+            return conn.execute(text(sql)).scalar()
+
+    wait = float(
+        str(ask("select extract(epoch from current_setting('deadlock_timeout')::interval)"))
+    )
+    second_log = tmp_path / "second.log"
+    writer = create_engine(live_url)
+    with (
+        second_log.open("w") as log,
+        writer.connect() as held,
+        held.begin(),
+    ):
+        held.execute(text("lock table tasks in row exclusive mode"))  # the build waits for it
+        first = _upgrade_process(scripts, live_url)
+        _poll(
+            "the first run's build waiting for the writer",
+            lambda: bool(
+                ask(
+                    "select count(*) from pg_stat_progress_create_index "
+                    "where phase like 'waiting for writers%'"
+                )
+            ),
+        )
+        second = _upgrade_process(scripts, live_url, log)
+        _poll(
+            "the second run waiting for the table or retrying",
+            lambda: "retrying" in second_log.read_text() or bool(ask(_TASKS_LOCK_WAITS)),
+        )
+        time.sleep(2 * wait)  # the second run's deadlock check, if it waits, finds no cycle yet
+    writer.dispose()
+    (first_out, first_err), (second_out, _) = (
+        run.communicate(timeout=600) for run in (first, second)
+    )
+    outcomes = [
+        (first.returncode, first_out, first_err),
+        (second.returncode, second_out, second_log.read_text()),
+    ]
+    assert [code for code, _, _ in outcomes] == [0, 0], outcomes
+    with watcher.connect() as conn:
+        assert migrate.invalid_indexes(conn) == []
+        assert "ix_tasks_title_user_id" in {
+            index["name"] for index in inspect(conn).get_indexes("tasks")
+        }
+    watcher.dispose()
+    assert migrate.current_revision(live_url) == SCRATCH
+
+
 _RUN_UPGRADE = (
     "import sys; from pathlib import Path; from todo_backend import migrate\n"
     "if sys.argv[1]: migrate.MIGRATIONS_DIR = Path(sys.argv[1])\n"

@@ -13,18 +13,18 @@ nothing of itself behind, the revisions before it stay applied, and a rerun resu
 A revision may end its transaction early (:func:`commit_point`, used by 0002 so that
 its NOT VALID constraints commit before the validating scans) or run a block outside
 any transaction (:func:`outside_transaction`, for ``CREATE INDEX CONCURRENTLY``).
-Every transaction starts with ``SET LOCAL lock_timeout`` (``DB_MIGRATION_LOCK_TIMEOUT``):
-a migration waits that long at most for a lock, so the application never queues
-longer behind it; a revision that runs out is rolled back and retried with backoff
-(``DB_MIGRATION_RETRY_FOR``), then fails naming the sessions in the way
-(:class:`MigrationLockTimeoutError`). Two runs at once (two replicas starting) take
-turns: each transaction of an upgrade or downgrade step first takes a
-transaction-level advisory lock (and, while one run is in an outside_transaction()
-block, a second connection of it holds another that keeps the others out), and a
-step whose work another run did meanwhile finds nothing left to do. An upgrade step that would leave an INVALID index on the
-package's tables (a failed ``CREATE INDEX CONCURRENTLY``) is not recorded. Nothing
-session-level is used (no session advisory locks, no session ``SET``), which keeps
-migrations working through PgBouncer in transaction pooling mode as well as on a
+Every transaction starts with ``SET LOCAL lock_timeout``
+(``DB_MIGRATION_LOCK_TIMEOUT``): a migration waits that long at most for a lock, so the
+application never queues longer behind it; a revision that runs out is rolled back and
+retried with backoff (``DB_MIGRATION_RETRY_FOR``), then fails naming the sessions in the
+way (:class:`MigrationLockTimeoutError`). Two runs at once (two replicas starting) take
+turns: each transaction of an upgrade or downgrade step first takes a transaction-level
+advisory lock (and, while one run is in an outside_transaction() block, a second
+connection of it holds another that keeps the others out), and a step whose work another
+run did meanwhile finds nothing left to do. An upgrade step that would leave an INVALID
+index on the package's tables (a failed ``CREATE INDEX CONCURRENTLY``) is not recorded.
+Nothing session-level is used (no session advisory locks, no session ``SET``), which
+keeps migrations working through PgBouncer in transaction pooling mode as well as on a
 direct connection. SQLite gets the same all-or-nothing behaviour through an
 explicit ``BEGIN``. An error of a revision's SQL is raised as
 :class:`MigrationError` with the server's message, the driver's error chained.
@@ -78,7 +78,7 @@ from sqlmodel.sql.sqltypes import AutoString, UTCDateTime
 
 import todo_backend.models  # registers the tables on SQLModel.metadata
 from todo_backend.config import load_migration_settings, load_settings
-from todo_backend.db import UNBOUNDED, create_db_engine
+from todo_backend.db import UNBOUNDED, cannot_connect, create_db_engine, error_reason
 from todo_backend.errors import TodoBackendError
 
 __all__ = [
@@ -142,11 +142,24 @@ class UpgradeResult(NamedTuple):
 
 @contextmanager
 def _alembic_errors() -> Iterator[None]:
-    """Re-raise alembic's ``CommandError`` as :class:`MigrationError`, same message."""
+    """Re-raise alembic's ``CommandError`` as :class:`MigrationError`, same message.
+
+    A driver error no step translated (a connection lost outside a revision, say)
+    becomes a :class:`MigrationError` with the first line of its message, and one
+    raised while connecting a :class:`~todo_backend.errors.DatabaseUnavailableError`.
+    """
     try:
         yield
     except CommandError as err:
         raise MigrationError(str(err)) from err
+    except DBAPIError as err:
+        if err.statement is None:  # raised while connecting: nothing was sent
+            raise cannot_connect(err) from err
+        raise MigrationError(
+            f"the migration's database call failed: {error_reason(err)}. What a revision "
+            "committed stays; run the migration again once the database answers "
+            "(`todo-db check` says what is wrong)"
+        ) from err
 
 
 def package_tables() -> tuple[Table, ...]:
@@ -263,10 +276,17 @@ _RUNNER_LOCK: Final = 0x746F646F
 # Held by a second connection of a run while its outside_transaction() block runs
 # (the block has no transaction to hold _RUNNER_LOCK in); "tdob".
 _BLOCK_LOCK: Final = 0x74646F62
+# Whether another run is in a block: its second connection holds _BLOCK_LOCK, or an
+# index build on the package's tables is under way in another session (a killed
+# run's build goes on without it, and its second connection is gone).
 _BLOCK_HELD: Final = f"""
 select exists (select from pg_locks where locktype = 'advisory' and granted
   and database = (select oid from pg_database where datname = current_database())
   and classid = 0 and objid = {_BLOCK_LOCK} and objsubid = 1)
+  or exists (select from pg_stat_progress_create_index p join pg_class t on t.oid = p.relid
+  where p.datid = (select oid from pg_database where datname = current_database())
+  and p.pid <> pg_backend_pid() and t.relname = any(%(tables)s)
+  and t.relnamespace = to_regnamespace(current_schema()))
 """  # noqa: S608 - a constant key, no input
 _DEADLOCK: Final = "40P01"
 
@@ -303,7 +323,13 @@ def _migration_session(
         # Migrations run without the engine's bounds: DDL on a big table may
         # legitimately take longer than a request's statement bound; each revision's
         # transaction sets its own lock_timeout instead.
-        with engine.connect().execution_options(**UNBOUNDED) as connection:
+        try:
+            opened = engine.connect()
+        except DBAPIError as err:
+            # Even a failure once connected (the dialect's first queries) sent nothing
+            # of the migration's.
+            raise cannot_connect(err) from err
+        with opened.execution_options(**UNBOUNDED) as connection:
             connection.info[_LOCK_TIMEOUT_KEY] = lock_timeout
             yield connection
     finally:
@@ -344,10 +370,11 @@ def _begin(connection: Connection) -> None:
             connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_RUNNER_LOCK})")
             # Looked up, not waited for: a wait holds a snapshot, and the other run's
             # concurrent build waits for every older snapshot, so it would stall it.
-            if connection.exec_driver_sql(_BLOCK_HELD).scalar():
+            tables = [table.name for table in package_tables()]
+            if connection.exec_driver_sql(_BLOCK_HELD, {"tables": tables}).scalar():
                 raise _AnotherRunError(
-                    "another migration run is in an outside_transaction() block "
-                    "(building an index concurrently?)"
+                    "another migration run is in an outside_transaction() block, or "
+                    "another session is building an index on the package's tables"
                 )
 
 
@@ -374,19 +401,31 @@ def _keeping_other_runs_out(connection: Connection) -> Iterator[None]:
         raise MigrationError(
             "an outside_transaction() block needs a second connection of the engine, to keep "
             f"other migration runs out while it runs, and none could be opened "
-            f"({type(err).__name__}, chained); nothing of the revision is applied. Give the "
-            "engine room for two connections, then run the migration again"
+            f"({type(err).__name__}, chained). The revision is not recorded as applied and "
+            "its open transaction was rolled back (what it committed at a commit_point() "
+            "stays, and the revision reruns safely). Give the engine room for two "
+            "connections, then run the migration again"
         ) from err
-    with holder, holder.begin():
+    try:
+        holder.begin()
         # READ COMMITTED whatever the role's default: REPEATABLE READ would keep a
-        # snapshot for the whole transaction, and this run's own build would wait for it.
+        # snapshot for the whole transaction, and this run's own build would wait for
+        # it. No idle_in_transaction_session_timeout: it sits idle for the whole block.
         taken = holder.exec_driver_sql(
             "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; "
+            "SET LOCAL idle_in_transaction_session_timeout = 0; "
             f"SELECT pg_try_advisory_xact_lock({_BLOCK_LOCK})"
         ).scalar()
         if not taken:
             raise _AnotherRunError("another migration run is in an outside_transaction() block")
         yield
+    finally:
+        try:
+            holder.close()  # rolls back: the lock is released
+        except (SQLAlchemyError, TodoBackendError):
+            # Lost meanwhile (terminated, a network fault): its lock went with it, and
+            # the block's own work does not depend on it.
+            logger.warning("the connection keeping other migration runs out was lost")
 
 
 def commit_point() -> None:
@@ -543,11 +582,12 @@ def _describe_session(pid: int, application: str, state: str, age: float | None)
 class _BlockerWatch:
     """Ask ``pg_blocking_pids()`` who blocks the migration's backend, while it waits.
 
-    A second connection of the same engine, opened only once an attempt has run for
-    half its lock bound (so a quick attempt never opens it), polls every 0.2 s and
-    keeps the last non-empty answer. A one-connection PgBouncer pool can make it
-    wait for the migration's transaction: it then learns nothing, and the caller
-    falls back to the granted locks on the tables (:func:`_blocking_sessions`).
+    A second connection of the same engine, checked out for each look (so it never keeps
+    one the run needs) from once an attempt has run for half its lock bound (so a quick
+    attempt never asks), looks every 0.2 s and keeps the last non-empty answer. A
+    one-connection PgBouncer pool can make it wait for the migration's transaction: it
+    then learns nothing, and the caller falls back to the granted locks on the tables
+    (:func:`_blocking_sessions`).
     """
 
     def __init__(self, connection: Connection) -> None:
@@ -573,8 +613,10 @@ class _BlockerWatch:
             return
         tables = [table.name for table in package_tables()] + ["alembic_version"]
         try:
-            with self._connection.engine.connect().execution_options(**UNBOUNDED) as watcher:
-                while not self._stop.is_set():
+            while not self._stop.is_set():
+                # A checkout per look: between looks the connection is free for the
+                # run's own use (an outside_transaction() block needs a second one).
+                with self._connection.engine.connect().execution_options(**UNBOUNDED) as watcher:
                     pid = self._connection.info.get(_PID_KEY)
                     rows = watcher.exec_driver_sql(_BLOCKING_PIDS, {"pid": pid, "tables": tables})
                     found = [
@@ -582,10 +624,10 @@ class _BlockerWatch:
                         for p, app, state, age, what in rows.all()
                     ]
                     watcher.rollback()
-                    if found:
-                        self.seen = found
-                    self._stop.wait(0.2)
-        except SQLAlchemyError:  # pragma: no cover - a diagnosis, never a failure
+                if found:
+                    self.seen = found
+                self._stop.wait(0.2)
+        except (SQLAlchemyError, TodoBackendError):  # pragma: no cover - a diagnosis only
             return
 
 
@@ -685,12 +727,15 @@ def invalid_indexes(connection: Connection) -> list[str]:
 
     A ``CREATE INDEX CONCURRENTLY`` that failed (a duplicate for a unique index, a
     cancelled build) leaves its index behind, marked invalid: queries ignore it but
-    writes keep maintaining it, and ``IF NOT EXISTS`` would skip rebuilding it.
+    writes keep maintaining it, and ``IF NOT EXISTS`` would skip rebuilding it. An
+    index another session is building right now is INVALID until it is done, and is
+    not reported.
     """
     return [
         f"index {index} on {table} is INVALID (a failed CREATE INDEX CONCURRENTLY left it): "
         f"run DROP INDEX CONCURRENTLY {index}; then migrate again to rebuild it"
-        for index, table, _ in _invalid_index_rows(connection)
+        for index, table, building in _invalid_index_rows(connection)
+        if not building
     ]
 
 
@@ -701,7 +746,8 @@ def _invalid_index_rows(connection: Connection) -> list[tuple[str, str, bool]]:
     tables = [table.name for table in package_tables()]
     rows = connection.exec_driver_sql(
         "select i.relname, t.relname, exists (select from pg_stat_progress_create_index p"
-        "   where p.index_relid = x.indexrelid and p.pid <> pg_backend_pid())"
+        "   where p.index_relid = x.indexrelid and p.pid <> pg_backend_pid()"
+        "   and p.datid = (select oid from pg_database where datname = current_database()))"
         " from pg_index x"
         " join pg_class i on i.oid = x.indexrelid join pg_class t on t.oid = x.indrelid"
         " where not x.indisvalid and t.relname = any(%(tables)s)"

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
@@ -371,6 +371,14 @@ def _upgrade_process(scripts: str, url: str, log: IO[str] | None = None) -> subp
     )
 
 
+# The sessions holding the lock that keeps other migration runs out of a block.
+_KEEP_OUT = (
+    "from pg_locks where locktype = 'advisory' and granted and database = "  # noqa: S608
+    "(select oid from pg_database where datname = current_database()) "
+    f"and classid = 0 and objid = {migrate._BLOCK_LOCK} and objsubid = 1"
+)
+_KEEP_OUT_HELD = "select count(*) " + _KEEP_OUT
+_KEEP_OUT_ENDED = "select bool_and(pg_terminate_backend(pid)) " + _KEEP_OUT
 _TASKS_LOCK_WAITS = (
     "select count(*) from pg_locks where not granted and relation = to_regclass('tasks')"
 )
@@ -424,6 +432,165 @@ def test_an_index_revision_on_a_one_connection_engine_says_it_needs_two(
     engine.dispose()
 
 
+_BUILD_WAITING = (
+    "select count(*) from pg_stat_progress_create_index where phase like 'waiting for writers%' "
+    "and datid = (select oid from pg_database where datname = current_database())"
+)
+
+
+@contextmanager
+def build_held_up(url: str) -> Iterator[Callable[[str], object]]:
+    """Hold a writer's lock on tasks (a concurrent build waits for it) until the block ends.
+
+    Yields a function that runs one query on its own autocommit connection.
+    """
+    watcher = create_engine(url, isolation_level="AUTOCOMMIT")
+
+    def ask(sql: str) -> object:
+        with watcher.connect() as conn:
+            return conn.execute(text(sql)).scalar()
+
+    writer = create_engine(url)
+    try:
+        with writer.connect() as held, held.begin():
+            held.execute(text("set local idle_in_transaction_session_timeout = 0"))
+            held.execute(text("lock table tasks in row exclusive mode"))
+            yield ask
+    finally:
+        writer.dispose()
+        watcher.dispose()
+
+
+def _second_run_arrives(
+    ask: Callable[[str], object], scripts: str, url: str, log: Path
+) -> subprocess.Popen[str]:
+    """Start a run while another's build is held up; return once it is as far as it gets.
+
+    That is waiting for the table (its own build) or retrying, and past the deadlock
+    detector's first look at its wait (twice deadlock_timeout), which then finds no
+    cycle: the first build is not yet waiting for it.
+    """
+    with log.open("w") as stderr:
+        run = _upgrade_process(scripts, url, stderr)
+    _poll(
+        "the second run waiting for the table or retrying",
+        lambda: "retrying" in log.read_text() or bool(ask(_TASKS_LOCK_WAITS)),
+    )
+    wait = ask("select extract(epoch from current_setting('deadlock_timeout')::interval)")
+    time.sleep(2 * float(str(wait)))
+    return run
+
+
+def _index_valid(url: str, name: str) -> bool | None:
+    """Whether index *name* is valid; None when there is none."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return cast(
+                "bool | None",
+                conn.execute(
+                    text("select indisvalid from pg_index where indexrelid = to_regclass(:name)"),
+                    {"name": name},
+                ).scalar(),
+            )
+    finally:
+        engine.dispose()
+
+
+def test_a_run_killed_during_its_build_keeps_the_next_run_out_until_the_build_ends(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica killed mid-build: its build goes on server-side, and the next run waits for it.
+
+    The killed run's second connection is gone (its lock with it), so the next run
+    must see the build itself; running the same build beside it would deadlock and
+    leave the index INVALID. ``check`` meanwhile does not call the index being
+    built a failed one.
+    """
+    migrate.upgrade(url)
+    _fill(url, 1_000)
+    scripts = str(scripts_with(tmp_path, monkeypatch, CONCURRENT_INDEX))
+    second_log = tmp_path / "second.log"
+    with build_held_up(url) as ask:
+        first = _upgrade_process(scripts, url)
+        _poll("the first run's build waiting for the writer", lambda: bool(ask(_BUILD_WAITING)))
+        first.kill()
+        first.communicate(timeout=60)
+        assert ask(_BUILD_WAITING), "the killed run's build goes on on the server"
+        assert not any("ix_tasks_title_user_id" in p for p in migrate.check(url).problems)
+        second = _second_run_arrives(ask, scripts, url, second_log)
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, (out, second_log.read_text())
+    assert _index_valid(url, "ix_tasks_title_user_id") is True
+    assert migrate.current_revision(url) == SCRATCH
+
+
+@pytest.mark.parametrize("fault", ["terminated", "idle in transaction timeout"])
+def test_a_run_whose_keep_out_connection_is_lost_still_completes(
+    fault: str, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection keeping other runs out is lost mid-block: the run's own build completes.
+
+    It is ended from outside, or a database-wide idle_in_transaction_session_timeout
+    (a provider's setting) would end it: it opts out of that bound, and its loss is
+    no failure of the revision.
+    """
+    migrate.upgrade(url)
+    _fill(url, 1_000)
+    scripts = str(scripts_with(tmp_path, monkeypatch, CONCURRENT_INDEX))
+    database = make_url(url).database
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    if fault != "terminated":
+        with admin.connect() as conn:
+            conn.execute(
+                text(f'alter database "{database}" set idle_in_transaction_session_timeout = 500')
+            )
+    try:
+        with build_held_up(url) as ask:
+            first = _upgrade_process(scripts, url)
+            _poll("the build waiting for the writer", lambda: bool(ask(_BUILD_WAITING)))
+            _poll("the keep-out lock taken", lambda: bool(ask(_KEEP_OUT_HELD)))
+            if fault == "terminated":
+                assert ask(_KEEP_OUT_ENDED)
+                _poll("the keep-out connection gone", lambda: not ask(_KEEP_OUT_HELD))
+            else:
+                time.sleep(1.5)  # three times the bound
+                assert ask(_KEEP_OUT_HELD) == 1, "the bound ended the keep-out connection"
+    finally:
+        if fault != "terminated":
+            with admin.connect() as conn:
+                conn.execute(
+                    text(f'alter database "{database}" reset idle_in_transaction_session_timeout')
+                )
+        admin.dispose()
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, (out, err)
+    assert _index_valid(url, "ix_tasks_title_user_id") is True
+    assert migrate.current_revision(url) == SCRATCH
+
+
+SLOW_THEN_INDEX = "op.execute('select pg_sleep(0.5)')\n" + CONCURRENT_INDEX
+
+
+def test_an_index_revision_runs_on_a_two_connection_engine_after_a_long_first_step(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room for two connections is enough, even once the lock-wait watcher has looked.
+
+    The step runs past half its lock bound before the block, so the watcher that
+    names blockers has begun looking; it never keeps the block's second connection.
+    """
+    migrate.upgrade(url)
+    scripts_with(tmp_path, monkeypatch, SLOW_THEN_INDEX)
+    engine = create_db_engine(
+        Settings(database_url=url, pool_size=2, max_overflow=0, pool_timeout=2)
+    )
+    try:
+        assert migrate.upgrade(engine, lock_timeout=0.2) == (HEAD, SCRATCH)
+    finally:
+        engine.dispose()
+
+
 def test_a_second_run_keeps_out_of_the_first_runs_concurrent_index_build(
     live_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -438,40 +605,11 @@ def test_a_second_run_keeps_out_of_the_first_runs_concurrent_index_build(
     migrate.upgrade(live_url)
     _fill(live_url, 1_000)
     scripts = str(scripts_with(tmp_path, monkeypatch, CONCURRENT_INDEX))
-    watcher = create_engine(live_url, isolation_level="AUTOCOMMIT")
-
-    def ask(sql: str) -> object:
-        with watcher.connect() as conn:
-            return conn.execute(text(sql)).scalar()
-
-    wait = float(
-        str(ask("select extract(epoch from current_setting('deadlock_timeout')::interval)"))
-    )
     second_log = tmp_path / "second.log"
-    writer = create_engine(live_url)
-    with (
-        second_log.open("w") as log,
-        writer.connect() as held,
-        held.begin(),
-    ):
-        held.execute(text("lock table tasks in row exclusive mode"))  # the build waits for it
+    with build_held_up(live_url) as ask:
         first = _upgrade_process(scripts, live_url)
-        _poll(
-            "the first run's build waiting for the writer",
-            lambda: bool(
-                ask(
-                    "select count(*) from pg_stat_progress_create_index "
-                    "where phase like 'waiting for writers%'"
-                )
-            ),
-        )
-        second = _upgrade_process(scripts, live_url, log)
-        _poll(
-            "the second run waiting for the table or retrying",
-            lambda: "retrying" in second_log.read_text() or bool(ask(_TASKS_LOCK_WAITS)),
-        )
-        time.sleep(2 * wait)  # the second run's deadlock check, if it waits, finds no cycle yet
-    writer.dispose()
+        _poll("the first run's build waiting for the writer", lambda: bool(ask(_BUILD_WAITING)))
+        second = _second_run_arrives(ask, scripts, live_url, second_log)
     (first_out, first_err), (second_out, _) = (
         run.communicate(timeout=600) for run in (first, second)
     )
@@ -480,12 +618,7 @@ def test_a_second_run_keeps_out_of_the_first_runs_concurrent_index_build(
         (second.returncode, second_out, second_log.read_text()),
     ]
     assert [code for code, _, _ in outcomes] == [0, 0], outcomes
-    with watcher.connect() as conn:
-        assert migrate.invalid_indexes(conn) == []
-        assert "ix_tasks_title_user_id" in {
-            index["name"] for index in inspect(conn).get_indexes("tasks")
-        }
-    watcher.dispose()
+    assert _index_valid(live_url, "ix_tasks_title_user_id") is True
     assert migrate.current_revision(live_url) == SCRATCH
 
 

@@ -37,7 +37,7 @@ from tests.migration_scripts import (
 )
 from todo_backend import migrate, migration_lint
 from todo_backend.db import create_db_engine, get_session, init_db
-from todo_backend.errors import ConfigurationError
+from todo_backend.errors import ConfigurationError, DatabaseUnavailableError
 from todo_backend.models import TaskCreate
 from todo_backend.repository import TaskRepository
 
@@ -714,3 +714,26 @@ def test_upgrade_returns_the_revisions_it_saw_in_one_connection(
     result = migrate.upgrade(engine)
     assert (result.before, result.after) == (HEAD, SCRATCH)
     assert len(opened) == 3
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        migrate.upgrade,
+        lambda url: migrate.downgrade(url, "base"),
+        migrate.current_revision,
+        migrate.stamp,
+        migrate.check,
+    ],
+    ids=["upgrade", "downgrade", "current_revision", "stamp", "check"],
+)
+def test_a_database_that_cannot_be_reached_is_a_typed_error_without_the_password(
+    command: Any,
+) -> None:
+    """No raw driver error from the migration API: what failed and what to do, no password."""
+    url = "postgresql://someone:not-a-real-secret@127.0.0.1:1/todo?connect_timeout=2"
+    with pytest.raises(DatabaseUnavailableError, match="cannot connect to the database") as raised:
+        command(url)
+    assert "todo-db check" in str(raised.value)
+    assert "not-a-real-secret" not in str(raised.value)
+    assert isinstance(raised.value.__cause__, OperationalError)

@@ -358,11 +358,12 @@ def _begin(connection: Connection) -> None:
         if seconds is None:
             seconds = load_migration_settings().lock_timeout
         milliseconds = max(1, round(float(seconds) * 1000))
-        # One message; the backend's pid (for pg_blocking_pids) rides along, and through
-        # PgBouncer it is the server connection of this very transaction.
+        # One statement (SET LOCAL as a function: a caller's psycopg 3 engine reads only
+        # the first result of several); the backend's pid (for pg_blocking_pids) rides
+        # along, and through PgBouncer it is the server connection of this transaction.
         pid = connection.exec_driver_sql(
-            f"SET LOCAL lock_timeout = {milliseconds}; SELECT pg_backend_pid()"
-        ).scalar()
+            f"SELECT set_config('lock_timeout', '{milliseconds}', true), pg_backend_pid()"
+        ).one()[1]
         connection.info[_PID_KEY] = pid
         if connection.info.get(_SERIAL_KEY):
             # Another run's transaction holds it: wait within lock_timeout (then 55P03,
@@ -396,7 +397,10 @@ def _keeping_other_runs_out(connection: Connection) -> Iterator[None]:
         yield
         return
     try:
-        holder = connection.engine.connect().execution_options(**UNBOUNDED)
+        # READ COMMITTED (the driver's BEGIN says so) whatever the role's default.
+        holder = connection.engine.connect().execution_options(
+            **UNBOUNDED, isolation_level="READ COMMITTED"
+        )
     except (SQLAlchemyError, TodoBackendError) as err:
         raise MigrationError(
             "an outside_transaction() block needs a second connection of the engine, to keep "
@@ -408,14 +412,13 @@ def _keeping_other_runs_out(connection: Connection) -> Iterator[None]:
         ) from err
     try:
         holder.begin()
-        # READ COMMITTED whatever the role's default: REPEATABLE READ would keep a
-        # snapshot for the whole transaction, and this run's own build would wait for
-        # it. No idle_in_transaction_session_timeout: it sits idle for the whole block.
+        # Not REPEATABLE READ: its snapshot would last the whole transaction, and this
+        # run's own build would wait for it. No idle_in_transaction_session_timeout:
+        # it sits idle for the whole block.
         taken = holder.exec_driver_sql(
-            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; "
-            "SET LOCAL idle_in_transaction_session_timeout = 0; "
-            f"SELECT pg_try_advisory_xact_lock({_BLOCK_LOCK})"
-        ).scalar()
+            "SELECT set_config('idle_in_transaction_session_timeout', '0', true), "
+            f"pg_try_advisory_xact_lock({_BLOCK_LOCK})"
+        ).one()[1]
         if not taken:
             raise _AnotherRunError("another migration run is in an outside_transaction() block")
         yield

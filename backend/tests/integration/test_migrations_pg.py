@@ -433,3 +433,35 @@ def test_tables_the_package_does_not_declare_are_left_alone(
     finally:
         SQLModel.metadata.remove(users)
     assert {"users", "legacy_audit", "tasks"} <= set(inspect(engine).get_table_names())
+
+
+def test_a_callers_psycopg_3_engine_migrates_like_the_packages(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine on psycopg 3 (the async extra's driver, sync here) runs every command.
+
+    psycopg 3 reads only the first result of a several-statement string, so each
+    statement the runner sends is one statement; an index block included.
+    """
+    engine = create_engine(make_url(url).set(drivername="postgresql+psycopg"))
+    try:
+        assert migrate.upgrade(engine) == (None, HEAD)
+        assert migrate.check(engine).ok
+        scripts_with(
+            tmp_path,
+            monkeypatch,
+            """
+            from todo_backend.migrate import outside_transaction
+
+            with outside_transaction():
+                op.create_index(
+                    "ix_tasks_title", "tasks", ["title"],
+                    postgresql_concurrently=True, if_not_exists=True,
+                )
+            """,
+        )
+        assert migrate.upgrade(engine) == (HEAD, SCRATCH)
+        migrate.downgrade(engine, "base")
+        assert migrate.current_revision(engine) is None
+    finally:
+        engine.dispose()

@@ -70,6 +70,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import CheckConstraint, Connection, Engine, String, Table, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Dialect
+from sqlalchemy.engine.interfaces import IsolationLevel
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.schema import SchemaItem
 from sqlmodel import SQLModel
@@ -145,20 +146,18 @@ def _alembic_errors() -> Iterator[None]:
     """Re-raise alembic's ``CommandError`` as :class:`MigrationError`, same message.
 
     A driver error no step translated (a connection lost outside a revision, say)
-    becomes a :class:`MigrationError` with the first line of its message, and one
-    raised while connecting a :class:`~todo_backend.errors.DatabaseUnavailableError`.
+    becomes a :class:`MigrationError` with the first line of its message (a failure
+    to connect is a :class:`~todo_backend.errors.DatabaseUnavailableError`, raised
+    where the connection is opened).
     """
     try:
         yield
     except CommandError as err:
         raise MigrationError(str(err)) from err
     except DBAPIError as err:
-        if err.statement is None:  # raised while connecting: nothing was sent
-            raise cannot_connect(err) from err
         raise MigrationError(
-            f"the migration's database call failed: {error_reason(err)}. What a revision "
-            "committed stays; run the migration again once the database answers "
-            "(`todo-db check` says what is wrong)"
+            f"a database call of the migration command failed: {error_reason(err)}. Run the "
+            "command again once the database answers (`todo-db check` says what is wrong)"
         ) from err
 
 
@@ -270,12 +269,21 @@ _LOCK_TIMEOUT_KEY: Final = "todo_backend_migration_lock_timeout"
 _LOCK_NOT_AVAILABLE: Final = "55P03"
 _PID_KEY: Final = "todo_backend_migration_pid"
 _SERIAL_KEY: Final = "todo_backend_migration_serial"
+_IN_BLOCK_KEY: Final = "todo_backend_migration_in_block"
 # pg_advisory_xact_lock key of the package's migration runs ("todo" in ASCII): per
 # database, held to the end of each transaction, so safe through PgBouncer.
 _RUNNER_LOCK: Final = 0x746F646F
 # Held by a second connection of a run while its outside_transaction() block runs
 # (the block has no transaction to hold _RUNNER_LOCK in); "tdob".
 _BLOCK_LOCK: Final = 0x74646F62
+# The index builds (CREATE INDEX, REINDEX) under way in this database in other
+# sessions, as the progress view shows them: the table (relid) is NULL for another
+# role's session unless this one has pg_read_all_stats, so such a build may be on
+# any table.
+_BUILDS: Final = """
+select from pg_stat_progress_create_index p
+ where p.datid = (select oid from pg_database where datname = current_database())
+   and p.pid <> pg_backend_pid()"""
 # Whether another run is in a block: its second connection holds _BLOCK_LOCK, or an
 # index build on the package's tables is under way in another session (a killed
 # run's build goes on without it, and its second connection is gone).
@@ -283,11 +291,9 @@ _BLOCK_HELD: Final = f"""
 select exists (select from pg_locks where locktype = 'advisory' and granted
   and database = (select oid from pg_database where datname = current_database())
   and classid = 0 and objid = {_BLOCK_LOCK} and objsubid = 1)
-  or exists (select from pg_stat_progress_create_index p join pg_class t on t.oid = p.relid
-  where p.datid = (select oid from pg_database where datname = current_database())
-  and p.pid <> pg_backend_pid() and t.relname = any(%(tables)s)
-  and t.relnamespace = to_regnamespace(current_schema()))
-"""  # noqa: S608 - a constant key, no input
+  or exists ({_BUILDS} and (p.relid is null or p.relid in (select oid from pg_class
+  where relname = any(%(tables)s) and relnamespace = to_regnamespace(current_schema()))))
+"""  # noqa: S608 - constants, no input
 _DEADLOCK: Final = "40P01"
 
 
@@ -402,13 +408,18 @@ def _keeping_other_runs_out(connection: Connection) -> Iterator[None]:
             **UNBOUNDED, isolation_level="READ COMMITTED"
         )
     except (SQLAlchemyError, TodoBackendError) as err:
+        why = (
+            f"the server refused it: {error_reason(err)}"
+            if isinstance(err, DBAPIError)
+            else "none was free within the engine's pool_timeout"
+        )
         raise MigrationError(
             "an outside_transaction() block needs a second connection of the engine, to keep "
-            f"other migration runs out while it runs, and none could be opened "
-            f"({type(err).__name__}, chained). The revision is not recorded as applied and "
-            "its open transaction was rolled back (what it committed at a commit_point() "
-            "stays, and the revision reruns safely). Give the engine room for two "
-            "connections, then run the migration again"
+            f"other migration runs out while it runs, and {why}. The revision is not "
+            "recorded as applied and its open transaction was rolled back (what it committed "
+            "at a commit_point() stays, and the revision reruns safely). Give the engine "
+            "(and the role, and the server) room for two connections, then run the "
+            "migration again"
         ) from err
     try:
         holder.begin()
@@ -448,6 +459,11 @@ def commit_point() -> None:
         migration.impl.static_output(offline_lock_timeout())
         return
     connection = op.get_bind()
+    if connection.info.get(_IN_BLOCK_KEY):
+        raise MigrationError(
+            "commit_point() inside an outside_transaction() block: each statement there "
+            "commits on its own already; call it before or after the block"
+        )
     connection.commit()
     _begin(connection)
 
@@ -467,7 +483,9 @@ def outside_transaction() -> Iterator[None]:
     and raises :class:`MigrationError` naming it and the ``DROP INDEX CONCURRENTLY``
     to run (:func:`check` reports it too). While the block runs, a second connection
     of the engine keeps other migration runs out (:func:`_keeping_other_runs_out`),
-    so the block needs room for two connections. On SQLite the block runs in
+    so the block needs room for two connections. Blocks do not nest, and
+    :func:`commit_point` inside one raises :class:`MigrationError`; an error of the
+    block (a lost connection, an interrupt) goes out as it is. On SQLite the block runs in
     the migration's transaction (a plain index build). Alembic's own
     ``autocommit_block()`` does not fit this runner's caller-owned transaction.
     """
@@ -482,16 +500,37 @@ def outside_transaction() -> Iterator[None]:
     if connection.dialect.name != "postgresql":
         yield
         return
+    if connection.info.get(_IN_BLOCK_KEY):
+        raise MigrationError(
+            "outside_transaction() blocks do not nest: the block already runs outside any "
+            "transaction; write its statements in one block"
+        )
     level = connection.default_isolation_level  # no query: nothing may begin here
     with _keeping_other_runs_out(connection):
         connection.commit()
         connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.info[_IN_BLOCK_KEY] = True
         try:
             yield
+        except BaseException:
+            # The block's own error goes out as it is (a lost connection, an interrupt):
+            # ending SQLAlchemy's transaction must not replace it.
+            _end_quietly(connection, level)
+            raise
         finally:
-            connection.commit()  # the driver autocommitted; close SQLAlchemy's transaction
-            connection.execution_options(isolation_level=level)
+            connection.info.pop(_IN_BLOCK_KEY, None)
+        connection.commit()  # the driver autocommitted; close SQLAlchemy's transaction
+        connection.execution_options(isolation_level=level)
     _begin(connection)
+
+
+def _end_quietly(connection: Connection, level: IsolationLevel | None) -> None:
+    """Roll back SQLAlchemy's side of a failed block and restore its isolation, errors aside."""
+    try:
+        connection.rollback()  # also what an invalidated connection needs to reconnect
+        connection.execution_options(isolation_level=level)
+    except (SQLAlchemyError, TodoBackendError):
+        logger.debug("ending a failed outside_transaction() block", exc_info=True)
 
 
 def offline_lock_timeout() -> str:
@@ -684,10 +723,15 @@ def _with_lock_retries(
                 blockers = watch.seen or _blocking_sessions(connection)
                 raise _lock_error(step, attempts, retry_for, blockers) from None
             if left <= 0:
+                reason = (
+                    str(err)
+                    if isinstance(err, _AnotherRunError)
+                    else "another migration run of this database kept running"
+                )
                 raise MigrationError(
-                    f"{step}: another migration run of this database kept running through "
-                    f"DB_MIGRATION_RETRY_FOR={retry_for:g} s ({attempts} attempt(s), each "
-                    "rolled back); let it finish, then run the migration again"
+                    f"{step}: {reason}, through DB_MIGRATION_RETRY_FOR={retry_for:g} s "
+                    f"({attempts} attempt(s), each rolled back); let it finish, then run the "
+                    "migration again"
                 ) from err
             wait = min(pause * random.uniform(0.75, 1.25), left)  # noqa: S311 - jitter
             logger.warning(
@@ -747,10 +791,14 @@ def _invalid_index_rows(connection: Connection) -> list[tuple[str, str, bool]]:
     if connection.dialect.name != "postgresql":
         return []
     tables = [table.name for table in package_tables()]
+    # The progress view is read once per transaction and kept (PostgreSQL's snapshot of
+    # backend status): a build begun since this transaction first looked would be missed.
+    connection.exec_driver_sql("select pg_stat_clear_snapshot()")
     rows = connection.exec_driver_sql(
-        "select i.relname, t.relname, exists (select from pg_stat_progress_create_index p"
-        "   where p.index_relid = x.indexrelid and p.pid <> pg_backend_pid()"
-        "   and p.datid = (select oid from pg_database where datname = current_database()))"
+        # Being built: a build is under way on its table, or one this role cannot place
+        # (REINDEX CONCURRENTLY reports the old index, not the INVALID new one).
+        f"select i.relname, t.relname, exists ({_BUILDS}"  # noqa: S608 - constants
+        "   and (p.relid is null or p.relid = x.indrelid))"
         " from pg_index x"
         " join pg_class i on i.oid = x.indexrelid join pg_class t on t.oid = x.indrelid"
         " where not x.indisvalid and t.relname = any(%(tables)s)"
@@ -913,13 +961,15 @@ def _run_step(
         _with_lock_retries(connection, name, retry_for, attempt)
     except DBAPIError as err:
         connection.info.pop(_SERIAL_KEY, None)
-        raise _revision_failed(connection, name, err) from err
+        raise _revision_failed(connection, name, err, direction) from err
     finally:
         connection.info.pop(_SERIAL_KEY, None)
     return found, reached
 
 
-def _revision_failed(connection: Connection, step: str, err: DBAPIError) -> MigrationError:
+def _revision_failed(
+    connection: Connection, step: str, err: DBAPIError, direction: str = "upgrade"
+) -> MigrationError:
     """Say which step failed, with the first line of the server's message, and what to do.
 
     Only that line: the statement and its parameters stay out of the message (they are
@@ -927,8 +977,13 @@ def _revision_failed(connection: Connection, step: str, err: DBAPIError) -> Migr
     """
     lines = str(err.orig).strip().splitlines() if err.orig is not None else []
     reason = lines[0] if lines else type(err.orig or err).__name__
+    recorded = (
+        "It is not recorded as applied"
+        if direction == "upgrade"
+        else "The database stays recorded at the revision it was at"
+    )
     message = (
-        f"{step} failed: {reason}. It is not recorded as applied and its open transaction "
+        f"{step} failed: {reason}. {recorded} and its open transaction "
         "was rolled back (what it committed before a commit_point() or in an "
         "outside_transaction() block stays, and the revision reruns safely). Fix the "
         "cause, then run the migration again"

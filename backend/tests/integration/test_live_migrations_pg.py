@@ -8,6 +8,8 @@ mode. Timing appears only as generous liveness bounds; the worst wait seen is pr
 from __future__ import annotations
 
 import ast
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -17,8 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, cast
 
+import psycopg2  # type: ignore[import-untyped]
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError
 
@@ -28,7 +31,7 @@ from tests.migration_scripts import HEAD, SCRATCH, scripts_with
 from todo_backend import migrate
 from todo_backend.config import Settings
 from todo_backend.db import create_db_engine, get_session
-from todo_backend.errors import DatabaseTimeoutError
+from todo_backend.errors import DatabaseTimeoutError, DatabaseUnavailableError
 from todo_backend.models import TaskCreate, TaskUpdate
 from todo_backend.repository import TaskRepository
 
@@ -397,20 +400,30 @@ def test_an_index_revision_completes_where_transactions_default_to_repeatable_re
 ) -> None:
     """The transaction keeping other runs out holds no snapshot the build would wait for.
 
-    A role or database may default to REPEATABLE READ; the run's own build must not
-    wait on its own second connection (a statement_timeout ends the test if it does).
+    A caller's engine (or a role's default) may begin REPEATABLE READ transactions;
+    the run's own build must not wait on its own second connection. A liveness bound:
+    a run stuck that way has its build cancelled, and the test fails.
     """
     migrate.upgrade(url)
     _fill(url, 1_000)
     scripts_with(tmp_path, monkeypatch, CONCURRENT_INDEX)
-    options = "-c default_transaction_isolation=repeatable\\ read -c statement_timeout=60s"
-    engine = create_engine(url, connect_args={"options": options})
-    with engine.connect() as conn:
-        assert conn.execute(text("show transaction_isolation")).scalar() == "repeatable read"
-    assert migrate.upgrade(engine) == (HEAD, SCRATCH)
-    with engine.connect() as conn:
-        assert migrate.invalid_indexes(conn) == []
+    engine = create_engine(url, isolation_level="REPEATABLE READ")
+    thread, outcome = _in_thread(lambda: migrate.upgrade(engine))
+    thread.join(60)
+    if thread.is_alive():
+        admin = create_engine(url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(
+                text(
+                    "select pg_cancel_backend(pid) from pg_stat_progress_create_index where "
+                    "datid = (select oid from pg_database where datname = current_database())"
+                )
+            )
+        admin.dispose()
+        thread.join(60)
     engine.dispose()
+    assert outcome == [(HEAD, SCRATCH)], outcome
+    assert _index_valid(url, "ix_tasks_title_user_id") is True
 
 
 def test_an_index_revision_on_a_one_connection_engine_says_it_needs_two(
@@ -675,3 +688,265 @@ def test_two_migrations_at_once_take_turns_and_both_succeed(
                 index["name"] for index in inspect(conn).get_indexes("tasks")
             }
     engine.dispose()
+
+
+def _in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Start *call* in a thread; the list gets its result or the exception it raised."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as err:  # noqa: BLE001 - the test looks at it
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_connection_lost_during_a_block_is_a_migration_error_naming_the_fix(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ends the build's session: the error says so and names the index to drop."""
+    migrate.upgrade(url)
+    _fill(url, 1_000)
+    scripts_with(tmp_path, monkeypatch, CONCURRENT_INDEX)
+    with build_held_up(url) as ask:
+        thread, outcome = _in_thread(lambda: migrate.upgrade(url))
+        _poll("the build waiting for the writer", lambda: bool(ask(_BUILD_WAITING)))
+        ask(
+            "select bool_and(pg_terminate_backend(pid)) from pg_stat_progress_create_index "
+            "where datid = (select oid from pg_database where datname = current_database())"
+        )
+        thread.join(120)
+    [raised] = outcome
+    assert isinstance(raised, migrate.MigrationError), repr(raised)
+    assert "DROP INDEX CONCURRENTLY ix_tasks_title_user_id" in str(raised)
+    assert migrate.current_revision(url) == HEAD
+
+
+def test_an_interrupt_during_a_block_stays_an_interrupt(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the build waits: the run ends with KeyboardInterrupt, not another error."""
+    migrate.upgrade(url)
+    _fill(url, 1_000)
+    scripts = str(scripts_with(tmp_path, monkeypatch, CONCURRENT_INDEX))
+    with build_held_up(url) as ask:
+        run = _upgrade_process(scripts, url)
+        _poll("the build waiting for the writer", lambda: bool(ask(_BUILD_WAITING)))
+        run.send_signal(signal.SIGINT)
+        # psycopg2 takes the signal once its statement returns: the writer ends, then.
+    _, err = run.communicate(timeout=120)
+    assert err.strip().splitlines()[-1].startswith("KeyboardInterrupt"), err
+    assert migrate.current_revision(url) == HEAD
+
+
+def test_an_index_rebuilt_concurrently_meanwhile_is_waited_for_not_reported(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REINDEX CONCURRENTLY by someone else: its new index is INVALID until done, not failed.
+
+    The progress view names the old index, not the new INVALID one; check() leaves it
+    out, and a revision finishing meanwhile waits for it, then is recorded.
+    """
+    migrate.upgrade(url)
+    _fill(url, 1_000)
+    scripts_with(tmp_path, monkeypatch, 'op.execute("select pg_sleep(1)")')
+    reindexer = create_engine(url, isolation_level="AUTOCOMMIT")
+
+    def reindex() -> None:
+        with reindexer.connect() as conn:
+            conn.execute(text("reindex index concurrently tasks_pkey"))
+
+    with build_held_up(url) as ask:
+        migration, migrated = _in_thread(lambda: migrate.upgrade(url, retry_for=120))
+        _poll(
+            "the revision running",
+            lambda: bool(
+                ask(
+                    "select count(*) from pg_stat_activity "
+                    "where query = 'select pg_sleep(1)' and state = 'active'"
+                )
+            ),
+        )
+        rebuild, rebuilt = _in_thread(reindex)
+        _poll("the rebuild waiting for the writer", lambda: bool(ask(_BUILD_WAITING)))
+        problems = migrate.check(url).problems
+        time.sleep(1.5)  # the revision ends and looks for INVALID indexes meanwhile
+    rebuild.join(120)
+    migration.join(120)
+    reindexer.dispose()
+    assert rebuilt == [None]
+    assert not [problem for problem in problems if "INVALID" in problem], problems
+    assert migrated == [(HEAD, SCRATCH)], migrated
+
+
+def test_an_index_build_by_another_session_is_named_when_the_budget_runs_out(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run backs off while someone builds an index on tasks, and says so when it gives up."""
+    migrate.upgrade(url)
+    _fill(url, 1_000)
+    scripts_with(tmp_path, monkeypatch, 'op.execute("select 1")')
+    builder = create_engine(url, isolation_level="AUTOCOMMIT")
+
+    def build() -> None:
+        with builder.connect() as conn:
+            conn.execute(text("create index concurrently ix_by_hand on tasks (title)"))
+
+    with build_held_up(url) as ask:
+        thread, built = _in_thread(build)
+        _poll("the build waiting for the writer", lambda: bool(ask(_BUILD_WAITING)))
+        with pytest.raises(migrate.MigrationError) as raised:
+            migrate.upgrade(url, retry_for=1)
+    thread.join(120)
+    builder.dispose()
+    assert built == [None]
+    assert "another session is building an index on the package's tables" in str(raised.value)
+    assert "DB_MIGRATION_RETRY_FOR=1 s" in str(raised.value)
+    assert migrate.current_revision(url) == HEAD
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (
+            "with outside_transaction():\n"
+            "    with outside_transaction():\n"
+            "        op.execute('select 1')\n",
+            "outside_transaction() blocks do not nest",
+        ),
+        (
+            "with outside_transaction():\n    commit_point()\n",
+            "commit_point() inside an outside_transaction() block",
+        ),
+    ],
+    ids=["nested block", "commit point in a block"],
+)
+def test_a_block_misused_by_a_revision_fails_at_once_saying_how(
+    body: str, says: str, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a wait for "another run" that is this very run: an error naming the misuse."""
+    migrate.upgrade(url)
+    scripts_with(
+        tmp_path,
+        monkeypatch,
+        "from todo_backend.migrate import commit_point, outside_transaction\n" + body,
+    )
+    started = time.monotonic()
+    with pytest.raises(migrate.MigrationError, match=re.escape(says)):
+        migrate.upgrade(url, retry_for=60)
+    assert time.monotonic() - started < 30  # a liveness bound: no wait for the budget
+    assert migrate.current_revision(url) == HEAD
+
+
+def test_a_second_connection_refused_by_the_server_is_named(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server refuses the block's second connection (a role's connection limit): its reason."""
+    migrate.upgrade(url)
+    scripts_with(tmp_path, monkeypatch, CONCURRENT_INDEX)
+    engine = create_db_engine(url)
+    opened = []
+
+    @event.listens_for(engine, "do_connect")
+    def refuse_the_second(*_: object) -> None:
+        opened.append(True)
+        if len(opened) > 1:
+            raise psycopg2.OperationalError('FATAL:  too many connections for role "migrator"')
+
+    try:
+        with pytest.raises(migrate.MigrationError) as raised:
+            migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    message = str(raised.value)
+    assert 'the server refused it: FATAL:  too many connections for role "migrator"' in message
+    assert "room for two connections" in message
+    assert migrate.current_revision(url) == HEAD
+
+
+def test_a_connection_lost_at_commit_is_not_called_a_failure_to_connect(url: str) -> None:
+    """The server ends the session as a command commits: a MigrationError, not 'cannot connect'."""
+    migrate.upgrade(url)
+    engine = create_db_engine(url)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    armed = [True]
+
+    @event.listens_for(engine, "commit")
+    def end_the_session(conn: Connection) -> None:
+        if armed.pop() if armed else False:
+            pid = conn.exec_driver_sql("select pg_backend_pid()").scalar()
+            with admin.connect() as other:
+                other.execute(text("select pg_terminate_backend(:pid)"), {"pid": pid})
+            _poll("the session ended", lambda: not _alive(admin, pid))
+
+    try:
+        with pytest.raises(migrate.MigrationError) as raised:
+            migrate.current_revision(engine)
+    finally:
+        engine.dispose()
+        admin.dispose()
+    assert not isinstance(raised.value, DatabaseUnavailableError)
+    assert "cannot connect" not in str(raised.value)
+    assert "a database call of the migration command failed" in str(raised.value)
+
+
+def _alive(engine: Engine, pid: object) -> bool:
+    with engine.connect() as conn:
+        return bool(
+            conn.execute(
+                text("select count(*) from pg_stat_activity where pid = :pid"), {"pid": pid}
+            ).scalar()
+        )
+
+
+def test_a_role_that_cannot_see_others_builds_waits_for_them(
+    own_scratch_url: URL, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without pg_read_all_stats another role's build shows on no table: taken as on tasks.
+
+    Its INVALID index is then not called a failed build, and a run backs off; the
+    role is made on our own cluster (creating one needs a superuser).
+    """
+    url = _emptied(own_scratch_url)
+    migrate.upgrade(url)
+    _fill(url, 1_000)
+    scripts_with(tmp_path, monkeypatch, 'op.execute("select 1")')
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    role = "todo_no_stats"
+    with admin.connect() as conn:
+        conn.execute(text(f"create role {role} login"))
+        conn.execute(text(f"grant usage on schema public to {role}"))
+        conn.execute(text(f"grant select, update on alembic_version to {role}"))
+        conn.execute(text(f"grant select on tasks to {role}"))
+    as_role = make_url(url).set(username=role).render_as_string(hide_password=False)
+    builder = create_engine(url, isolation_level="AUTOCOMMIT")
+
+    def build() -> None:
+        with builder.connect() as conn:
+            conn.execute(text("create index concurrently ix_by_hand on tasks (title)"))
+
+    try:
+        with build_held_up(url) as ask:
+            thread, built = _in_thread(build)
+            _poll("the build waiting for the writer", lambda: bool(ask(_BUILD_WAITING)))
+            problems = migrate.check(as_role).problems
+            with pytest.raises(migrate.MigrationError) as raised:
+                migrate.upgrade(as_role, retry_for=1)
+        thread.join(120)
+    finally:
+        builder.dispose()
+        with admin.connect() as conn:
+            conn.execute(
+                text("select pg_terminate_backend(pid) from pg_stat_activity where usename = :r"),
+                {"r": role},
+            )
+            conn.execute(text(f"drop owned by {role}"))
+            conn.execute(text(f"drop role {role}"))
+        admin.dispose()
+    assert built == [None]
+    assert not [problem for problem in problems if "INVALID" in problem], problems
+    assert "another session is building an index on the package's tables" in str(raised.value)

@@ -17,6 +17,17 @@ from todo_backend.models import Task, TextCheck, _map_column
 
 # Not a number, so never the id of a real revision (those are 0001, 0002, ...).
 SCRATCH = "scratch_test_change"
+# A revision body building an index online: outside_transaction() with CREATE INDEX
+# CONCURRENTLY on PostgreSQL, a plain index build on SQLite.
+ONLINE_INDEX = """
+from todo_backend.migrate import outside_transaction
+
+with outside_transaction():
+    op.create_index(
+        "ix_tasks_title", "tasks", ["title"],
+        postgresql_concurrently=True, if_not_exists=True,
+    )
+"""
 
 
 def _shipped_head() -> str:

@@ -705,6 +705,23 @@ def _in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[objec
     return thread, outcome
 
 
+_BY_HAND = "create index concurrently ix_by_hand on tasks (title)"
+
+
+def _another_session_runs(url: str, sql: str) -> tuple[threading.Thread, list[object]]:
+    """Run *sql* in autocommit on a connection of its own, in a thread (see _in_thread)."""
+
+    def run() -> None:
+        engine = create_engine(url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(sql))
+        finally:
+            engine.dispose()
+
+    return _in_thread(run)
+
+
 def test_a_connection_lost_during_a_block_is_a_migration_error_naming_the_fix(
     url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -754,12 +771,6 @@ def test_an_index_rebuilt_concurrently_meanwhile_is_waited_for_not_reported(
     migrate.upgrade(url)
     _fill(url, 1_000)
     scripts_with(tmp_path, monkeypatch, 'op.execute("select pg_sleep(1)")')
-    reindexer = create_engine(url, isolation_level="AUTOCOMMIT")
-
-    def reindex() -> None:
-        with reindexer.connect() as conn:
-            conn.execute(text("reindex index concurrently tasks_pkey"))
-
     with build_held_up(url) as ask:
         migration, migrated = _in_thread(lambda: migrate.upgrade(url, retry_for=120))
         _poll(
@@ -771,13 +782,12 @@ def test_an_index_rebuilt_concurrently_meanwhile_is_waited_for_not_reported(
                 )
             ),
         )
-        rebuild, rebuilt = _in_thread(reindex)
+        rebuild, rebuilt = _another_session_runs(url, "reindex index concurrently tasks_pkey")
         _poll("the rebuild waiting for the writer", lambda: bool(ask(_BUILD_WAITING)))
         problems = migrate.check(url).problems
         time.sleep(1.5)  # the revision ends and looks for INVALID indexes meanwhile
     rebuild.join(120)
     migration.join(120)
-    reindexer.dispose()
     assert rebuilt == [None]
     assert not [problem for problem in problems if "INVALID" in problem], problems
     assert migrated == [(HEAD, SCRATCH)], migrated
@@ -790,19 +800,12 @@ def test_an_index_build_by_another_session_is_named_when_the_budget_runs_out(
     migrate.upgrade(url)
     _fill(url, 1_000)
     scripts_with(tmp_path, monkeypatch, 'op.execute("select 1")')
-    builder = create_engine(url, isolation_level="AUTOCOMMIT")
-
-    def build() -> None:
-        with builder.connect() as conn:
-            conn.execute(text("create index concurrently ix_by_hand on tasks (title)"))
-
     with build_held_up(url) as ask:
-        thread, built = _in_thread(build)
+        thread, built = _another_session_runs(url, _BY_HAND)
         _poll("the build waiting for the writer", lambda: bool(ask(_BUILD_WAITING)))
         with pytest.raises(migrate.MigrationError) as raised:
             migrate.upgrade(url, retry_for=1)
     thread.join(120)
-    builder.dispose()
     assert built == [None]
     assert "another session is building an index on the package's tables" in str(raised.value)
     assert "DB_MIGRATION_RETRY_FOR=1 s" in str(raised.value)
@@ -923,22 +926,15 @@ def test_a_role_that_cannot_see_others_builds_waits_for_them(
         conn.execute(text(f"grant select, update on alembic_version to {role}"))
         conn.execute(text(f"grant select on tasks to {role}"))
     as_role = make_url(url).set(username=role).render_as_string(hide_password=False)
-    builder = create_engine(url, isolation_level="AUTOCOMMIT")
-
-    def build() -> None:
-        with builder.connect() as conn:
-            conn.execute(text("create index concurrently ix_by_hand on tasks (title)"))
-
     try:
         with build_held_up(url) as ask:
-            thread, built = _in_thread(build)
+            thread, built = _another_session_runs(url, _BY_HAND)
             _poll("the build waiting for the writer", lambda: bool(ask(_BUILD_WAITING)))
             problems = migrate.check(as_role).problems
             with pytest.raises(migrate.MigrationError) as raised:
                 migrate.upgrade(as_role, retry_for=1)
         thread.join(120)
     finally:
-        builder.dispose()
         with admin.connect() as conn:
             conn.execute(
                 text("select pg_terminate_backend(pid) from pg_stat_activity where usename = :r"),

@@ -24,7 +24,14 @@ from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlmodel import SQLModel
 
 from tests.fix_servers import PgBouncer, PgBouncerFactory
-from tests.migration_scripts import HEAD, SCRATCH, model_column, probe_checks, scripts_with
+from tests.migration_scripts import (
+    HEAD,
+    ONLINE_INDEX,
+    SCRATCH,
+    model_column,
+    probe_checks,
+    scripts_with,
+)
 from todo_backend import migrate
 from todo_backend.db import CONNECTING_ROLE, create_db_engine, get_session, init_db
 from todo_backend.models import TaskCreate
@@ -450,15 +457,7 @@ def test_a_callers_psycopg_3_engine_migrates_like_the_packages(
         scripts_with(
             tmp_path,
             monkeypatch,
-            """
-            from todo_backend.migrate import outside_transaction
-
-            with outside_transaction():
-                op.create_index(
-                    "ix_tasks_title", "tasks", ["title"],
-                    postgresql_concurrently=True, if_not_exists=True,
-                )
-            """,
+            ONLINE_INDEX,
         )
         assert migrate.upgrade(engine) == (HEAD, SCRATCH)
         migrate.downgrade(engine, "base")

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from tests.migration_scripts import HEAD, SCRATCH, scripts_with
+from tests.migration_scripts import HEAD, ONLINE_INDEX, SCRATCH, scripts_with
 from todo_backend import migrate
 from todo_backend.db import create_db_engine
 
@@ -26,15 +26,7 @@ def test_an_online_index_revision_is_a_plain_index_build_on_sqlite(
     scripts_with(
         tmp_path,
         monkeypatch,
-        """
-        from todo_backend.migrate import outside_transaction
-
-        with outside_transaction():
-            op.create_index(
-                "ix_tasks_title", "tasks", ["title"],
-                postgresql_concurrently=True, if_not_exists=True,
-            )
-        """,
+        ONLINE_INDEX,
     )
     assert migrate.upgrade(url) == (None, SCRATCH)
     engine = create_db_engine(url)

@@ -161,6 +161,11 @@ def _alembic_errors() -> Iterator[None]:
         ) from err
 
 
+def _table_names(*more: str) -> list[str]:
+    """Return the names of :func:`package_tables`, then *more*, for a query's ``%(tables)s``."""
+    return [table.name for table in package_tables()] + list(more)
+
+
 def package_tables() -> tuple[Table, ...]:
     """Return the tables of ``SQLModel.metadata`` that :mod:`todo_backend.models` declares.
 
@@ -377,8 +382,7 @@ def _begin(connection: Connection) -> None:
             connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_RUNNER_LOCK})")
             # Looked up, not waited for: a wait holds a snapshot, and the other run's
             # concurrent build waits for every older snapshot, so it would stall it.
-            tables = [table.name for table in package_tables()]
-            if connection.exec_driver_sql(_BLOCK_HELD, {"tables": tables}).scalar():
+            if connection.exec_driver_sql(_BLOCK_HELD, {"tables": _table_names()}).scalar():
                 raise _AnotherRunError(
                     "another migration run is in an outside_transaction() block, or "
                     "another session is building an index on the package's tables"
@@ -653,7 +657,7 @@ class _BlockerWatch:
         seconds = float(self._connection.info.get(_LOCK_TIMEOUT_KEY) or 1.0)
         if self._stop.wait(seconds / 2):
             return
-        tables = [table.name for table in package_tables()] + ["alembic_version"]
+        tables = _table_names("alembic_version")
         try:
             while not self._stop.is_set():
                 # A checkout per look: between looks the connection is free for the
@@ -680,7 +684,7 @@ def _blocking_sessions(connection: Connection) -> list[str]:
     given up by now, so pg_blocking_pids() cannot be asked; the granted locks on the
     tables it wanted name the same sessions.
     """
-    tables = [table.name for table in package_tables()] + ["alembic_version"]
+    tables = _table_names("alembic_version")
     try:
         rows = connection.exec_driver_sql(_BLOCKERS, {"tables": tables}).all()
         connection.rollback()
@@ -722,12 +726,10 @@ def _with_lock_retries(
             if left <= 0 and locked:
                 blockers = watch.seen or _blocking_sessions(connection)
                 raise _lock_error(step, attempts, retry_for, blockers) from None
+            # What it is waiting for, when the error says more than "another run".
+            waiting_for = str(err) if isinstance(err, _AnotherRunError) else None
             if left <= 0:
-                reason = (
-                    str(err)
-                    if isinstance(err, _AnotherRunError)
-                    else "another migration run of this database kept running"
-                )
+                reason = waiting_for or "another migration run of this database kept running"
                 raise MigrationError(
                     f"{step}: {reason}, through DB_MIGRATION_RETRY_FOR={retry_for:g} s "
                     f"({attempts} attempt(s), each rolled back); let it finish, then run the "
@@ -739,9 +741,7 @@ def _with_lock_retries(
                 step,
                 "a table lock was not free within DB_MIGRATION_LOCK_TIMEOUT"
                 if locked
-                else str(err)
-                if isinstance(err, _AnotherRunError)
-                else "another migration run got there first",
+                else waiting_for or "another migration run got there first",
                 attempts,
                 wait,
             )
@@ -790,7 +790,7 @@ def _invalid_index_rows(connection: Connection) -> list[tuple[str, str, bool]]:
     """Return the INVALID indexes on the package's tables: name, table, being built now."""
     if connection.dialect.name != "postgresql":
         return []
-    tables = [table.name for table in package_tables()]
+    tables = _table_names()
     # The progress view is read once per transaction and kept (PostgreSQL's snapshot of
     # backend status): a build begun since this transaction first looked would be missed.
     connection.exec_driver_sql("select pg_stat_clear_snapshot()")
@@ -968,15 +968,14 @@ def _run_step(
 
 
 def _revision_failed(
-    connection: Connection, step: str, err: DBAPIError, direction: str = "upgrade"
+    connection: Connection, step: str, err: DBAPIError, direction: str
 ) -> MigrationError:
     """Say which step failed, with the first line of the server's message, and what to do.
 
     Only that line: the statement and its parameters stay out of the message (they are
     in ``__cause__``). INVALID indexes the failure left are named with their fix.
     """
-    lines = str(err.orig).strip().splitlines() if err.orig is not None else []
-    reason = lines[0] if lines else type(err.orig or err).__name__
+    reason = error_reason(err)
     recorded = (
         "It is not recorded as applied"
         if direction == "upgrade"
